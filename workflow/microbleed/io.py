@@ -1,0 +1,222 @@
+"""NIfTI and TSV in and out, atomic writes, and every coordinate conversion.
+
+Frames used across the package (say the frame every time):
+
+- **RAS mm**: world coordinates, scanner RAS+, millimetres (NIfTI convention).
+- **voxel ijk**: array indices of a given image, float (voxel centres at integers).
+
+Conversions between the two live here and nowhere else.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "InputError",
+    "atomic_path",
+    "load_image",
+    "load_volume",
+    "save_image",
+    "read_tsv",
+    "write_tsv",
+    "ras_to_voxel",
+    "voxel_to_ras",
+    "voxel_sizes",
+]
+
+
+class InputError(ValueError):
+    """Bad input: the message names the subject (when known) and the file."""
+
+    def __init__(self, message: str, *, subject: str | None = None, path: str | os.PathLike | None = None):
+        parts = []
+        if subject:
+            parts.append(f"subject {subject}")
+        if path is not None:
+            parts.append(f"file {path}")
+        prefix = ", ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.subject = subject
+        self.path = None if path is None else str(path)
+
+
+# --------------------------------------------------------------------------- writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary name keeps the suffixes (``.nii.gz``, ``.tsv``) so writers that
+    look at the extension work. On error the temporary file is removed and
+    ``path`` is left as it was: a reader never sees a half-written file.
+
+    Example:
+        >>> with atomic_path("out/x.tsv") as tmp:   # doctest: +SKIP
+        ...     df.to_csv(tmp, sep="\\t")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
+               dtype: np.dtype | type | None = None, header: nib.Nifti1Header | None = None) -> Path:
+    """Write ``data`` (voxel order of ``affine``) as NIfTI-1, atomically.
+
+    Args:
+        data: array ``(X, Y, Z)`` or ``(X, Y, Z, C)``.
+        affine: ``(4, 4)`` voxel ijk -> RAS mm.
+        path: ``.nii`` or ``.nii.gz`` destination.
+        dtype: on-disk dtype (default: that of ``data``; bool is stored as uint8).
+    """
+    arr = np.asarray(data)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=float), header=header)
+    img.set_qform(np.asarray(affine, dtype=float), code=1)
+    img.set_sform(np.asarray(affine, dtype=float), code=1)
+    img.header.set_data_dtype(arr.dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- reads
+def load_image(path: str | os.PathLike, subject: str | None = None) -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI/MGH image, with errors that name the subject and the file.
+
+    Checks: the file exists, is readable (not truncated, not gzip garbage), is 3D
+    or a singleton 4D, and has a finite, invertible affine. Data is not read here.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file does not exist", subject=subject, path=p)
+    if p.stat().st_size == 0:
+        raise InputError("file is empty (0 bytes)", subject=subject, path=p)
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises many types for a broken header
+        raise InputError(f"cannot be read as an image ({type(exc).__name__}: {exc})",
+                         subject=subject, path=p) from exc
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        pass
+    elif len(shape) != 3:
+        raise InputError(f"expected a 3D volume (or 4D with one volume), got shape {shape}",
+                         subject=subject, path=p)
+    aff = img.affine
+    if aff is None or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+        raise InputError(f"affine is not finite or not invertible:\n{aff}", subject=subject, path=p)
+    return img
+
+
+def load_volume(path: str | os.PathLike, subject: str | None = None, *, dtype=np.float32,
+                allow_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D volume and its affine, validated.
+
+    Returns:
+        ``(data, affine)``: data ``(X, Y, Z)`` of ``dtype`` in the file's voxel
+        order; affine ``(4, 4)`` voxel ijk -> RAS mm.
+
+    Raises:
+        InputError: unreadable/truncated file, bad shape, NaN or infinite voxels,
+            all-zero image (unless ``allow_zero``). The message names subject and file.
+    """
+    img = load_image(path, subject)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise InputError(f"data cannot be read, the file is truncated or corrupt ({exc})",
+                         subject=subject, path=path) from exc
+    if data.ndim == 4:
+        data = data[..., 0]
+    data = np.asarray(data, dtype=dtype)
+    if np.issubdtype(data.dtype, np.floating):
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} voxels are NaN or infinite", subject=subject, path=path)
+    if not allow_zero and not np.any(data):
+        raise InputError("image is empty (all voxels are zero)", subject=subject, path=path)
+    return data, np.asarray(img.affine, dtype=float)
+
+
+def read_tsv(path: str | os.PathLike, required: Sequence[str] = (), numeric: Sequence[str] = (),
+             subject: str | None = None) -> pd.DataFrame:
+    """Read a tab-separated table, checking columns and numeric types.
+
+    Args:
+        required: columns that must be present.
+        numeric: columns that must parse as finite numbers.
+    Raises:
+        InputError naming the file, the column and the first bad row.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file does not exist", subject=subject, path=p)
+    try:
+        df = pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame(columns=list(required))
+    except Exception as exc:
+        raise InputError(f"cannot be parsed as TSV ({exc})", subject=subject, path=p) from exc
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}; found {list(df.columns)}", subject=subject, path=p)
+    for col in numeric:
+        if col not in df.columns:
+            continue
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.astype(float))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(f"column {col!r}, row {row + 1}: {df[col].iloc[row]!r} is not a finite number",
+                             subject=subject, path=p)
+        df[col] = values.astype(float)
+    return df
+
+
+def write_tsv(df: pd.DataFrame, path: str | os.PathLike, float_format: str = "%.4f") -> Path:
+    """Write ``df`` as TSV (no index), atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False, float_format=float_format)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- coordinates
+def ras_to_voxel(points_ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """RAS mm ``(N, 3)`` -> voxel ijk ``(N, 3)`` (float) of the image with ``affine``."""
+    pts = np.atleast_2d(np.asarray(points_ras, dtype=float)).reshape(-1, 3)
+    inv = np.linalg.inv(affine)
+    return pts @ inv[:3, :3].T + inv[:3, 3]
+
+
+def voxel_to_ras(points_ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel ijk ``(N, 3)`` (float) -> RAS mm ``(N, 3)`` through ``affine``."""
+    pts = np.atleast_2d(np.asarray(points_ijk, dtype=float)).reshape(-1, 3)
+    aff = np.asarray(affine, dtype=float)
+    return pts @ aff[:3, :3].T + aff[:3, 3]
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths in mm ``(3,)`` (column norms of the affine)."""
+    return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))

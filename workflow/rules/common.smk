@@ -1,0 +1,135 @@
+# Config and subject-table validation, cohort tables, path helpers and input
+# functions. Validation runs once, before any job.
+import os
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from microbleed.cohort import cohort_table, simulated_root, COLUMNS
+from microbleed.io import InputError
+
+validate(config, schema="../../config/schemas/config.schema.yaml", set_default=True)
+
+RESULTS = "results"
+LOGS = "results/logs"
+ENV_PY = "../../envs/python.yaml"
+ENV_FSL = "../../envs/fsl.yaml"
+ENV_FS = "../../envs/freesurfer.yaml"
+
+wildcard_constraints:
+    cohort=r"[A-Za-z0-9_-]+",
+    subject=r"[A-Za-z0-9]+",
+    variant=r"rpn|rpn-ffm|rpn-ffm-hspl",
+    segin=r"swi|t1",
+
+
+def _check_cohort_refs():
+    names = set(config["cohorts"])
+    refs = [("train_cohort", config["train_cohort"])]
+    refs += [("evaluate_cohorts", c) for c in config["evaluate_cohorts"]]
+    refs += [("infer_cohorts", c) for c in config["infer_cohorts"]]
+    for key, name in refs:
+        if name not in names:
+            raise InputError(f"config key {key}: cohort {name!r} is not defined under `cohorts` "
+                             f"(defined: {sorted(names)})")
+    for name, entry in config["cohorts"].items():
+        sim = entry.get("simulate")
+        if sim and sim["acquisition"] not in config["acquisitions"]:
+            raise InputError(f"config key cohorts.{name}.simulate.acquisition: "
+                             f"{sim['acquisition']!r} is not defined under `acquisitions`")
+
+
+_check_cohort_refs()
+
+
+def _load_tables():
+    tables = {}
+    for name, entry in config["cohorts"].items():
+        df = cohort_table(name, entry, RESULTS)
+        for i, row in enumerate(df.to_dict("records")):
+            try:
+                validate(row, schema="../../config/schemas/subjects.schema.yaml")
+            except Exception as exc:
+                raise InputError(f"cohort {name!r}, subject row {i + 1} ({row.get('subject')!r}) "
+                                 f"does not match the subjects schema: {exc}") from None
+        tables[name] = df.set_index("subject", drop=False)
+    return tables
+
+
+TABLES = _load_tables()
+
+
+def subjects(cohort):
+    """Subject ids of a cohort (config key cohorts.<cohort>)."""
+    return list(TABLES[cohort]["subject"])
+
+
+def is_simulated(cohort):
+    return "simulate" in config["cohorts"][cohort]
+
+
+def subject_row(cohort, subject):
+    try:
+        return TABLES[cohort].loc[subject]
+    except KeyError:
+        raise InputError(f"subject {subject!r} is not in cohort {cohort!r}") from None
+
+
+def subject_file(kind, required=True):
+    """Input function: the `kind` file (swi, phase, t1, aseg, cmb) of {cohort}/{subject}."""
+    def _fn(wildcards):
+        value = subject_row(wildcards.cohort, wildcards.subject)[kind]
+        if not value:
+            if required:
+                raise InputError(f"cohort {wildcards.cohort!r}: subject {wildcards.subject} has no "
+                                 f"{kind} file (subjects table column {kind!r})")
+            return []
+        return value
+    return _fn
+
+
+def has_file(cohort, subject, kind):
+    return bool(subject_row(cohort, subject)[kind])
+
+
+def cohort_option(cohort, key):
+    """Per-cohort override of a preprocess option (phase, phase_units, phase_sign)."""
+    return config["cohorts"][cohort].get(key, config["preprocess"][key])
+
+
+def slug(variant):
+    """Detector variant as used in paths: rpn+ffm+hspl -> rpn-ffm-hspl."""
+    return variant.replace("+", "-")
+
+
+def sub_path(cohort, subject, name, folder=None):
+    """results/<cohort>/<folder or sub-<id>>/sub-<id>_<name>: the one path builder."""
+    folder = folder if folder is not None else f"sub-{subject}"
+    return f"{RESULTS}/{cohort}/{folder}/sub-{subject}_{name}"
+
+
+def log_path(rule, *parts):
+    return f"{LOGS}/{rule}/" + "_".join(parts) + ".log"
+
+
+def detector_dir(variant=None):
+    """Model folder of the detector: config detector.model, else results/models/detector_<variant>."""
+    if config["detector"]["model"] and variant is None:
+        return config["detector"]["model"]
+    return f"{RESULTS}/models/detector_{slug(variant or config['detector']['variant'])}"
+
+
+def segmenter_dir(segin=None):
+    """Model folder of the segmenter: config segmenter.model, else results/models/segmenter_<input>."""
+    if config["segmenter"]["model"] and segin is None:
+        return config["segmenter"]["model"]
+    return f"{RESULTS}/models/segmenter_{segin or config['segmenter']['input']}"
+
+
+def all_targets():
+    targets = []
+    for cohort in config["evaluate_cohorts"]:
+        targets.append(f"{RESULTS}/{cohort}/report.html")
+    for cohort in config["infer_cohorts"]:
+        targets += [sub_path(cohort, s, "cmb.tsv") for s in subjects(cohort)]
+    return targets
