@@ -1,0 +1,62 @@
+"""Cohort tables: simulated, BIDS and subjects-table cohorts, id validation."""
+import pandas as pd
+import pytest
+
+from microbleed.cohort import cohort_table, simulated_subjects
+from microbleed.io import InputError
+
+
+def test_simulated_ids_and_groups():
+    assert simulated_subjects({"subjects": 3, "normal": 1}) == [("001", "cmb"), ("002", "cmb"), ("003", "normal")]
+    with pytest.raises(InputError, match="exceeds"):
+        simulated_subjects({"subjects": 2, "normal": 3})
+
+
+def test_simulated_table_paths():
+    df = cohort_table("sim", {"simulate": {"seed": 1, "subjects": 2, "normal": 0, "acquisition": "demo"}}, "res")
+    assert df.loc[0, "swi"] == "res/cohorts/sim/sub-001/anat/sub-001_swi.nii.gz"
+    assert df.loc[1, "cmb"].endswith("derivatives/cmb/sub-002/sub-002_cmb.tsv")
+
+
+def _bids(tmp_path, ids, participants=True):
+    for s in ids:
+        (tmp_path / f"sub-{s}" / "anat").mkdir(parents=True, exist_ok=True)
+    if participants:
+        pd.DataFrame({"participant_id": [f"sub-{s}" for s in ids], "group": ["cmb"] * len(ids)}).to_csv(
+            tmp_path / "participants.tsv", sep="\t", index=False)
+
+
+def test_bids_table_optional_files(tmp_path):
+    _bids(tmp_path, ["01", "02"])
+    t1 = tmp_path / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    t1.write_bytes(b"x")
+    df = cohort_table("b", {"bids": str(tmp_path)})
+    assert list(df["subject"]) == ["01", "02"]
+    assert df.loc[0, "t1"] == "" and df.loc[1, "t1"] == str(t1)
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a_b", "x y", ""])
+def test_bad_subject_ids_are_refused(tmp_path, bad):
+    table = tmp_path / "subjects.tsv"
+    table.write_text(f"subject\tswi\tphase\n{bad}\ta.nii.gz\tb.nii.gz\n")
+    with pytest.raises(InputError, match="is not \\[A-Za-z0-9\\]\\+"):
+        cohort_table("t", {"subjects": str(table)})
+
+
+def test_duplicate_and_empty_cohorts(tmp_path):
+    table = tmp_path / "subjects.tsv"
+    table.write_text("subject\tswi\tphase\nA1\ta\tb\nA1\tc\td\n")
+    with pytest.raises(InputError, match="more than once.*A1"):
+        cohort_table("t", {"subjects": str(table)})
+    table.write_text("subject\tswi\tphase\n")
+    with pytest.raises(InputError, match="no subjects"):
+        cohort_table("t", {"subjects": str(table)})
+
+
+def test_subjects_table_relative_paths(tmp_path):
+    table = tmp_path / "subjects.tsv"
+    table.write_text("subject\tswi\tphase\tgroup\nA1\tswi/a.nii.gz\t/abs/p.nii.gz\tnormal\n")
+    df = cohort_table("t", {"subjects": str(table)})
+    assert df.loc[0, "swi"] == str(tmp_path / "swi/a.nii.gz")
+    assert df.loc[0, "phase"] == "/abs/p.nii.gz"
+    assert df.loc[0, "group"] == "normal"

@@ -1,0 +1,57 @@
+"""Config and subjects-table validation against the JSON Schemas (2020-12)."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "config" / "schemas" / "config.schema.yaml"
+SUBJECTS = ROOT / "config" / "schemas" / "subjects.schema.yaml"
+
+
+def load(name="config.yaml"):
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+@pytest.mark.parametrize("schema", [SCHEMA, SUBJECTS])
+def test_schemas_declare_2020_12(schema):
+    assert yaml.safe_load(schema.read_text())["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "benchmark.yaml"])
+def test_shipped_configs_are_valid(name):
+    if not (ROOT / "config" / name).exists():
+        pytest.skip(f"{name} not written yet")
+    cfg = load(name)
+    validate(cfg, str(SCHEMA), set_default=True)
+    assert cfg["detector"]["loss_weights"] == {"cls": 1.0, "reg": 0.001, "con": 0.01}
+
+
+def test_defaults_are_filled():
+    cfg = {"cohorts": {"a": {"bids": "/x"}}}
+    validate(cfg, str(SCHEMA), set_default=True)
+    assert cfg["infer"]["threshold"] == 0.5 and cfg["preprocess"]["z_slices"] == 224
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda c: c.update(unknown_key=1), "unknown_key"),
+    (lambda c: c["detector"].update(lr=-1), "-1"),
+    (lambda c: c["detector"].update(variant="yolo"), "yolo"),
+    (lambda c: c["cohorts"].update({"bad name": {"bids": "/x"}}), "bad name"),
+    (lambda c: c["cohorts"]["demo-test"].update(bids="/x"), "demo-test"),
+    (lambda c: c["preprocess"].update(phase_sign=2), "2"),
+])
+def test_bad_config_is_refused_with_the_key(mutate, needle):
+    cfg = copy.deepcopy(load())
+    mutate(cfg)
+    with pytest.raises(Exception) as err:
+        validate(cfg, str(SCHEMA), set_default=True)
+    assert needle in str(err.value)
+
+
+def test_subject_row_schema():
+    validate({"subject": "A01", "swi": "a", "phase": "b"}, str(SUBJECTS))
+    with pytest.raises(Exception, match="A_01"):
+        validate({"subject": "A_01", "swi": "a", "phase": "b"}, str(SUBJECTS))

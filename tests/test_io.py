@@ -1,0 +1,111 @@
+"""microbleed.io: atomic writes, validated reads, coordinate conversions."""
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from microbleed.io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, save_image,
+                           voxel_sizes, voxel_to_ras, write_tsv)
+
+
+def oblique_affine(zooms=(0.5, 0.6, 2.0), angle=0.3):
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag(zooms)
+    aff[:3, 3] = [-90, 100, -40]
+    return aff
+
+
+def test_roundtrip_image(tmp_path):
+    data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    aff = oblique_affine()
+    path = save_image(data, aff, tmp_path / "a.nii.gz")
+    out, out_aff = load_volume(path)
+    np.testing.assert_array_equal(out, data)
+    np.testing.assert_allclose(out_aff, aff, atol=1e-5)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_atomic_path_keeps_old_file_on_error(tmp_path):
+    target = tmp_path / "t.tsv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tsv"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage_gz", "truncated", "nan", "zeros", "4d"])
+def test_bad_volumes_name_subject_and_file(tmp_path, case):
+    path = tmp_path / f"{case}.nii.gz"
+    aff = np.eye(4)
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "garbage_gz":
+        path.write_bytes(gzip.compress(b"this is not a nifti header" * 20))
+    elif case == "truncated":
+        save_image(np.random.default_rng(1).random((20, 20, 20)).astype(np.float32), aff, path)
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif case == "nan":
+        d = np.ones((4, 4, 4), np.float32)
+        d[1, 1, 1] = np.nan
+        save_image(d, aff, path)
+    elif case == "zeros":
+        save_image(np.zeros((4, 4, 4), np.float32), aff, path)
+    elif case == "4d":
+        save_image(np.ones((4, 4, 4, 3), np.float32), aff, path)
+    with pytest.raises(InputError) as err:
+        load_volume(path, subject="007")
+    msg = str(err.value)
+    assert "subject 007" in msg and str(path) in msg
+
+
+def test_singleton_4d_is_accepted(tmp_path):
+    path = save_image(np.ones((4, 4, 4, 1), np.float32), np.eye(4), tmp_path / "s.nii.gz")
+    data, _ = load_volume(path)
+    assert data.shape == (4, 4, 4)
+
+
+def test_read_tsv_checks_columns_and_numbers(tmp_path):
+    p = tmp_path / "cmb.tsv"
+    write_tsv(pd.DataFrame({"x": [1.0, 2.0], "y": [0.0, 1.0], "z": [3.0, 4.0]}), p)
+    df = read_tsv(p, required=["x", "y", "z"], numeric=["x", "y", "z"])
+    assert df["x"].tolist() == [1.0, 2.0]
+    p.write_text("x\ty\n1\t2\n")
+    with pytest.raises(InputError, match="missing column"):
+        read_tsv(p, required=["x", "y", "z"], subject="01")
+    p.write_text("x\ty\tz\n1\tabc\t3\n")
+    with pytest.raises(InputError, match=r"column 'y', row 1: 'abc'"):
+        read_tsv(p, required=["x", "y", "z"], numeric=["x", "y", "z"])
+
+
+def test_header_only_tsv_is_an_empty_table(tmp_path):
+    p = tmp_path / "normal.tsv"
+    p.write_text("x\ty\tz\n")
+    assert read_tsv(p, required=["x", "y", "z"], numeric=["x", "y", "z"]).empty
+
+
+coords = st.floats(-200, 200, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.tuples(coords, coords, coords), st.floats(-np.pi, np.pi),
+       st.tuples(st.floats(0.2, 4), st.floats(0.2, 4), st.floats(0.2, 4)))
+def test_ras_voxel_roundtrip(point, angle, zooms):
+    aff = oblique_affine(zooms, angle)
+    ijk = ras_to_voxel(np.array(point), aff)
+    np.testing.assert_allclose(voxel_to_ras(ijk, aff)[0], point, atol=1e-6)
+    np.testing.assert_allclose(voxel_sizes(aff), zooms, rtol=1e-9)
+
+
+def test_voxel_to_ras_matches_nibabel():
+    aff = oblique_affine()
+    pts = np.array([[0, 0, 0], [3.5, 2, 1], [10, 20, 30]], float)
+    np.testing.assert_allclose(voxel_to_ras(pts, aff), nib.affines.apply_affine(aff, pts))
