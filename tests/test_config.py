@@ -55,3 +55,12 @@ def test_subject_row_schema():
     validate({"subject": "A01", "swi": "a", "phase": "b"}, str(SUBJECTS))
     with pytest.raises(Exception, match="A_01"):
         validate({"subject": "A_01", "swi": "a", "phase": "b"}, str(SUBJECTS))
+
+
+def test_readme_documents_every_config_key():
+    from microbleed.schema_doc import render
+    readme = (ROOT / "README.md").read_text()
+    assert render() in readme, "README config reference is stale: python -m microbleed.schema_doc --update README.md"
+    schema = yaml.safe_load(SCHEMA.read_text())
+    for key in schema["properties"]:
+        assert f"| `{key}` |" in readme
