@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import ConvBlock, UpBlock
+
 __all__ = ["BOMBS_CLASSES", "UNet3D", "build_segmenter", "coordinate_channels"]
 
 BOMBS_CLASSES = ("none", "lobar", "deep", "infratentorial")
@@ -52,16 +54,6 @@ def coordinate_channels(shape: Sequence[int], dtype: np.dtype | type = np.float3
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=0)
 
 
-class _ConvBlock(nn.Sequential):
-    """(Conv3d k3 p1, BatchNorm3d, ReLU) x 2: ``(B, in_ch, D, H, W) -> (B, out_ch, D, H, W)``."""
-
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__(
-            nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm3d(out_ch), nn.ReLU(inplace=True),
-            nn.Conv3d(out_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm3d(out_ch), nn.ReLU(inplace=True),
-        )
-
-
 class UNet3D(nn.Module):
     """Full 3D U-Net (Ronneberger et al. 2015, in 3D): max-pool 2 down, transposed conv 2 up.
 
@@ -85,13 +77,11 @@ class UNet3D(nn.Module):
         self.down = nn.ModuleList()
         prev = in_channels
         for w in widths:
-            self.down.append(_ConvBlock(prev, w))
+            self.down.append(ConvBlock(prev, w))
             prev = w
         self.up = nn.ModuleList()
-        self.dec = nn.ModuleList()
         for w in reversed(widths[:-1]):
-            self.up.append(nn.ConvTranspose3d(prev, w, 2, stride=2))
-            self.dec.append(_ConvBlock(2 * w, w))
+            self.up.append(UpBlock(prev, w, w))
             prev = w
         self.head = nn.Conv3d(prev, n_classes, 1)
 
@@ -110,8 +100,8 @@ class UNet3D(nn.Module):
             x = block(x)
             skips.append(x)
         skips.pop()
-        for up, dec in zip(self.up, self.dec):
-            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+        for up in self.up:
+            x = up(x, skips.pop())
         out = self.head(x)
         return out[:, :, : size[0], : size[1], : size[2]]
 

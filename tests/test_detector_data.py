@@ -1,0 +1,88 @@
+"""Detection data: loading, crop extraction, cell targets, the half/half crop sampler."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from microbleed.data import DetectionCrops, Volume, encode_targets, extract_crop, load_volumes
+from microbleed.io import InputError
+from microbleed.train import split_subjects
+from test_detector_synth import AFFINE, make_subject, synth_volume
+
+
+def test_load_volumes_maps_ras_labels_to_voxels(tmp_path):
+    vols = load_volumes([make_subject(tmp_path, "01", spheres=[(10, 20, 30), (30, 12, 8)])])
+    assert vols[0].image.shape == (2, 48, 48, 48)
+    assert np.allclose(vols[0].centres, [[10, 20, 30], [30, 12, 8]], atol=1e-4)
+    assert np.allclose(vols[0].affine, AFFINE)
+
+
+def test_load_volumes_errors_name_subject_and_file(tmp_path):
+    sub, img, tsv = make_subject(tmp_path, "02", spheres=[(10, 20, 30)])
+    (tmp_path / "bad.tsv").write_text("x\ty\tz\n500\t0\t0\n")
+    with pytest.raises(InputError, match="subject 02.*outside"):
+        load_volumes([(sub, img, str(tmp_path / "bad.tsv"))])
+    with pytest.raises(InputError, match="subject 02.*does not exist"):
+        load_volumes([(sub, str(tmp_path / "none.nii.gz"), tsv)])
+    from microbleed.io import save_image
+    save_image(np.ones((8, 8, 8), np.float32), AFFINE, tmp_path / "3d.nii.gz")
+    with pytest.raises(InputError, match="4D"):
+        load_volumes([(sub, str(tmp_path / "3d.nii.gz"), tsv)])
+
+
+def test_extract_crop_pads_outside_the_volume():
+    img = np.arange(2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4) + 1
+    crop = extract_crop(img, (-2, 1, 2), (4, 4, 4))
+    assert crop.shape == (2, 4, 4, 4)
+    assert np.all(crop[:, :2] == 0) and np.all(crop[:, :, 3:] == 0) and np.all(crop[:, :, :, 2:] == 0)
+    assert np.array_equal(crop[:, 2:, :3, :2], img[:, :2, 1:4, 2:4])
+    assert not extract_crop(img, (10, 0, 0), (4, 4, 4)).any()
+
+
+def test_encode_targets_positive_cell_offset_and_ignored_neighbours():
+    cls, off = encode_targets(np.array([[5.0, 9.0, 14.5]]), (16, 16, 16), stride=4)
+    assert cls.shape == (4, 4, 4) and off.shape == (3, 4, 4, 4)
+    assert cls[1, 2, 3] == 1 and (cls == 1).sum() == 1
+    assert np.allclose(off[:, 1, 2, 3], [0.25, 0.25, 0.625])
+    assert cls[0, 1, 2] == -1 and cls[2, 3, 3] == -1 and cls[3, 3, 3] == 0
+    assert (cls == -1).sum() == 3 * 3 * 2 - 1
+    plain, _ = encode_targets(np.array([[5.0, 9.0, 14.5]]), (16, 16, 16), ignore_neighbours=False)
+    assert (plain == -1).sum() == 0 and plain.sum() == 1
+
+
+def _volumes():
+    spheres = [(12, 14, 20), (34, 30, 28)]
+    vol = Volume("01", synth_volume((64, 64, 64), spheres, [(2, (50, 12))]), AFFINE, np.array(spheres, float))
+    normal = Volume("02", synth_volume((64, 64, 64), seed=1), AFFINE, np.zeros((0, 3)))
+    return [vol, normal]
+
+
+def test_crops_are_half_with_cmb_deterministic_and_labels_follow_flips():
+    ds = DetectionCrops(_volumes(), (32, 32, 32), n_crops=16, seed=5, augment=True)
+    items = [ds[i] for i in range(16)]
+    again = DetectionCrops(_volumes(), (32, 32, 32), n_crops=16, seed=5, augment=True)[3]
+    assert torch.equal(items[3]["image"], again["image"])
+    assert [bool(it["has_cmb"]) for it in items] == [True, False] * 8
+    for it in items:
+        assert it["image"].shape == (2, 32, 32, 32) and it["cls_target"].shape == (8, 8, 8)
+        if it["has_cmb"]:
+            cell = it["cmb_cell"]
+            assert it["cls_target"][tuple(cell)] == 1
+            centre = ((cell + it["offset_target"][(slice(None), *cell)]) * 4).round().long()
+            assert float(it["image"][0][tuple(centre)]) < 0.3          # the dark sphere is at the label
+        else:
+            assert (it["cls_target"] == 1).sum() == 0 and it["cmb_cell"].tolist() == [-1, -1, -1]
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3]["image"], items[3]["image"])
+
+
+def test_split_subjects_holds_out_cmb_and_normal_in_proportion():
+    vols = [Volume(f"{i:02d}", np.zeros((2, 1, 1, 1)), AFFINE, np.ones((1 if i < 6 else 0, 3)))
+            for i in range(8)]
+    train, val = split_subjects(vols, 0.25, seed=0)
+    assert len(val) == 2 and len(train) == 6
+    assert sum(len(v.centres) > 0 for v in val) >= 1
+    assert [v.subject for v in split_subjects(vols, 0.25, seed=0)[1]] == [v.subject for v in val]
+    assert split_subjects(vols[:1], 0.5, 0)[1] == []
+    assert len(split_subjects(vols[:2], 0.1, 0)[1]) == 1

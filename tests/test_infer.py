@@ -1,0 +1,151 @@
+"""Sliding-window engine, NMS, coordinate mapping and pruning (microbleed.infer)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from microbleed.infer import (CANDIDATE_COLUMNS, CMB_COLUMNS, candidates_table, default_nms_radius,
+                              detect_volume, detect_volume_monai, load_detector_input, nms_ras,
+                              peak_candidates, plan_tiles, prune)
+from microbleed.io import InputError, save_image, voxel_to_ras
+from test_infer_fakes import DarkCentroidNet, blob_image
+
+torch.set_num_threads(2)
+
+
+# --------------------------------------------------------------------------- tiling
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(*[st.integers(1, 300)] * 3),
+       window=st.tuples(*[st.sampled_from([32, 48, 64, 128])] * 3),
+       overlap=st.sampled_from([0.0, 0.25, 0.5]))
+def test_plan_partitions_cells_with_box_overlap_and_central_cores(shape, window, overlap):
+    plan = plan_tiles(shape, window, overlap, box=20)
+    for a in range(3):
+        w, starts, bounds = plan.window[a], plan.starts[a], plan.bounds[a]
+        cover = -(-shape[a] // 4) * 4
+        assert w % 16 == 0 and w <= window[a] and all(s % 4 == 0 for s in starts)
+        assert bounds[0] == 0 and bounds[-1] == cover // 4 and list(bounds) == sorted(set(bounds))
+        assert starts[-1] + w >= cover
+        for t in range(len(starts)):
+            lo, hi = bounds[t] * 4, bounds[t + 1] * 4                  # core voxels of tile t
+            assert starts[t] <= lo and hi <= starts[t] + w
+            if t > 0:
+                assert starts[t - 1] + w - starts[t] >= 20             # overlap >= box
+                assert lo - starts[t] >= 8                             # core keeps ~half the box margin
+            if t < len(starts) - 1:
+                assert starts[t] + w - hi >= 8
+
+
+def test_plan_example_and_ill_options():
+    plan = plan_tiles((160, 192, 112), (128, 128, 128), 0.25)
+    assert plan.window == (96, 112, 112) and plan.n_tiles == 4
+    with pytest.raises(ValueError, match="multiples of 16"):
+        plan_tiles((64, 64, 64), (60, 64, 64), 0.25)
+    with pytest.raises(ValueError, match="smaller than the window"):
+        plan_tiles((64, 64, 64), (16, 64, 64), 0.25)
+
+
+# --------------------------------------------------------------------------- detection
+def _volume(shape, centres, affine=np.eye(4)):
+    img = blob_image(shape, affine, np.asarray(centres, float))
+    return np.stack([img, 1.0 - img]).astype(np.float32)
+
+
+@pytest.mark.parametrize("offset", [1, 10, 19])
+def test_blob_across_tile_border_is_found_once_at_its_centre(offset):
+    shape = (100, 40, 36)                  # axis 0 tiled with 48-voxel windows
+    plan = plan_tiles(shape, (48, 48, 48), 0.25)
+    assert len(plan.starts[0]) >= 3
+    s1 = plan.starts[0][1]                 # the blob lies in the overlap of tiles 0 and 1
+    centre = [s1 + offset + 0.3, 19.6, 17.2]
+    cands = detect_volume(DarkCentroidNet(), _volume(shape, [centre]), "cpu", (48, 48, 48), 0.25)
+    strong = cands[cands[:, 3] > 0.5]
+    assert len(strong) == 1
+    assert np.allclose(strong[0, :3], centre, atol=0.15)
+
+
+def test_tiled_equals_single_window_and_monai_finds_the_same():
+    shape = (90, 70, 40)
+    centres = [[20.2, 30.5, 10.0], [47.0, 33.1, 21.7], [70.4, 12.2, 30.9]]
+    vol = _volume(shape, centres)
+    tiled = detect_volume(DarkCentroidNet(), vol, "cpu", (48, 48, 48), 0.25, batch=3)
+    whole = detect_volume(DarkCentroidNet(), vol, "cpu", (96, 80, 48), 0.25)
+    monai = detect_volume_monai(DarkCentroidNet(), vol, "cpu", (48, 48, 48))
+    found = []
+    for cands in (tiled, whole, monai):
+        strong = cands[cands[:, 3] > 0.5]
+        assert len(strong) == 3
+        found.append(strong[np.argsort(strong[:, 0])])
+    assert np.allclose(found[0], found[1], atol=1e-4)           # stitching = one big window
+    assert np.allclose(found[0][:, :3], centres, atol=0.15)
+    # MONAI averages the offsets of a window that cuts the blob: same blobs, blurrier centres
+    assert np.allclose(found[2][:, :3], centres, atol=0.5)
+
+
+def test_detect_volume_rejects_bad_volume_shape():
+    with pytest.raises(ValueError, match=r"\(2, X, Y, Z\)"):
+        detect_volume(DarkCentroidNet(), np.zeros((3, 16, 16, 16), np.float32))
+
+
+def test_peak_candidates_keeps_local_maxima_above_floor_sorted():
+    prob = torch.full((6, 6, 6), 0.01)
+    prob[1, 1, 1], prob[1, 1, 2], prob[4, 4, 4] = 0.9, 0.6, 0.3     # (1,1,2) is not a peak
+    centres = torch.stack(torch.meshgrid(*[torch.arange(6.0)] * 3, indexing="ij")) * 4 + 2
+    cands = peak_candidates(prob, centres, (24, 24, 24), floor=0.05)
+    assert cands.shape == (2, 4)
+    assert np.allclose(cands[:, 3], [0.9, 0.3]) and np.allclose(cands[0, :3], [6, 6, 6])
+
+
+# --------------------------------------------------------------------------- NMS and mapping
+def test_nms_merges_within_radius_and_keeps_the_best():
+    pts = np.array([[0, 0, 0], [3, 0, 0], [0, 6, 0], [0, 9.5, 0]], float)
+    keep = nms_ras(pts, np.array([0.5, 0.9, 0.8, 0.4]), radius_mm=5.0)
+    assert keep.tolist() == [1, 2]
+    assert nms_ras(np.zeros((0, 3)), np.zeros(0), 5.0).size == 0
+
+
+def test_default_radius_is_half_the_box_in_the_finest_axis():
+    assert default_nms_radius(np.diag([0.5, 0.5, 0.64, 1.0]), 20) == pytest.approx(5.0)
+
+
+def test_candidates_table_maps_grid_to_ras_and_swi_voxels():
+    swi_aff = np.array([[0.9, 0.1, 0, -20], [-0.1, 1.1, 0.2, -30], [0, -0.2, 2.5, -10], [0, 0, 0, 1]])
+    grid_aff = swi_aff @ np.diag([1.0, 1.0, 0.5, 1.0])            # z interpolated x2
+    cands = np.array([[10, 12, 20, 0.9], [10.5, 12, 20, 0.7], [40, 30, 8, 0.6]])
+    df = candidates_table(cands, grid_aff, swi_aff, radius_mm=2.0)
+    assert list(df.columns) == CANDIDATE_COLUMNS and df["cand_id"].tolist() == [1, 2]
+    assert np.allclose(df[["x", "y", "z"]].to_numpy(), voxel_to_ras(cands[[0, 2], :3], grid_aff))
+    assert np.allclose(df[["i", "j", "k"]].to_numpy(), [[10, 12, 10], [40, 30, 4]])
+
+
+# --------------------------------------------------------------------------- pruning
+def test_prune_marks_none_region_and_outside_mask_and_drops_low_scores():
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    bombs = np.ones((10, 10, 10), np.uint8)
+    bombs[5:, :, :] = 0
+    bombs[:, 5:, :] = np.where(bombs[:, 5:, :] == 1, 3, 0)
+    mask = np.ones_like(bombs)
+    mask[:, :, 8:] = 0
+    ras = voxel_to_ras(np.array([[1, 1, 1], [1, 7, 2], [7, 1, 1], [1, 1, 9], [30, 1, 1], [2, 2, 2]]), aff)
+    cands = pd.DataFrame(ras, columns=["x", "y", "z"]).assign(i=0.0, j=0.0, k=0.0,
+                                                             score=[0.9, 0.8, 0.7, 0.6, 0.55, 0.1])
+    out = prune(cands, (bombs, aff), (mask, aff), threshold=0.5)
+    assert list(out.columns) == CMB_COLUMNS and len(out) == 5
+    assert out["region"].tolist() == ["lobar", "infratentorial", "none", "lobar", "none"]
+    assert out["pruned"].tolist() == ["false", "false", "true", "true", "true"]
+    assert out["prune_reason"].tolist() == ["n/a", "n/a", "none_region", "outside_mask", "outside_mask"]
+    relaxed = prune(cands, (bombs, aff), (mask, aff), threshold=0.5, prune_outside_mask=False)
+    assert relaxed["prune_reason"].tolist()[3:] == ["n/a", "none_region"]
+
+
+def test_load_detector_input_checks_shape(tmp_path):
+    good, bad = tmp_path / "good.nii.gz", tmp_path / "bad.nii.gz"
+    save_image(np.ones((8, 8, 4, 2), np.float32), np.eye(4), good)
+    save_image(np.ones((8, 8, 4), np.float32), np.eye(4), bad)
+    vol, aff = load_detector_input(good)
+    assert vol.shape == (2, 8, 8, 4) and np.allclose(aff, np.eye(4))
+    with pytest.raises(InputError, match="sub-07|07"):
+        load_detector_input(bad, subject="07")

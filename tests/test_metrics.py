@@ -1,0 +1,162 @@
+"""Metrics on hand-made cases whose answers are computed by hand in the comments."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from microbleed.metrics import (SubjectData, count_agreement, detection_table, dice_per_class,
+                                eliminated_fp, froc_curve, froc_summary, localization_accuracy,
+                                match_detections, pr_auc, rates, region_name, subject_tp_curve)
+
+R = 5.0
+
+
+def test_two_labels_three_detections_one_duplicate():
+    labels = [[0, 0, 0], [20, 0, 0]]
+    dets = [[1, 0, 0], [0, 1, 0], [21, 0, 0]]   # det 0 and 1 both 1 mm from label 0
+    m = match_detections(dets, labels, R)
+    assert (m.tp, m.fp, m.fn) == (2, 1, 0)
+    assert m.label_hit.all()
+    assert m.det_hit[2] and m.det_hit[:2].sum() == 1          # exactly one of the duplicates
+    assert np.allclose(m.distances, 1.0)
+
+
+def test_empty_subject_and_normal_subject():
+    m = match_detections(np.zeros((0, 3)), np.zeros((0, 3)), R)
+    assert (m.tp, m.fp, m.fn) == (0, 0, 0)
+    r = rates(0, 0, 0, 1)
+    assert math.isnan(r["sensitivity"]) and math.isnan(r["precision"]) and r["fp_avg"] == 0
+    normal = match_detections([[1, 2, 3], [4, 5, 6]], np.zeros((0, 3)), R)
+    assert (normal.tp, normal.fp, normal.fn) == (0, 2, 0)
+    missed = match_detections(np.zeros((0, 3)), [[0, 0, 0]], R)
+    assert (missed.tp, missed.fp, missed.fn) == (0, 0, 1)
+
+
+def test_detection_exactly_at_the_radius_is_a_hit():
+    assert match_detections([[3, 4, 0]], [[0, 0, 0]], 5.0).tp == 1      # distance exactly 5
+    assert match_detections([[3, 4.001, 0]], [[0, 0, 0]], 5.0).tp == 0
+
+
+def test_hungarian_beats_greedy_nearest():
+    # labels at x=0 and x=8; det A at 3.5 (3.5 from L0, 4.5 from L8), det B at -4.8 (4.8 from L0).
+    # greedy by distance: A-L0, then B has nothing -> 1 TP. Global optimum: A-L8, B-L0 -> 2 TP.
+    m = match_detections([[3.5, 0, 0], [-4.8, 0, 0]], [[0, 0, 0], [8, 0, 0]], R)
+    assert m.tp == 2
+    assert sorted(map(tuple, m.pairs.tolist())) == [(0, 1), (1, 0)]
+
+
+def test_hungarian_minimises_total_distance_among_maximal_matchings():
+    # labels 0, 3; dets 1, 2: (1-0, 2-3) totals 2 mm, (1-3, 2-0) totals 4 mm.
+    m = match_detections([[1, 0, 0], [2, 0, 0]], [[0, 0, 0], [3, 0, 0]], R)
+    assert sorted(map(tuple, m.pairs.tolist())) == [(0, 0), (1, 1)]
+    assert m.distances.sum() == pytest.approx(2.0)
+
+
+def test_tie_is_deterministic():
+    a = match_detections([[1, 0, 0], [-1, 0, 0]], [[0, 0, 0]], R)
+    b = match_detections([[1, 0, 0], [-1, 0, 0]], [[0, 0, 0]], R)
+    assert a.tp == 1 and np.array_equal(a.pairs, b.pairs)
+
+
+def test_bad_radius_raises():
+    with pytest.raises(ValueError, match="hit_radius_mm"):
+        match_detections([[0, 0, 0]], [[0, 0, 0]], 0)
+
+
+def _cohort():
+    # subject A (cmb): labels L1=(0,0,0), L2=(20,0,0); detections far FP .95, L1 .9, L2 .6
+    a = SubjectData("A", "cmb", [[0, 0, 0], [20, 0, 0]], [[60, 0, 0], [0, 0, 0], [20, 0, 0]],
+                    [0.95, 0.9, 0.6], label_regions=["lobar", "deep"],
+                    det_regions=["none", "lobar", "lobar"], pruned=[True, False, False])
+    # subject B (normal): two FPs .7 and .3
+    b = SubjectData("B", "normal", np.zeros((0, 3)), [[5, 5, 5], [9, 9, 9]], [0.7, 0.3],
+                    det_regions=["lobar", "none"], pruned=[False, True])
+    return [a, b]
+
+
+def test_detection_table_groups():
+    table = detection_table(_cohort(), R).set_index("group")
+    assert table.loc["cmb", ["tp", "fp", "fn"]].tolist() == [2, 1, 0]
+    assert table.loc["normal", ["tp", "fp", "fn"]].tolist() == [0, 2, 0]
+    assert table.loc["all", "fp_avg"] == pytest.approx(1.5)
+    assert table.loc["cmb", "precision"] == pytest.approx(2 / 3)
+    assert table.loc["cmb", "f1"] == pytest.approx(0.8)
+    assert math.isnan(table.loc["normal", "sensitivity"])
+
+
+def test_froc_curve_and_points_by_hand():
+    curve = froc_curve(_cohort(), R)
+    # thresholds inf,.95,.9,.7,.6,.3 -> (fp_avg, sens): (0,0) (.5,0) (.5,.5) (1,.5) (1,1) (1.5,1)
+    assert curve["threshold"].tolist()[1:] == [0.95, 0.9, 0.7, 0.6, 0.3]
+    assert curve["fp_avg"].tolist() == [0, 0.5, 0.5, 1.0, 1.0, 1.5]
+    assert curve["sensitivity"].tolist() == [0, 0, 0.5, 0.5, 1.0, 1.0]
+    s = froc_summary(curve)
+    # interpolation (0,0)-(.5,.5): 1/8 -> .125, 1/4 -> .25; 1/2 -> .5; >=1 -> 1
+    assert [s[f"sens_at_{p:g}"] for p in (0.125, 0.25, 0.5, 1, 2, 4, 8)] == pytest.approx(
+        [0.125, 0.25, 0.5, 1, 1, 1, 1])
+    assert s["mean_sensitivity"] == pytest.approx(4.875 / 7)
+    assert s["threshold_at_0.125"] == math.inf and s["threshold_at_0.5"] == 0.9
+    assert s["threshold_at_1"] == 0.6 and s["threshold_at_2"] == 0.3
+    # AUC-PR: recall steps +.5 at precision .5 (t=.9) and +.5 at precision .5 (t=.6)
+    assert pr_auc(curve) == pytest.approx(0.5)
+
+
+def test_froc_rematches_per_threshold():
+    # label L0=0 and L1=8.5; d1 at 4 (score .9) can reach both; d2 at 0 (score .5).
+    s = SubjectData("C", "cmb", [[0, 0, 0], [8.5, 0, 0]], [[4, 0, 0], [0, 0, 0]], [0.9, 0.5])
+    t, tp = subject_tp_curve(s, R)
+    assert t.tolist() == [0.9, 0.5] and tp.tolist() == [1, 2]
+
+
+def test_froc_without_labels_is_nan():
+    curve = froc_curve([_cohort()[1]], R)
+    assert math.isnan(froc_summary(curve)["mean_sensitivity"])
+    assert math.isnan(pr_auc(curve))
+
+
+def test_dice_tiny_arrays():
+    truth = np.array([[[0, 1, 1, 2]]])
+    pred = np.array([[[0, 1, 2, 2]]])
+    d = dice_per_class(pred, truth)
+    # lobar: 2*1/(1+2); deep: 2*1/(2+1); infratentorial absent -> nan; none: 2*1/2
+    assert d["lobar"] == pytest.approx(2 / 3) and d["deep"] == pytest.approx(2 / 3)
+    assert d["none"] == 1.0 and math.isnan(d["infratentorial"])
+    assert d["total"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="shape"):
+        dice_per_class(pred, truth[..., :2])
+
+
+def test_localization_accuracy_and_efp():
+    subjects = _cohort()
+    la = localization_accuracy(subjects, R).set_index("region")
+    # L1 (lobar) detected as lobar: correct; L2 (deep) detected as lobar: wrong
+    assert la.loc["lobar", ["n_labels", "n_detected", "n_correct"]].tolist() == [1, 1, 1]
+    assert la.loc["deep", "la"] == 0.0 and la.loc["total", "la"] == 0.5
+    assert math.isnan(la.loc["infratentorial", "la"])
+    e = eliminated_fp(subjects, R)
+    # pruned: A's far FP and B's .3 FP -> 2 FPs removed over 2 subjects, no TP lost
+    assert (e["efp"], e["etp"], e["efp_avg"]) == (2, 0, 1.0)
+
+
+def test_pruning_a_true_positive_counts_as_lost():
+    s = SubjectData("D", "cmb", [[0, 0, 0]], [[0, 0, 0]], [0.9], det_regions=["none"], pruned=[True])
+    assert eliminated_fp([s], R) == {"efp": 0, "etp": 1, "efp_avg": 0.0, "n_subjects": 1}
+
+
+def test_count_agreement():
+    pred = pd.DataFrame({"lobar": [1, 2, 3], "deep": [0, 0, 0], "infratentorial": [0, 1, 0],
+                         "total": [1, 3, 3]}, index=["a", "b", "c"])
+    true = pd.DataFrame({"lobar": [2, 4, 6], "deep": [1, 0, 0], "infratentorial": [0, 1, 0],
+                         "total": [3, 5, 6]}, index=["a", "b", "c"])
+    agr = count_agreement(pred, true).set_index("region")
+    assert agr.loc["lobar", "pearson_r"] == pytest.approx(1.0)
+    assert agr.loc["lobar", "spearman_rho"] == pytest.approx(1.0)
+    assert math.isnan(agr.loc["deep", "pearson_r"])                  # constant prediction
+    assert agr.loc["lobar", "mean_abs_error"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("value,name", [(1, "lobar"), ("Deep", "deep"), ("3", "infratentorial"),
+                                        ("infra", "infratentorial"), ("x", "")])
+def test_region_name(value, name):
+    assert region_name(value) == name

@@ -1,0 +1,241 @@
+"""Anatomical segmenter: network shapes, coordinate channels, crops, loss, training resume, sliding window."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from microbleed import segment
+from microbleed.io import InputError, save_image
+from microbleed.nets.segmenter import build_segmenter, coordinate_channels
+from microbleed.segment import (class_centres, crop_coordinates, crop_start,
+                                load_segmenter, make_loss, sample_crops, segment_volume, split_subjects,
+                                train_segmenter, load_training_subject)
+
+torch.set_num_threads(2)
+AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
+TINY = {"input": "swi", "crop": [16, 16, 8], "widths": [4, 8], "epochs": 2, "crops_per_epoch": 4,
+        "batch_size": 2, "optimizer": "adam", "lr": 0.01, "momentum": 0.9, "loss": "dice",
+        "augment": True, "validation_fraction": 0.34, "seed": 3, "window": [24, 24, 12],
+        "overlap": 0.25, "sw_batch_size": 2}
+
+
+def phantom(shape=(32, 36, 16), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """A head-like phantom: ``(image float32 [0, 1], BOMBS labels uint8)`` in ``shape`` (X, Y, Z).
+
+    Ellipsoid brain = lobar; a central ellipsoid = deep; the lowest, posterior part =
+    infratentorial; a small central ventricle and the outside = none.
+    """
+    rng = np.random.default_rng(seed)
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    r = np.sqrt((g ** 2).sum(0))
+    labels = np.zeros(shape, np.uint8)
+    labels[r < 0.85] = 1
+    labels[(np.sqrt(g[0] ** 2 + g[1] ** 2 + (2 * g[2]) ** 2) < 0.45)] = 2
+    labels[(r < 0.85) & (g[2] < -0.35) & (g[1] < 0)] = 3
+    labels[np.sqrt((3 * g[0]) ** 2 + (2 * g[1]) ** 2 + (3 * g[2]) ** 2) < 0.5] = 0
+    means = np.array([0.0, 0.6, 0.4, 0.8], np.float32)
+    image = means[labels] + rng.normal(0, 0.03, shape).astype(np.float32)
+    return np.clip(image, 0, 1).astype(np.float32), labels
+
+
+def write_cohort(tmp_path, n=3, shape=(32, 36, 16)):
+    inputs = []
+    for i in range(n):
+        image, labels = phantom(shape, seed=i)
+        img_p, lab_p = tmp_path / f"sub-{i:03d}_swi.nii.gz", tmp_path / f"sub-{i:03d}_bombs.nii.gz"
+        save_image(image, AFFINE, img_p)
+        save_image(labels, AFFINE, lab_p)
+        inputs.append((f"{i:03d}", str(img_p), str(lab_p)))
+    return inputs
+
+
+# --------------------------------------------------------------------------- network
+@pytest.mark.parametrize("shape", [(30, 27, 9), (17, 33, 5), (1, 8, 3), (16, 16, 8)])  # (X, Y, Z)
+def test_output_shape_equals_input_shape(shape):
+    net = build_segmenter({"widths": [4, 8, 16], "in_channels": 4, "n_classes": 4}).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 4, *shape))
+    assert out.shape == (2, 4, *shape)
+
+
+def test_build_rejects_bad_config():
+    with pytest.raises(ValueError, match="widths"):
+        build_segmenter({"in_channels": 4})
+    with pytest.raises(ValueError, match="widths"):
+        build_segmenter({"widths": [8]})
+
+
+def test_coordinate_channels_values():
+    c = coordinate_channels((5, 3, 1))
+    assert c.shape == (3, 5, 3, 1) and c.dtype == np.float32
+    np.testing.assert_allclose(c[0, :, 0, 0], [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(c[1, 2, :, 0], [0, 0.5, 1.0])
+    assert np.all(c[2] == 0)
+
+
+@pytest.mark.parametrize("start", [(0, 0, 0), (7, 3, 2), (14, 20, 4)])
+def test_crop_coordinates_equal_whole_volume_slice(start):
+    shape, crop = (30, 36, 12), (16, 16, 8)
+    box = (slice(None),) + tuple(slice(a, a + k) for a, k in zip(start, crop))
+    np.testing.assert_allclose(crop_coordinates(start, crop, shape), coordinate_channels(shape)[box], atol=1e-7)
+
+
+def test_sampled_crop_knows_its_position():
+    """The coordinate channels of a sampled crop equal the crop's place in the whole volume."""
+    shape, crop = (24, 20, 10), (8, 8, 4)
+    image = (np.arange(np.prod(shape), dtype=np.float32) / np.prod(shape)).reshape(shape)
+    _, labels = phantom(shape)
+    sub = segment.SegSubject("001", image, labels, class_centres(labels))
+    x, y = sample_crops([sub], 6, crop, np.random.default_rng(0))
+    whole = coordinate_channels(shape)
+    for b in range(len(x)):
+        start = np.unravel_index(np.flatnonzero(image == x[b, 0, 0, 0, 0].item())[0], shape)
+        box = tuple(slice(a, a + k) for a, k in zip(start, crop))
+        np.testing.assert_array_equal(x[b, 0].numpy(), image[box])
+        np.testing.assert_allclose(x[b, 1:].numpy(), whole[(slice(None),) + box], atol=1e-7)
+        np.testing.assert_array_equal(y[b, 0].numpy(), labels[box])
+
+
+def test_crop_start_stays_inside():
+    assert crop_start((0, 0, 0), (8, 8, 4), (20, 20, 10)) == (0, 0, 0)
+    assert crop_start((19, 10, 9), (8, 8, 4), (20, 20, 10)) == (12, 6, 6)
+
+
+def test_class_balanced_sampling_sees_every_class():
+    _, labels = phantom((32, 36, 16))
+    sub = segment.SegSubject("001", labels.astype(np.float32), labels, class_centres(labels))
+    _, y = sample_crops([sub], 40, (4, 4, 2), np.random.default_rng(1))
+    centre_classes = y[:, 0, 2, 2, 1].numpy()
+    assert set(np.unique(centre_classes)) == {0, 1, 2, 3}
+
+
+def test_none_centres_lie_inside_brain_box():
+    _, labels = phantom((32, 36, 16))
+    none = np.unravel_index(class_centres(labels)[0], labels.shape)
+    brain = np.nonzero(labels > 0)
+    for axis in range(3):
+        assert none[axis].min() >= brain[axis].min() and none[axis].max() <= brain[axis].max()
+
+
+# --------------------------------------------------------------------------- loss and metrics
+@pytest.mark.parametrize("kind", ["dice", "dice_ce"])
+def test_loss_zero_on_perfect_prediction(kind):
+    _, labels = phantom((16, 16, 8))
+    y = torch.from_numpy(labels.astype(np.int64))[None, None]
+    perfect = 100.0 * torch.nn.functional.one_hot(y[:, 0], 4).permute(0, 4, 1, 2, 3).float()
+    loss = make_loss(kind)
+    assert float(loss(perfect, y)) < 1e-5
+    assert float(loss(perfect.roll(1, dims=1), y)) > 0.5
+
+
+def test_make_loss_rejects_unknown():
+    with pytest.raises(ValueError, match="dice"):
+        make_loss("focal")
+
+
+def test_split_subjects_is_seeded_and_disjoint():
+    ids = [f"{i:03d}" for i in range(6)]
+    train, val = split_subjects(ids, 0.25, 0)
+    assert (train, val) == split_subjects(ids, 0.25, 0)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == ids
+    assert split_subjects(ids[:1], 0.5, 0) == (ids[:1], [])
+
+
+def test_label_grid_mismatch_names_subject(tmp_path):
+    image, labels = phantom((16, 16, 8))
+    save_image(image, AFFINE, tmp_path / "img.nii.gz")
+    save_image(labels[:, :, :6], AFFINE, tmp_path / "lab.nii.gz")
+    with pytest.raises(InputError, match="subject 007"):
+        load_training_subject("007", tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")
+    save_image(labels * 2, AFFINE, tmp_path / "lab.nii.gz")
+    with pytest.raises(InputError, match="BOMBS codes"):
+        load_training_subject("007", tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")
+
+
+# --------------------------------------------------------------------------- training
+def test_train_writes_model_card_and_log(tmp_path):
+    inputs = write_cohort(tmp_path / "data")
+    card = train_segmenter(inputs, tmp_path / "model", TINY, "cpu")
+    assert set(card["validation_dice"]) == {"none", "lobar", "deep", "infratentorial", "total"}
+    assert len(card["validation_subjects"]) == 1 and len(card["train_subjects"]) == 2
+    on_disk = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert on_disk["sha256"] and on_disk["config"]["widths"] == [4, 8]
+    rows = (tmp_path / "model" / "train_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + TINY["epochs"]
+    model = load_segmenter(tmp_path / "model", "cpu")
+    assert not model.training
+    out = segment_volume(model, phantom()[0], "cpu", window=(24, 24, 12))
+    assert out.shape == (32, 36, 16) and out.dtype == np.uint8 and out.max() <= 3
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch):
+    inputs = write_cohort(tmp_path / "data")
+    train_segmenter(inputs, tmp_path / "straight", TINY, "cpu")
+
+    real_save = segment.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise _Killed
+
+    monkeypatch.setattr(segment, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_segmenter(inputs, tmp_path / "killed", TINY, "cpu")
+    monkeypatch.setattr(segment, "save_checkpoint", real_save)
+    train_segmenter(inputs, tmp_path / "killed", TINY, "cpu")
+
+    for name, key in [("model.pt", "model"), ("checkpoint.pt", "model"), ("checkpoint.pt", "optimizer")]:
+        a = torch.load(tmp_path / "straight" / name, weights_only=True)[key]
+        b = torch.load(tmp_path / "killed" / name, weights_only=True)[key]
+        if key == "optimizer":
+            a, b = a["state"][0], b["state"][0]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    log_rows = (tmp_path / "killed" / "train_log.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in log_rows[1:]] == ["1", "2"]
+
+
+def test_tampered_model_is_refused(tmp_path):
+    inputs = write_cohort(tmp_path / "data", n=2)
+    train_segmenter(inputs, tmp_path / "model", dict(TINY, epochs=1, validation_fraction=0.0), "cpu")
+    with open(tmp_path / "model" / "model.pt", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(InputError, match="sha256"):
+        load_segmenter(tmp_path / "model", "cpu")
+
+
+# --------------------------------------------------------------------------- sliding window
+def test_sliding_window_equals_full_forward_when_one_window():
+    torch.manual_seed(0)
+    net = build_segmenter({"widths": [4, 8, 16]}).eval()
+    image = phantom((30, 27, 9))[0]
+    full_in = np.concatenate([image[None], coordinate_channels(image.shape)])[None]
+    with torch.no_grad():
+        expected = net(torch.from_numpy(full_in)).argmax(1)[0].numpy()
+    got = segment_volume(net, image, "cpu", window=(64, 64, 16))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_sliding_window_blending_is_exact_for_pointwise_model():
+    """With a 1x1x1 model every window predicts the same values, so blended windows equal one pass."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(4, 4, 1).eval()
+    image = np.random.default_rng(0).random((40, 33, 14)).astype(np.float32)
+    full_in = np.concatenate([image[None], coordinate_channels(image.shape)])[None]
+    with torch.no_grad():
+        expected = net(torch.from_numpy(full_in)).argmax(1)[0].numpy()
+    got = segment_volume(net, image, "cpu", window=(16, 16, 8), overlap=0.5, sw_batch_size=3)
+    assert (got == expected).mean() > 0.999
+
+
+def test_segment_volume_rejects_4d():
+    with pytest.raises(ValueError, match="X, Y, Z"):
+        segment_volume(torch.nn.Conv3d(4, 4, 1), np.zeros((4, 4, 4, 2), np.float32))

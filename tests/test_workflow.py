@@ -1,0 +1,88 @@
+"""The Snakemake workflow: lint, dry-run plans, resources, incremental cohorts."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from microbleed.io import save_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def smk(*args, cwd=ROOT, check=True):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run(SNAKEMAKE + list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def planned(out) -> dict[str, int]:
+    """Job counts per rule from a dry run's summary table."""
+    counts = {}
+    for line in (out.stdout + out.stderr).splitlines():
+        m = re.match(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s+(\d+)\s*$", line)
+        if m and m.group(1) not in ("total", "job", "count"):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def test_lint_is_clean():
+    out = smk("--lint", check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def test_default_dry_run_plans_every_stage():
+    out = smk("-n", "--quiet", "rules")
+    plan = planned(out)
+    for rule in ["simulate_subject", "skullstrip", "train_detector", "train_segmenter", "detect", "segment",
+                 "finalise"]:
+        assert plan.get(rule, 0) > 0, f"{rule} missing from the plan {plan}"
+
+
+def write_bids(root: Path, ids, shape=(12, 12, 8)):
+    rng = np.random.default_rng(0)
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    for s in ids:
+        anat = root / f"sub-{s}" / "anat"
+        save_image(rng.random(shape).astype(np.float32) + 0.1, aff, anat / f"sub-{s}_swi.nii.gz")
+        save_image(rng.random(shape).astype(np.float32) - 0.5, aff, anat / f"sub-{s}_part-phase_swi.nii.gz")
+    (root / "participants.tsv").write_text("participant_id\n" + "".join(f"sub-{s}\n" for s in ids))
+
+
+def models_config(tmp_path, bids_root) -> Path:
+    """A config that runs released models (no training) on one BIDS cohort."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    for name in ("detector", "segmenter"):
+        d = tmp_path / "models" / name
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(b"0")
+        (d / "card.json").write_text("{}")
+        cfg[name]["model"] = str(d)
+    cfg["cohorts"]["new"] = {"bids": str(bids_root)}
+    cfg["infer_cohorts"] = ["new"]
+    cfg["evaluate_cohorts"] = []
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_released_models_plan_no_training_and_slurm_resources(tmp_path):
+    bids = tmp_path / "bids"
+    write_bids(bids, ["A1", "A2", "A3"])
+    cfg = models_config(tmp_path, bids)
+    out = smk("-n", "--configfile", str(cfg), "--profile", "workflow/profiles/slurm", "--quiet", "rules")
+    plan = planned(out)
+    assert "train_detector" not in plan and "train_segmenter" not in plan and "simulate_subject" not in plan
+    assert plan.get("detect") == 3 and plan.get("segment") == 3 and plan.get("finalise") == 3
+    full = smk("-n", "--configfile", str(cfg), "--profile", "workflow/profiles/slurm", "-p")
+    text = full.stdout + full.stderr
+    detect_blocks = [b for b in text.split("\n\n") if re.search(r"^rule detect:", b, re.M)]
+    assert detect_blocks and all("gpu=1" in b for b in detect_blocks)

@@ -1,0 +1,263 @@
+"""Detection data: detector inputs + CMB labels, crop sampling, cell targets.
+
+Frames:
+
+- **detector voxel ijk**: array indices of the z-interpolated detector input
+  ``results/<cohort>/preproc/sub-<id>/sub-<id>_desc-detector_input.nii.gz``
+  (4D ``(X, Y, Zi, 2)``, channels ``[swi, phase]``); voxel centres at integers.
+- **crop voxel**: detector voxel ijk minus the crop start (may be negative: crops
+  near the border are zero-padded).
+- **cell**: index on the 1/4 grid of a crop; cell ``c`` spans crop positions
+  ``[4c, 4c + 4)`` along each axis.
+
+Sampling rule (HSPL, METHOD.md section 3): even crop indices contain a CMB,
+odd ones do not. A CMB crop is placed around one labelled CMB drawn uniformly
+over all CMBs of the set; a crop without CMB is centred on a random brain
+voxel (non-zero SWI) and redrawn until no CMB centre lies within the crop
+enlarged by :data:`CLEAR_VOXELS` on every side (after ``NEG_TRIES`` failures the
+last draw is kept and labelled normally). Every crop is drawn from its own
+generator seeded by ``(seed, epoch, index)``: the same config gives the same
+crops, whatever the order or the resume point.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .io import InputError, ras_to_voxel, read_tsv
+
+__all__ = ["Volume", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
+           "encode_targets", "DetectionCrops", "CLEAR_VOXELS"]
+
+#: Margin (detector voxels) around a CMB-free crop that must also be free of CMB centres.
+CLEAR_VOXELS = 4
+NEG_TRIES = 100
+
+
+@dataclass
+class Volume:
+    """One subject in detector space.
+
+    Attributes:
+        subject: subject id.
+        image: ``(C, X, Y, Zi)`` float32, channels ``[swi, phase]``.
+        affine: ``(4, 4)`` detector voxel ijk -> RAS mm.
+        centres: ``(N, 3)`` CMB centres in detector voxel ijk (float).
+    """
+
+    subject: str
+    image: np.ndarray
+    affine: np.ndarray
+    centres: np.ndarray
+
+
+def load_detector_input(path: str | os.PathLike, subject: str | None = None,
+                        channels: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 4D detector input ``(X, Y, Zi, C)``.
+
+    Returns:
+        ``(image (C, X, Y, Zi) float32, affine (4, 4) voxel ijk -> RAS mm)``.
+    Raises:
+        InputError naming subject and file: unreadable, not 4D with ``channels``
+        volumes, or non-finite voxels.
+    """
+    if not os.path.exists(path):
+        raise InputError("detector input does not exist", subject=subject, path=path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise InputError(f"cannot be read as an image ({exc})", subject=subject, path=path) from exc
+    if data.ndim != 4 or data.shape[3] != channels:
+        raise InputError(f"expected a 4D detector input (X, Y, Z, {channels}), got shape {data.shape}",
+                         subject=subject, path=path)
+    if not np.all(np.isfinite(data)):
+        raise InputError("detector input has NaN or infinite voxels", subject=subject, path=path)
+    return np.ascontiguousarray(np.moveaxis(data, 3, 0)), np.asarray(img.affine, dtype=float)
+
+
+def load_cmb_voxels(tsv: str | os.PathLike, affine: np.ndarray, subject: str | None = None) -> np.ndarray:
+    """CMB centres of a label TSV (columns x, y, z in RAS mm) -> ``(N, 3)`` voxel ijk of ``affine``."""
+    df = read_tsv(tsv, required=("x", "y", "z"), numeric=("x", "y", "z"), subject=subject)
+    if len(df) == 0:
+        return np.zeros((0, 3))
+    return ras_to_voxel(df[["x", "y", "z"]].to_numpy(float), affine)
+
+
+def load_volumes(inputs: Sequence[tuple[str, str, str]], channels: int = 2) -> list[Volume]:
+    """Load ``(subject, detector_input_path, cmb_tsv_path)`` triples.
+
+    CMB centres outside the volume are an input error (the labels do not belong
+    to this image, or the affine is wrong).
+    """
+    volumes = []
+    for subject, image_path, tsv_path in inputs:
+        image, affine = load_detector_input(image_path, subject, channels)
+        centres = load_cmb_voxels(tsv_path, affine, subject)
+        outside = np.any((centres < -0.5) | (centres > np.array(image.shape[1:]) - 0.5), axis=1)
+        if outside.any():
+            raise InputError(f"{int(outside.sum())} CMB centre(s) fall outside the image grid "
+                             f"{image.shape[1:]} (first at voxel {np.round(centres[outside][0], 1)})",
+                             subject=subject, path=tsv_path)
+        volumes.append(Volume(subject, image, affine, centres))
+    return volumes
+
+
+def extract_crop(image: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``image[:, start:start+size]`` with zeros where the window leaves the volume.
+
+    Args:
+        image: ``(C, X, Y, Z)``; start: 3 ints (may be negative); size: 3 ints.
+    Returns:
+        ``(C, *size)`` float32 copy.
+    """
+    out = np.zeros((image.shape[0], *size), dtype=np.float32)
+    src, dst = [], []
+    for s, n, full in zip(start, size, image.shape[1:]):
+        lo, hi = max(s, 0), min(s + n, full)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    return out
+
+
+def encode_targets(centres: np.ndarray, crop: Sequence[int], stride: int = 4,
+                   ignore_neighbours: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Cell targets of a crop.
+
+    Args:
+        centres: ``(K, 3)`` CMB centres in crop voxels, each in ``[0, crop)``.
+        crop: crop size (multiples of ``stride``).
+        ignore_neighbours: mark the 26 neighbours of a positive cell ``-1``
+            (ignored by the focal loss) instead of negative.
+    Returns:
+        ``cls (d, h, w)`` int64 (1 positive, 0 negative, -1 ignored) and
+        ``offset (3, d, h, w)`` float32, the fractional position ``p/stride - cell``
+        of the CMB centre inside its cell (0 elsewhere).
+    """
+    grid = tuple(int(n) // stride for n in crop)
+    cls = np.zeros(grid, dtype=np.int64)
+    offset = np.zeros((3, *grid), dtype=np.float32)
+    scaled = np.asarray(centres, dtype=float).reshape(-1, 3) / stride
+    cells = np.clip(np.floor(scaled).astype(int), 0, np.array(grid) - 1)
+    if ignore_neighbours:
+        for c in cells:
+            lo, hi = np.maximum(c - 1, 0), c + 2
+            cls[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = -1
+    for c, s in zip(cells, scaled):
+        cls[tuple(c)] = 1
+        offset[(slice(None), *c)] = np.clip(s - c, 0.0, 1.0 - 1e-6)
+    return cls, offset
+
+
+def _foreground(image: np.ndarray, step: int = 4) -> np.ndarray:
+    """``(M, 3)`` voxel indices of non-zero SWI on a ``step`` sub-grid (all voxels if none)."""
+    sub = image[0, ::step, ::step, ::step]
+    idx = np.argwhere(sub != 0) * step
+    if len(idx) == 0:
+        idx = np.argwhere(np.ones(sub.shape, bool)) * step
+    return idx
+
+
+class DetectionCrops(Dataset):
+    """Random detection crops of one epoch, half with a CMB (HSPL's rule).
+
+    Args:
+        volumes: the training subjects (:class:`Volume`).
+        crop: crop size in voxels, 3 multiples of 16.
+        n_crops: crops per epoch.
+        seed, epoch: with the crop index, seed the crop's own generator.
+        augment: random flips (labels flipped along) and per-channel intensity
+            scale in [0.9, 1.1] and shift in [-0.05, 0.05].
+        margin: a CMB crop keeps its CMB at least this many voxels from the crop border.
+        ignore_neighbours: see :func:`encode_targets`.
+
+    Items: ``{"image" (C, D, H, W) float32, "cls_target" (d, h, w) int64,
+    "offset_target" (3, d, h, w) float32, "cmb_cell" (3,) int64 (-1 when the crop
+    holds no CMB), "has_cmb" bool}``.
+    """
+
+    def __init__(self, volumes: Sequence[Volume], crop: Sequence[int], n_crops: int, seed: int,
+                 epoch: int = 0, augment: bool = True, margin: int = 8, ignore_neighbours: bool = True,
+                 stride: int = 4):
+        if any(int(n) % 16 for n in crop):
+            raise ValueError(f"crop must be multiples of 16, got {list(crop)}")
+        if not volumes:
+            raise ValueError("no training volume")
+        self.volumes, self.crop = list(volumes), tuple(int(n) for n in crop)
+        self.n_crops, self.seed, self.epoch = int(n_crops), int(seed), int(epoch)
+        self.augment, self.ignore_neighbours, self.stride = augment, ignore_neighbours, stride
+        self.margin = int(min(margin, min(self.crop) // 2 - 1))
+        self.cmbs = [(v, k) for v, vol in enumerate(self.volumes) for k in range(len(vol.centres))]
+        self.fg = [_foreground(vol.image) for vol in self.volumes]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n_crops
+
+    def _start_positive(self, rng: np.random.Generator) -> tuple[int, np.ndarray, int]:
+        v, k = self.cmbs[rng.integers(len(self.cmbs))]
+        centre = self.volumes[v].centres[k]
+        size = np.array(self.crop)
+        pos = rng.integers(self.margin, size - self.margin)
+        return v, np.round(centre).astype(int) - pos, k
+
+    def _start_negative(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        size = np.array(self.crop)
+        for _ in range(NEG_TRIES):
+            v = int(rng.integers(len(self.volumes)))
+            fg = self.fg[v]
+            start = fg[rng.integers(len(fg))] - size // 2
+            p = self.volumes[v].centres - start
+            if not np.any(np.all((p >= -CLEAR_VOXELS) & (p < size + CLEAR_VOXELS), axis=1)):
+                break
+        return v, start
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        size = np.array(self.crop)
+        target_k = -1
+        if index % 2 == 0 and self.cmbs:
+            v, start, target_k = self._start_positive(rng)
+        else:
+            v, start = self._start_negative(rng)
+        vol = self.volumes[v]
+        image = extract_crop(vol.image, start, self.crop)
+        p = vol.centres - start
+        inside = np.all((p >= 0) & (p < size), axis=1)
+        if target_k < 0 and inside.any():
+            target_k = int(np.flatnonzero(inside)[0])
+        if self.augment:
+            image, p = self._augment(rng, image, p)
+        cls, offset = encode_targets(p[inside], self.crop, self.stride, self.ignore_neighbours)
+        cmb_cell = np.full(3, -1, dtype=np.int64)
+        if target_k >= 0:
+            cmb_cell = np.clip(np.floor(p[target_k] / self.stride), 0, size // self.stride - 1).astype(np.int64)
+        return {"image": torch.from_numpy(image), "cls_target": torch.from_numpy(cls),
+                "offset_target": torch.from_numpy(offset), "cmb_cell": torch.from_numpy(cmb_cell),
+                "has_cmb": torch.tensor(target_k >= 0)}
+
+    def _augment(self, rng: np.random.Generator, image: np.ndarray, p: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Flip each axis with probability 1/2 (crop positions ``p -> size - 1 - p``),
+        then scale/shift every channel."""
+        p = p.copy()
+        flips = rng.random(3) < 0.5
+        for axis in np.flatnonzero(flips):
+            image = np.flip(image, axis=axis + 1)
+            p[:, axis] = self.crop[axis] - 1 - p[:, axis]
+        scale = rng.uniform(0.9, 1.1, size=(image.shape[0], 1, 1, 1))
+        shift = rng.uniform(-0.05, 0.05, size=(image.shape[0], 1, 1, 1))
+        return np.ascontiguousarray(image * scale + shift, dtype=np.float32), p

@@ -1,0 +1,444 @@
+"""Sliding-window detection, non-maximum suppression, coordinate mapping and pruning.
+
+Frames (said every time):
+
+- **grid voxel ijk**: array indices of the detector input, i.e. the
+  pre-processed SWI/phase pair interpolated along z (``preprocess.z_slices``);
+  voxel centres at integers.
+- **RAS mm**: world coordinates, through the detector input's affine.
+- **SWI voxel ijk**: array indices of the original SWI, through its affine.
+
+Pipeline of one subject:
+
+1. :func:`detect_volume` runs the detector over the whole grid in tiles and
+   returns every peak cell whose CMB probability is at least a floor (0.05),
+   with its regressed centre in grid voxels.
+2. :func:`nms_ras` merges duplicates by distance in RAS mm (greedy,
+   highest score first); :func:`default_nms_radius` is half the fixed box.
+3. :func:`candidates_table` maps the survivors to RAS mm and SWI voxel ijk
+   (only through :mod:`microbleed.io`).
+4. :func:`prune` reads the predicted BOMBS class and the brain mask at each
+   candidate and marks the impossible ones (``pruned=true``).
+
+Tiling (:func:`plan_tiles`): tiles overlap by at least the fixed box (20
+voxels), start on the 4-voxel cell grid, and are sized as large as
+``window`` allows but no larger than the volume needs (fewer, bigger tiles
+waste less overlap). Each output cell is taken from the tile in which it lies
+farthest from the tile border along every axis: consecutive tiles split
+their overlap at its middle, so every kept cell has about half the overlap
+(>= half the box) of real context on each side, and a CMB on a tile border is
+seen whole by the tile that reports it. No averaging is done.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from .io import InputError, load_image, load_volume, ras_to_voxel, voxel_sizes, voxel_to_ras
+
+__all__ = [
+    "TilePlan", "plan_tiles", "detect_volume", "detect_volume_monai", "peak_candidates",
+    "default_nms_radius", "nms_ras", "candidates_table", "prune", "load_detector_input",
+    "DetectParams", "detect_subject", "read_candidates", "load_labels",
+    "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
+]
+
+log = logging.getLogger(__name__)
+
+STRIDE = 4          # detector output cell size in input voxels
+MULTIPLE = 16       # detector input sizes must be multiples of this
+BOMBS_NAMES = ("none", "lobar", "deep", "infratentorial")
+CANDIDATE_COLUMNS = ["cand_id", "x", "y", "z", "i", "j", "k", "score"]
+CMB_COLUMNS = ["cmb_id", "x", "y", "z", "i", "j", "k", "score", "region", "pruned", "prune_reason"]
+
+
+def _ceil_to(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+# --------------------------------------------------------------------------- tiling
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles of one volume, per axis (voxel ijk of the detector grid).
+
+    Attributes:
+        window: tile size ``(3,)`` in voxels, each a multiple of 16.
+        starts: per axis, the tile start voxels (multiples of 4).
+        bounds: per axis, cell boundaries ``b_0 = 0 < ... < b_n`` such that
+            tile ``t`` reports cells ``[b_t, b_{t+1})`` (cells of 4 voxels).
+        cells: ``(3,)`` number of output cells per axis (``ceil(shape / 4)``).
+    """
+
+    window: tuple[int, int, int]
+    starts: tuple[tuple[int, ...], ...]
+    bounds: tuple[tuple[int, ...], ...]
+    cells: tuple[int, int, int]
+
+    @property
+    def n_tiles(self) -> int:
+        return int(np.prod([len(s) for s in self.starts]))
+
+
+def _plan_axis(size: int, max_window: int, overlap: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """One axis of :func:`plan_tiles`: ``(window, starts, cell bounds)``."""
+    cover = _ceil_to(size, STRIDE)
+    if cover <= max_window:
+        return max(_ceil_to(cover, MULTIPLE), MULTIPLE), (0,), (0, cover // STRIDE)
+    n = math.ceil((cover - overlap) / (max_window - overlap))
+    while True:
+        window = min(_ceil_to(math.ceil((cover + (n - 1) * overlap) / n), MULTIPLE), max_window)
+        spacing = (cover - window) / (n - 1)
+        starts = [STRIDE * int(t * spacing // STRIDE) for t in range(n - 1)] + [cover - window]
+        if all(starts[t] + window - starts[t + 1] >= overlap for t in range(n - 1)):
+            break
+        n += 1
+    mids = [(starts[t] + window + starts[t + 1]) // 2 // STRIDE for t in range(n - 1)]
+    return window, tuple(starts), (0, *mids, cover // STRIDE)
+
+
+def plan_tiles(shape: Sequence[int], window: Sequence[int], overlap: float, box: int = 20) -> TilePlan:
+    """Plan the sliding window over a volume of ``shape`` (grid voxel ijk).
+
+    Args:
+        shape: ``(X, Y, Z)`` of the detector input.
+        window: largest tile ``(3,)`` in voxels, multiples of 16.
+        overlap: overlap between neighbouring tiles as a fraction of ``window``;
+            raised to at least ``box`` voxels, rounded up to the 4-voxel cell grid.
+        box: the detector's fixed box edge (voxels).
+    Example:
+        >>> plan_tiles((160, 192, 112), (128, 128, 128), 0.25).window
+        (96, 112, 112)
+    """
+    window = tuple(int(w) for w in window)
+    if len(window) != 3 or any(w < MULTIPLE or w % MULTIPLE for w in window):
+        raise ValueError(f"window must be 3 positive multiples of {MULTIPLE}, got {window}")
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be 3 positive sizes, got {tuple(shape)}")
+    axes = []
+    for size, w in zip(shape, window):
+        ov = _ceil_to(max(box, overlap * w), STRIDE)
+        if ov >= w:
+            raise ValueError(f"overlap {ov} voxels (box {box}, fraction {overlap}) must be smaller "
+                             f"than the window {w}")
+        axes.append(_plan_axis(int(size), w, ov))
+    return TilePlan(window=tuple(a[0] for a in axes), starts=tuple(a[1] for a in axes),
+                    bounds=tuple(a[2] for a in axes), cells=tuple(a[2][-1] for a in axes))
+
+
+# --------------------------------------------------------------------------- detection
+def _decode(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .nets.detector import decode
+    return decode(logits, stride=STRIDE)
+
+
+def _tile_input(vol: torch.Tensor, start: Sequence[int], window: Sequence[int]) -> torch.Tensor:
+    """Crop ``vol (C, X, Y, Z)`` at ``start`` to ``window``, zero-padding past the end."""
+    sl = tuple(slice(s, s + w) for s, w in zip(start, window))
+    tile = vol[(slice(None), *sl)]
+    pad = [w - n for w, n in zip(window, tile.shape[1:])]
+    if any(pad):
+        tile = F.pad(tile, (0, pad[2], 0, pad[1], 0, pad[0]))
+    return tile
+
+
+def _stitch(prob: torch.Tensor, centres: torch.Tensor, plan: TilePlan, index: Sequence[int],
+            out_prob: torch.Tensor, out_centres: torch.Tensor) -> None:
+    """Write the core cells of one tile (``prob (Dc,Hc,Wc)``, ``centres (3,Dc,Hc,Wc)``) in place."""
+    start = [plan.starts[a][index[a]] for a in range(3)]
+    glob = tuple(slice(plan.bounds[a][index[a]], plan.bounds[a][index[a] + 1]) for a in range(3))
+    loc = tuple(slice(g.start - start[a] // STRIDE, g.stop - start[a] // STRIDE) for a, g in enumerate(glob))
+    out_prob[glob] = prob[loc]
+    offset = torch.tensor(start, dtype=centres.dtype, device=centres.device).view(3, 1, 1, 1)
+    out_centres[(slice(None), *glob)] = centres[(slice(None), *loc)] + offset
+
+
+def peak_candidates(prob: torch.Tensor, centres: torch.Tensor, shape: Sequence[int],
+                    floor: float) -> np.ndarray:
+    """Candidates = local maxima (3x3x3 cells) of the CMB probability with ``prob >= floor``.
+
+    Args:
+        prob: ``(Dc, Hc, Wc)`` CMB probability per cell.
+        centres: ``(3, Dc, Hc, Wc)`` regressed centres, grid voxel ijk.
+        shape: ``(X, Y, Z)`` of the grid; centres are clipped into it.
+    Returns:
+        ``(N, 4)`` float64 ``[i, j, k, score]`` sorted by score, highest first.
+    """
+    pooled = F.max_pool3d(prob[None, None], kernel_size=3, stride=1, padding=1)[0, 0]
+    keep = (prob >= floor) & (prob >= pooled)
+    idx = keep.nonzero(as_tuple=True)
+    scores = prob[idx].double().cpu().numpy()
+    pts = centres[(slice(None), *idx)].double().cpu().numpy().T.reshape(-1, 3)
+    pts = np.clip(pts, 0.0, np.asarray(shape, dtype=float) - 1.0)
+    order = np.argsort(-scores, kind="stable")
+    return np.column_stack([pts[order], scores[order]]).reshape(-1, 4)
+
+
+def _memory_format(device: torch.device, channels_last: bool | None) -> torch.memory_format:
+    """``channels_last_3d`` when asked; ``None``: the detector's preferred format on ``device``."""
+    if channels_last is None:
+        from .nets.detector import preferred_memory_format
+        return preferred_memory_format(device)
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def detect_volume(model: torch.nn.Module, volume: np.ndarray, device: str | torch.device = "cpu",
+                  window: Sequence[int] = (128, 128, 128), overlap: float = 0.25,
+                  threshold_floor: float = 0.05, batch: int = 1, box: int = 20,
+                  channels_last: bool | None = None) -> np.ndarray:
+    """Sliding-window detection over a whole detector input.
+
+    Args:
+        model: detector; ``forward(x (B, 2, D, H, W))`` returns a dict with
+            ``"logits"`` ``(B, 5, D/4, H/4, W/4)`` (see :mod:`microbleed.nets.detector`).
+            Moved to ``device``, set to eval and to the memory format, in place.
+        volume: ``(2, X, Y, Zi)`` float32, channels [swi, phase], grid voxel order.
+        window: largest tile in voxels (multiples of 16); see :func:`plan_tiles`.
+        overlap: tile overlap fraction (at least ``box`` voxels are used).
+        threshold_floor: lowest CMB probability kept (FROC needs low scores).
+        batch: tiles per forward pass.
+        box: the detector's fixed box edge (voxels): the least tile overlap.
+        channels_last: ``channels_last_3d`` for model and tiles; ``None``: the
+            detector's preferred format on ``device`` (channels-last on the CPU).
+    Returns:
+        ``(N, 4)`` float64 ``[i, j, k, score]``: centres in grid voxel ijk, CMB
+        probability; local-maximum cells only, before NMS, highest score first.
+    Example:
+        >>> cands = detect_volume(net, vol, "cpu", (64, 64, 64), 0.25)  # doctest: +SKIP
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 4 or volume.shape[0] != 2:
+        raise ValueError(f"volume must be (2, X, Y, Z), got shape {volume.shape}")
+    device = torch.device(device)
+    plan = plan_tiles(volume.shape[1:], window, overlap, box)
+    fmt = _memory_format(device, channels_last)
+    model = model.to(device).eval().to(memory_format=fmt)
+    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)
+    out_prob = torch.zeros(plan.cells, device=device)
+    out_centres = torch.zeros((3, *plan.cells), device=device)
+    tiles = list(itertools.product(*[range(len(s)) for s in plan.starts]))
+    with torch.inference_mode():
+        for b0 in tqdm(range(0, len(tiles), batch), desc="detect", unit="batch", disable=None):
+            chunk = tiles[b0:b0 + batch]
+            x = torch.stack([_tile_input(vol, [plan.starts[a][t[a]] for a in range(3)], plan.window)
+                             for t in chunk]).contiguous(memory_format=fmt)
+            prob, centres = _decode(model(x)["logits"].float())
+            for n, t in enumerate(chunk):
+                _stitch(prob[n], centres[n], plan, t, out_prob, out_centres)
+        cands = peak_candidates(out_prob, out_centres, volume.shape[1:], threshold_floor)
+    log.info("detect_volume: %d tiles of %s voxels, %d candidates >= %.2f",
+             plan.n_tiles, plan.window, len(cands), threshold_floor)
+    return cands
+
+
+def detect_volume_monai(model: torch.nn.Module, volume: np.ndarray, device: str | torch.device = "cpu",
+                        roi_size: Sequence[int] = (64, 64, 64), threshold_floor: float = 0.05) -> np.ndarray:
+    """Baseline: MONAI ``sliding_window_inference`` at its defaults on the same network.
+
+    Defaults kept: ``overlap=0.25``, ``sw_batch_size=1``, ``mode="constant"``
+    (logits of overlapping windows averaged), constant padding. The volume is
+    zero-padded to a multiple of 16 so that every window lies on the cell grid.
+    Same inputs, outputs and post-processing as :func:`detect_volume`.
+    """
+    from monai.inferers import sliding_window_inference
+    volume = np.asarray(volume, dtype=np.float32)
+    shape = volume.shape[1:]
+    pad = [_ceil_to(n, MULTIPLE) - n for n in shape]
+    vol = np.pad(volume, [(0, 0)] + [(0, p) for p in pad])
+    model = model.to(torch.device(device)).eval()
+    x = torch.from_numpy(vol)[None].to(device)
+    with torch.no_grad():
+        logits = sliding_window_inference(x, roi_size=tuple(roi_size), sw_batch_size=1,
+                                          predictor=lambda t: model(t)["logits"])
+        prob, centres = _decode(logits.float())
+        return peak_candidates(prob[0], centres[0], shape, threshold_floor)
+
+
+# --------------------------------------------------------------------------- NMS and mapping
+def default_nms_radius(affine: np.ndarray, box: int = 20) -> float:
+    """Half the fixed box in mm: ``box / 2`` voxels times the smallest voxel edge of the grid.
+
+    The smallest edge is used so that two CMBs the box could tell apart along
+    any axis are never merged (paper grid 0.5 x 0.5 x 0.64 mm -> 5 mm).
+    """
+    return 0.5 * box * float(voxel_sizes(affine).min())
+
+
+def nms_ras(points_ras: np.ndarray, scores: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Greedy distance NMS: keep the best score, drop everything within ``radius_mm``, repeat.
+
+    Args:
+        points_ras: ``(N, 3)`` candidate centres, RAS mm.
+        scores: ``(N,)``.
+    Returns:
+        indices of the kept points ``(M,)``, highest score first (ties: input order).
+    """
+    pts = np.asarray(points_ras, dtype=float).reshape(-1, 3)
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    if len(pts) == 0:
+        return order
+    neighbours = cKDTree(pts).query_ball_point(pts, r=float(radius_mm))
+    suppressed = np.zeros(len(pts), dtype=bool)
+    keep = []
+    for idx in order:
+        if not suppressed[idx]:
+            keep.append(idx)
+            suppressed[neighbours[idx]] = True
+    return np.asarray(keep, dtype=int)
+
+
+def candidates_table(cands: np.ndarray, grid_affine: np.ndarray, swi_affine: np.ndarray,
+                     radius_mm: float | None = None, box: int = 20) -> pd.DataFrame:
+    """NMS in RAS mm, then the candidates file table.
+
+    Args:
+        cands: ``(N, 4)`` ``[i, j, k, score]`` in grid voxel ijk (from :func:`detect_volume`).
+        grid_affine: detector input affine (grid voxel ijk -> RAS mm).
+        swi_affine: original SWI affine (SWI voxel ijk -> RAS mm).
+        radius_mm: NMS radius; ``None``: :func:`default_nms_radius`.
+    Returns:
+        DataFrame ``cand_id, x, y, z`` (RAS mm), ``i, j, k`` (SWI voxel, float),
+        ``score``, sorted by score, ``cand_id`` 1..M.
+    """
+    cands = np.asarray(cands, dtype=float).reshape(-1, 4)
+    radius = default_nms_radius(grid_affine, box) if radius_mm is None else float(radius_mm)
+    ras = voxel_to_ras(cands[:, :3], grid_affine).reshape(-1, 3)
+    keep = nms_ras(ras, cands[:, 3], radius)
+    ras = ras[keep].reshape(-1, 3)
+    ijk = ras_to_voxel(ras, swi_affine).reshape(-1, 3)
+    df = pd.DataFrame({"cand_id": np.arange(1, len(keep) + 1),
+                       "x": ras[:, 0], "y": ras[:, 1], "z": ras[:, 2],
+                       "i": ijk[:, 0], "j": ijk[:, 1], "k": ijk[:, 2],
+                       "score": cands[keep, 3]})
+    return df[CANDIDATE_COLUMNS]
+
+
+def load_detector_input(path: str | Path, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the 4D detector input ``(X, Y, Zi, 2)`` as ``(2, X, Y, Zi)`` float32 and its affine.
+
+    Raises:
+        InputError: not 4D with 2 channels, or NaN/infinite voxels.
+    """
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError("file does not exist", subject=subject, path=path) from None
+    except Exception as exc:  # nibabel raises many types for a broken header
+        raise InputError(f"cannot be read as an image ({exc})", subject=subject, path=path) from exc
+    if len(img.shape) != 4 or img.shape[3] != 2:
+        raise InputError(f"detector input must be 4D (X, Y, Z, 2) [swi, phase], got {img.shape}",
+                         subject=subject, path=path)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, OSError, ValueError) as exc:
+        raise InputError(f"data cannot be read, truncated or corrupt ({exc})", subject=subject, path=path) from exc
+    if not np.all(np.isfinite(data)):
+        raise InputError("NaN or infinite voxels", subject=subject, path=path)
+    return np.ascontiguousarray(np.moveaxis(data, 3, 0)), np.asarray(img.affine, dtype=float)
+
+
+# --------------------------------------------------------------------------- pruning
+def _sample_nearest(data: np.ndarray, affine: np.ndarray, ras: np.ndarray, outside: int = 0) -> np.ndarray:
+    """Values of ``data`` at the nearest voxel of each RAS mm point ``(N, 3)``; ``outside`` off-grid."""
+    ijk = np.rint(ras_to_voxel(ras, affine)).astype(int).reshape(-1, 3)
+    inside = np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)
+    values = np.full(len(ijk), outside, dtype=data.dtype)
+    values[inside] = data[tuple(ijk[inside].T)]
+    return values
+
+
+def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
+          mask: tuple[np.ndarray, np.ndarray] | None, threshold: float,
+          prune_outside_mask: bool = True) -> pd.DataFrame:
+    """Anatomical pruning of candidates at or above ``threshold``.
+
+    Args:
+        candidates: table of :func:`candidates_table` (``x, y, z`` RAS mm).
+        bombs: ``(data, affine)`` predicted BOMBS map (0 none, 1 lobar, 2 deep, 3 infratentorial).
+        mask: ``(data, affine)`` brain mask, or ``None``.
+        threshold: candidates below this score are dropped (not in the table).
+    Returns:
+        DataFrame with :data:`CMB_COLUMNS`: ``region`` read at the nearest voxel
+        of each centre (through each image's own affine); ``pruned`` "true" when
+        outside the mask (``prune_reason=outside_mask``, if ``prune_outside_mask``)
+        or in ``none`` (``none_region``); kept rows have ``prune_reason=n/a``.
+    """
+    df = candidates[candidates["score"] >= threshold].sort_values("score", ascending=False, kind="stable")
+    ras = df[["x", "y", "z"]].to_numpy(dtype=float).reshape(-1, 3)
+    codes = _sample_nearest(np.asarray(bombs[0]).astype(np.int64), bombs[1], ras)
+    if np.any((codes < 0) | (codes > 3)):
+        raise ValueError(f"BOMBS map holds codes outside 0..3: {sorted(set(codes.tolist()))}")
+    in_mask = (np.ones(len(ras), bool) if mask is None
+               else _sample_nearest(np.asarray(mask[0]) > 0, mask[1], ras, outside=False))
+    reason = np.where(codes == 0, "none_region", "n/a").astype(object)
+    if prune_outside_mask:
+        reason[~in_mask] = "outside_mask"
+    out = pd.DataFrame({"cmb_id": np.arange(1, len(df) + 1)})
+    for col in ["x", "y", "z", "i", "j", "k", "score"]:
+        out[col] = df[col].to_numpy(dtype=float)
+    out["region"] = [BOMBS_NAMES[c] for c in codes]
+    out["pruned"] = np.where(reason != "n/a", "true", "false")
+    out["prune_reason"] = reason
+    return out[CMB_COLUMNS]
+
+
+# --------------------------------------------------------------------------- subject
+@dataclass(frozen=True)
+class DetectParams:
+    """Options of :func:`detect_subject` (config ``infer`` and ``detector.box_voxels``)."""
+
+    window: tuple[int, int, int] = (128, 128, 128)
+    overlap: float = 0.25
+    batch: int = 1
+    floor: float = 0.05
+    nms_radius_mm: float | None = None
+    box: int = 20
+    channels_last: bool | None = None
+    device: str = "auto"
+
+
+def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str | Path,
+                   out_tsv: str | Path, params: DetectParams, subject: str | None = None,
+                   loader: Callable | None = None) -> pd.DataFrame:
+    """Detector input + SWI affine + model folder -> the raw candidates TSV (score >= floor).
+
+    ``loader(model_dir, device) -> (model, card)`` defaults to
+    :func:`microbleed.train.load_detector`.
+    """
+    from .io import write_tsv
+    from .runtime import select_device
+    if loader is None:
+        from .train import load_detector as loader
+    device = select_device(params.device)
+    volume, grid_affine = load_detector_input(volume_path, subject)
+    swi_affine = np.asarray(load_image(swi_path, subject).affine, dtype=float)
+    model, _card = loader(model_dir, device)
+    cands = detect_volume(model, volume, device, params.window, params.overlap,
+                          params.floor, params.batch, params.box, params.channels_last)
+    table = candidates_table(cands, grid_affine, swi_affine, params.nms_radius_mm, params.box)
+    write_tsv(table, out_tsv, float_format="%.6g")
+    log.info("subject %s: %d candidates after NMS -> %s", subject, len(table), out_tsv)
+    return table
+
+
+def read_candidates(path: str | Path, subject: str | None = None) -> pd.DataFrame:
+    """Read a candidates TSV (:data:`CANDIDATE_COLUMNS`), numeric columns checked."""
+    from .io import read_tsv
+    return read_tsv(path, required=CANDIDATE_COLUMNS, numeric=CANDIDATE_COLUMNS, subject=subject)
+
+
+def load_labels(path: str | Path, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer label map ``(X, Y, Z)`` and its affine (an all-zero map is allowed)."""
+    data, affine = load_volume(path, subject, dtype=np.int64, allow_zero=True)
+    return data, affine

@@ -1,0 +1,423 @@
+"""Evaluation measures of the paper (METHOD.md section 6), plus FROC and PR.
+
+Every coordinate here is **RAS mm** (world frame). A *detection* is a point
+``(x, y, z)`` with a score in [0, 1]; a *label* is the labelled centre of a CMB.
+
+Hit rule (METHOD.md, Decision): a detection is a true positive (TP) when it is
+matched **one-to-one** to a label whose centre lies within ``hit_radius_mm``
+(distance ``<=`` the radius, so a detection exactly at the radius is a hit).
+The matching is the globally best one: first the largest number of matched
+pairs, then, among those, the smallest total distance (Hungarian algorithm,
+:func:`scipy.optimize.linear_sum_assignment`). Unmatched detections are false
+positives (FP), duplicates included; unmatched labels are false negatives (FN).
+
+Definitions (counts are summed over the subjects of a group before dividing):
+
+- sensitivity = TP / (TP + FN)                       (fraction; NaN without labels)
+- precision   = TP / (TP + FP)                       (fraction; NaN without detections)
+- F1          = 2 TP / (2 TP + FP + FN)              (fraction; NaN when all are 0)
+- FP_avg      = FP / number of subjects              (false positives per subject)
+- EFP_avg     = (FP before pruning - FP after pruning) / number of subjects
+- LA(class)   = detected CMBs of that class whose predicted region equals the
+  labelled region / detected (matched) CMBs of that class (fraction). The
+  paper's LA total of 0.98 exceeds its sensitivity of 0.9466, so its
+  denominator counts detected CMBs, not all labelled ones; we do the same.
+- Dice(class) = 2 |P & T| / (|P| + |T|) per BOMBS class, NaN when the class is
+  absent from both maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+
+__all__ = [
+    "REGIONS", "BOMBS_CODES", "FROC_FP_POINTS", "Match", "SubjectData",
+    "match_detections", "rates", "detection_table", "subject_tp_curve",
+    "froc_curve", "froc_summary", "pr_auc", "dice_per_class",
+    "localization_accuracy", "eliminated_fp", "region_counts", "count_agreement",
+    "region_name",
+]
+
+REGIONS = ("lobar", "deep", "infratentorial")
+BOMBS_CODES = {"none": 0, "lobar": 1, "deep": 2, "infratentorial": 3}
+FROC_FP_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def region_name(value: object) -> str:
+    """BOMBS region as a lower-case name: ``1`` or ``"Lobar"`` -> ``"lobar"``; unknown -> ``""``."""
+    text = str(value).strip().lower()
+    by_code = {str(v): k for k, v in BOMBS_CODES.items()}
+    text = by_code.get(text, text)
+    aliases = {"infra": "infratentorial", "infratentorial": "infratentorial"}
+    text = aliases.get(text, text)
+    return text if text in BOMBS_CODES else ""
+
+
+@dataclass
+class Match:
+    """One-to-one matching of N detections to M labels.
+
+    Attributes:
+        pairs: ``(K, 2)`` int, rows ``[detection_index, label_index]``.
+        distances: ``(K,)`` mm, distance of each matched pair (``<= radius``).
+        det_hit: ``(N,)`` bool, detection is a TP.
+        label_hit: ``(M,)`` bool, label was found.
+    """
+
+    pairs: np.ndarray
+    distances: np.ndarray
+    det_hit: np.ndarray
+    label_hit: np.ndarray
+
+    @property
+    def tp(self) -> int:
+        return int(len(self.pairs))
+
+    @property
+    def fp(self) -> int:
+        return int((~self.det_hit).sum())
+
+    @property
+    def fn(self) -> int:
+        return int((~self.label_hit).sum())
+
+
+def _points(a: np.ndarray | Sequence) -> np.ndarray:
+    arr = np.asarray(a, dtype=float)
+    return arr.reshape(-1, 3) if arr.size else np.zeros((0, 3))
+
+
+def match_detections(detections: np.ndarray, labels: np.ndarray, hit_radius_mm: float) -> Match:
+    """Globally best one-to-one matching of detections to labels within a radius.
+
+    Args:
+        detections: ``(N, 3)`` RAS mm.
+        labels: ``(M, 3)`` RAS mm.
+        hit_radius_mm: largest centre distance (mm, inclusive) of a hit.
+
+    Pairs farther than the radius cost a constant larger than any sum of
+    admissible distances, so the assignment maximises the number of hits first
+    and minimises their total distance second; such pairs are then dropped.
+
+    Example:
+        >>> m = match_detections([[0, 0, 0], [0, 0, 1]], [[0, 0, 0]], 5.0)
+        >>> (m.tp, m.fp, m.fn)   # the duplicate is a false positive
+        (1, 1, 0)
+    """
+    if hit_radius_mm <= 0:
+        raise ValueError(f"hit_radius_mm must be > 0, got {hit_radius_mm!r}")
+    det, lab = _points(detections), _points(labels)
+    det_hit = np.zeros(len(det), bool)
+    label_hit = np.zeros(len(lab), bool)
+    if len(det) == 0 or len(lab) == 0:
+        return Match(np.zeros((0, 2), int), np.zeros(0), det_hit, label_hit)
+    dist = cdist(det, lab)
+    admissible = dist <= hit_radius_mm
+    big = hit_radius_mm * (min(dist.shape) + 1) + 1.0
+    rows, cols = linear_sum_assignment(np.where(admissible, dist, big))
+    keep = admissible[rows, cols]
+    rows, cols = rows[keep], cols[keep]
+    det_hit[rows] = True
+    label_hit[cols] = True
+    return Match(np.stack([rows, cols], axis=1).astype(int), dist[rows, cols], det_hit, label_hit)
+
+
+def rates(tp: int, fp: int, fn: int, n_subjects: int) -> dict[str, float]:
+    """Sensitivity, precision, F1 (fractions) and FP_avg (FP per subject) from counts.
+
+    Undefined ratios (0/0) are NaN, e.g. sensitivity in a group without labels.
+    """
+    def ratio(a: float, b: float) -> float:
+        return float(a) / b if b > 0 else float("nan")
+    return {"sensitivity": ratio(tp, tp + fn), "precision": ratio(tp, tp + fp),
+            "f1": ratio(2 * tp, 2 * tp + fp + fn), "fp_avg": ratio(fp, n_subjects)}
+
+
+@dataclass
+class SubjectData:
+    """Detections and labels of one subject (all coordinates RAS mm).
+
+    Attributes:
+        subject: id without ``sub-``.
+        group: ``"cmb"`` or ``"normal"``.
+        labels: ``(M, 3)`` labelled CMB centres.
+        detections: ``(N, 3)`` detected centres.
+        scores: ``(N,)`` detection scores.
+        label_regions: ``M`` BOMBS names of the labels (``""`` unknown).
+        det_regions: ``N`` predicted BOMBS names of the detections (``""`` unknown).
+        pruned: ``(N,)`` bool, removed by anatomical pruning.
+    """
+
+    subject: str
+    group: str
+    labels: np.ndarray
+    detections: np.ndarray
+    scores: np.ndarray
+    label_regions: list[str] = field(default_factory=list)
+    det_regions: list[str] = field(default_factory=list)
+    pruned: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = _points(self.labels)
+        self.detections = _points(self.detections)
+        self.scores = np.asarray(self.scores, dtype=float).reshape(-1)
+        if len(self.scores) != len(self.detections):
+            raise ValueError(f"subject {self.subject}: {len(self.detections)} detections but "
+                             f"{len(self.scores)} scores")
+        if self.pruned is None:
+            self.pruned = np.zeros(len(self.detections), bool)
+        self.pruned = np.asarray(self.pruned, bool).reshape(-1)
+        self.label_regions = list(self.label_regions) or [""] * len(self.labels)
+        self.det_regions = list(self.det_regions) or [""] * len(self.detections)
+
+    def select(self, keep: np.ndarray) -> "SubjectData":
+        """A copy holding only the detections where ``keep`` (``(N,)`` bool) is true."""
+        keep = np.asarray(keep, bool)
+        return SubjectData(self.subject, self.group, self.labels, self.detections[keep], self.scores[keep],
+                           self.label_regions, [r for r, k in zip(self.det_regions, keep) if k],
+                           self.pruned[keep])
+
+    def at_threshold(self, threshold: float, prune: bool = False) -> "SubjectData":
+        """Detections with ``score >= threshold`` (and not pruned when ``prune``)."""
+        keep = self.scores >= threshold
+        if prune:
+            keep &= ~self.pruned
+        return self.select(keep)
+
+
+GROUPS = ("cmb", "normal", "all")
+
+
+def detection_table(subjects: Sequence[SubjectData], hit_radius_mm: float) -> pd.DataFrame:
+    """Counts and rates per subject group of already-thresholded detections.
+
+    Returns:
+        One row per group in ``cmb, normal, all`` with ``group, n_subjects, n_labels,
+        tp, fp, fn, sensitivity, precision, f1, fp_avg`` (fractions, FP per subject).
+    """
+    per = [(s.group, match_detections(s.detections, s.labels, hit_radius_mm), len(s.labels))
+           for s in subjects]
+    rows = []
+    for group in GROUPS:
+        sel = [(m, n) for g, m, n in per if group == "all" or g == group]
+        tp, fp, fn = (sum(getattr(m, k) for m, _ in sel) for k in ("tp", "fp", "fn"))
+        rows.append({"group": group, "n_subjects": len(sel), "n_labels": sum(n for _, n in sel),
+                     "tp": tp, "fp": fp, "fn": fn, **rates(tp, fp, fn, len(sel))})
+    return pd.DataFrame(rows)
+
+
+def subject_tp_curve(subject: SubjectData, hit_radius_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """TP count of one subject as a function of the score threshold.
+
+    The matching is redone for every threshold (a one-to-one matching is not
+    nested in general). Only detections within the radius of some label can
+    change the TP count, so only their scores are visited.
+
+    Returns:
+        ``(thresholds, tp)``: thresholds in decreasing order, ``tp[i]`` = TPs
+        among detections with ``score >= thresholds[i]``; empty arrays when no
+        detection is near a label.
+    """
+    if len(subject.labels) == 0 or len(subject.detections) == 0:
+        return np.zeros(0), np.zeros(0, int)
+    near = (cdist(subject.detections, subject.labels) <= hit_radius_mm).any(axis=1)
+    thresholds = np.unique(subject.scores[near])[::-1]
+    tp = [match_detections(subject.detections[subject.scores >= t], subject.labels, hit_radius_mm).tp
+          for t in thresholds]
+    return thresholds, np.asarray(tp, int)
+
+
+def froc_curve(subjects: Sequence[SubjectData], hit_radius_mm: float) -> pd.DataFrame:
+    """Operating points of the FROC and PR curves over every score threshold.
+
+    One row per distinct detection score ``t`` (decreasing), detections kept
+    when ``score >= t``; the first row (``threshold = inf``) keeps none.
+
+    Returns:
+        DataFrame ``threshold, n_detections, tp, fp, fn, sensitivity, precision,
+        fp_avg`` (fractions; FP per subject). Sensitivity and FP_avg never
+        decrease down the table.
+    """
+    n_subjects = len(subjects)
+    n_labels = sum(len(s.labels) for s in subjects)
+    all_scores = np.concatenate([s.scores for s in subjects]) if subjects else np.zeros(0)
+    thresholds = np.concatenate([[np.inf], np.unique(all_scores)[::-1]])
+    n_det = np.zeros(len(thresholds), int)
+    tp = np.zeros(len(thresholds), int)
+    for s in subjects:
+        desc = np.sort(s.scores)[::-1]
+        n_det += np.searchsorted(-desc, -thresholds, side="right")
+        t_sub, tp_sub = subject_tp_curve(s, hit_radius_mm)
+        if len(t_sub):
+            idx = np.searchsorted(-t_sub, -thresholds, side="right") - 1
+            tp += np.where(idx >= 0, tp_sub[np.clip(idx, 0, None)], 0)
+    fp = n_det - tp
+    rows = [{"threshold": t, "n_detections": int(d), "tp": int(a), "fp": int(b), "fn": int(n_labels - a),
+             **{k: v for k, v in rates(a, b, n_labels - a, n_subjects).items() if k != "f1"}}
+            for t, d, a, b in zip(thresholds, n_det, tp, fp)]
+    return pd.DataFrame(rows, columns=["threshold", "n_detections", "tp", "fp", "fn",
+                                       "sensitivity", "precision", "fp_avg"])
+
+
+def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINTS) -> dict[str, float]:
+    """Sensitivity at fixed FP_avg values and their mean (the FROC score, "CPM").
+
+    Convention (LUNA16 / CAMELYON16, as in MONAI ``compute_froc_score``): the
+    curve's points ``(fp_avg, sensitivity)`` are linearly interpolated with
+    :func:`numpy.interp`; at an FP_avg reached by several points the highest
+    sensitivity is used; from the origin ``(0, 0)`` when the curve starts above
+    FP_avg 0; beyond the last point the curve is flat (its final sensitivity,
+    all candidates kept). ``threshold_at_<fp>`` is the score threshold of the
+    last operating point with ``fp_avg <= fp`` (``inf``: none).
+
+    Returns:
+        ``{"sens_at_0.125": ..., "threshold_at_0.125": ..., ..., "mean_sensitivity": ...}``.
+    """
+    fps = curve["fp_avg"].to_numpy(float)
+    sens = np.nan_to_num(curve["sensitivity"].to_numpy(float))
+    thr = curve["threshold"].to_numpy(float)
+    order = pd.DataFrame({"fp": fps, "sens": sens}).groupby("fp")["sens"].max()
+    xs, ys = order.index.to_numpy(float), order.to_numpy(float)
+    if xs[0] > 0:
+        xs, ys = np.concatenate([[0.0], xs]), np.concatenate([[0.0], ys])
+    out: dict[str, float] = {}
+    values = []
+    for p in fp_points:
+        value = float(np.interp(p, xs, ys))
+        values.append(value)
+        out[f"sens_at_{p:g}"] = value
+        ok = np.flatnonzero(fps <= p)
+        out[f"threshold_at_{p:g}"] = float(thr[ok[-1]]) if len(ok) else float("inf")
+    out["mean_sensitivity"] = float(np.mean(values)) if values else float("nan")
+    if not curve["sensitivity"].notna().any():
+        out = {k: (float("nan") if k.startswith("sens") or k == "mean_sensitivity" else v)
+               for k, v in out.items()}
+    return out
+
+
+def pr_auc(curve: pd.DataFrame) -> float:
+    """Area under the precision-recall curve (fraction), step-wise (average precision).
+
+    ``AUC-PR = sum_k (R_k - R_{k-1}) * P_k`` over the operating points in
+    decreasing threshold order, with ``R_0 = 0``; recall is the sensitivity
+    over *all* labels, so a detector that never finds some CMBs cannot reach
+    recall 1 and loses that area. NaN without labels.
+    """
+    recall = curve["sensitivity"].to_numpy(float)
+    precision = np.nan_to_num(curve["precision"].to_numpy(float))
+    if not np.isfinite(recall).any():
+        return float("nan")
+    recall = np.nan_to_num(recall)
+    gain = np.diff(np.concatenate([[0.0], recall]))
+    return float(np.sum(gain * precision))
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray,
+                   classes: Mapping[str, int] | None = None) -> dict[str, float]:
+    """Dice per BOMBS class of two label maps on the same voxel grid.
+
+    Args:
+        pred, truth: integer arrays ``(X, Y, Z)``, codes 0 none, 1 lobar, 2 deep, 3 infratentorial.
+        classes: name -> code (default :data:`BOMBS_CODES`).
+
+    Returns:
+        ``{name: dice}`` plus ``"total"`` = mean of lobar, deep and
+        infratentorial (the paper's Table 2 "Total"); NaN when a class is in neither map.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"label maps differ in shape: predicted {pred.shape}, truth {truth.shape}")
+    classes = dict(classes or BOMBS_CODES)
+    out = {}
+    for name, code in classes.items():
+        p, t = pred == code, truth == code
+        denom = int(p.sum() + t.sum())
+        out[name] = 2.0 * float((p & t).sum()) / denom if denom else float("nan")
+    parts = [out[r] for r in REGIONS if r in out and np.isfinite(out[r])]
+    out["total"] = float(np.mean(parts)) if parts else float("nan")
+    return out
+
+
+def localization_accuracy(subjects: Sequence[SubjectData], hit_radius_mm: float) -> pd.DataFrame:
+    """LA per BOMBS class and in total, over matched (detected) labelled CMBs.
+
+    The detections given should be the operating-point detections *before*
+    pruning, with their predicted region (``det_regions``): a true CMB whose
+    detection was pruned has region ``none`` and counts as wrongly localised.
+
+    Returns:
+        Rows ``lobar, deep, infratentorial, total`` with ``n_labels`` (labelled
+        CMBs), ``n_detected`` (matched), ``n_correct`` and ``la`` = n_correct / n_detected.
+    """
+    counts = {r: [0, 0, 0] for r in REGIONS}
+    for s in subjects:
+        m = match_detections(s.detections, s.labels, hit_radius_mm)
+        for r in s.label_regions:
+            if r in counts:
+                counts[r][0] += 1
+        for d, lab in m.pairs:
+            true = s.label_regions[lab]
+            if true in counts:
+                counts[true][1] += 1
+                counts[true][2] += int(s.det_regions[d] == true)
+    rows = [{"region": r, "n_labels": c[0], "n_detected": c[1], "n_correct": c[2]} for r, c in counts.items()]
+    rows.append({"region": "total", **{k: sum(row[k] for row in rows)
+                                        for k in ("n_labels", "n_detected", "n_correct")}})
+    df = pd.DataFrame(rows)
+    df["la"] = [c / d if d else float("nan") for c, d in zip(df["n_correct"], df["n_detected"])]
+    return df
+
+
+def eliminated_fp(subjects: Sequence[SubjectData], hit_radius_mm: float) -> dict[str, float]:
+    """False and true positives removed by anatomical pruning.
+
+    ``subjects`` hold the operating-point detections before pruning with their
+    ``pruned`` flags. Each side is matched on its own.
+
+    Returns:
+        ``efp`` = FP before - FP after (count), ``etp`` = TP before - TP after
+        (true CMBs lost), ``efp_avg`` = efp / subjects, ``n_subjects``.
+    """
+    before = detection_table(subjects, hit_radius_mm).set_index("group").loc["all"]
+    after = detection_table([s.select(~s.pruned) for s in subjects], hit_radius_mm).set_index("group").loc["all"]
+    n = len(subjects)
+    efp = int(before["fp"] - after["fp"])
+    return {"efp": efp, "etp": int(before["tp"] - after["tp"]),
+            "efp_avg": efp / n if n else float("nan"), "n_subjects": n}
+
+
+def region_counts(regions: Iterable[str]) -> dict[str, int]:
+    """Number of CMBs per BOMBS region (lobar, deep, infratentorial) and ``total``."""
+    regions = list(regions)
+    out = {r: sum(1 for x in regions if x == r) for r in REGIONS}
+    out["total"] = sum(out.values())
+    return out
+
+
+def count_agreement(predicted: pd.DataFrame, true: pd.DataFrame) -> pd.DataFrame:
+    """Per-region agreement of per-subject CMB counts (predicted vs labelled).
+
+    Args:
+        predicted, true: one row per subject (same index), columns ``lobar, deep,
+            infratentorial, total`` (counts).
+
+    Returns:
+        Rows per region with ``n_subjects, pearson_r, spearman_rho, mean_abs_error``
+        (counts); correlations are NaN when either side is constant or n < 2.
+    """
+    rows = []
+    for region in (*REGIONS, "total"):
+        p = predicted[region].to_numpy(float)
+        t = true.loc[predicted.index, region].to_numpy(float)
+        defined = len(p) >= 2 and np.ptp(p) > 0 and np.ptp(t) > 0
+        rows.append({"region": region, "n_subjects": len(p),
+                     "pearson_r": float(stats.pearsonr(p, t)[0]) if defined else float("nan"),
+                     "spearman_rho": float(stats.spearmanr(p, t)[0]) if defined else float("nan"),
+                     "mean_abs_error": float(np.mean(np.abs(p - t))) if len(p) else float("nan")})
+    return pd.DataFrame(rows)

@@ -1,0 +1,398 @@
+"""Pre-processing: skull stripping, resampling, phase handling, normalisation, z-interpolation.
+
+Frames: every array is in the voxel order of its affine (voxel ijk -> RAS mm);
+"the SWI grid" is the voxel grid of the subject's SWI magnitude. Voxel centres
+sit at integer ijk (NIfTI convention); a voxel covers ``[k - 0.5, k + 0.5]``.
+
+Skull stripping backends (``preprocess.skull_strip``):
+
+- ``fsl``: FSL ``bet <in> <out> -m -n -f <frac> -R`` (subprocess, argument list);
+- ``deepbet``: the deepbet CNN with its bundled weights, on the CPU unless a GPU
+  is present; nothing is downloaded;
+- ``mask``: a given mask file;
+- ``auto``: ``fsl`` when ``FSLDIR`` is set and ``bet`` is on ``PATH``, else ``deepbet``.
+
+The structural image that is stripped is the T1w when the subject has one (both
+backends were designed for T1 contrast), else the SWI magnitude; the mask is
+then resampled to the SWI grid (nearest neighbour through the affines).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .io import InputError, load_volume, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras
+
+__all__ = [
+    "BACKENDS", "resolve_backend", "resample_to_grid", "deepbet_mask", "bet_mask", "skull_strip",
+    "check_same_grid", "detect_phase_units", "phase_to_radians", "homodyne_highpass",
+    "robust_minmax", "preprocess_swi_phase", "preprocess_t1",
+    "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
+    "interpolate_z", "detector_input",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "deepbet", "fsl", "mask")
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+# --------------------------------------------------------------------------- grids
+def _grid_transform(src_affine: np.ndarray, dst_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Linear map destination voxel ijk -> source voxel ijk, as ``(matrix (3, 3), offset (3,))``.
+
+    Built by sending the destination origin and unit voxel steps through RAS mm
+    (``voxel_to_ras`` then ``ras_to_voxel``): the composition is affine.
+    """
+    basis = np.vstack([np.zeros(3), np.eye(3)])
+    src = ras_to_voxel(voxel_to_ras(basis, dst_affine), src_affine)
+    offset = src[0]
+    matrix = (src[1:] - offset).T
+    return matrix, offset
+
+
+def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, int, int],
+                     dst_affine: np.ndarray, order: int = 0, cval: float = 0.0) -> np.ndarray:
+    """Resample ``data`` (source grid) onto a destination grid through the affines.
+
+    Every destination voxel centre is sent to RAS mm and back into the source
+    voxel grid; ``order=0`` is nearest neighbour (labels, masks), ``order=1``
+    trilinear. Points outside the source get ``cval``. Any orientation (LAS,
+    LIA, oblique) and any voxel size on either side.
+
+    Args:
+        data: ``(X, Y, Z)`` source array.
+        src_affine, dst_affine: ``(4, 4)`` voxel ijk -> RAS mm.
+        dst_shape: destination ``(X', Y', Z')``.
+    Returns:
+        ``(X', Y', Z')`` array of ``data``'s dtype.
+    """
+    matrix, offset = _grid_transform(src_affine, dst_affine)
+    src = np.asarray(data)
+    if order == 0 and np.allclose(matrix, np.eye(3), atol=1e-6) and np.allclose(offset, 0, atol=1e-4) \
+            and tuple(src.shape) == tuple(dst_shape):
+        return src.copy()
+    return ndimage.affine_transform(src, matrix, offset=offset, output_shape=tuple(dst_shape),
+                                    order=order, mode="constant", cval=cval, prefilter=False)
+
+
+def check_same_grid(shape_a, affine_a, shape_b, affine_b, *, subject: str | None, path_b,
+                    what: str = "SWI", atol_mm: float = 1e-3) -> None:
+    """Raise :class:`InputError` (naming ``path_b``) when two images are not on the same voxel grid."""
+    if tuple(shape_a) != tuple(shape_b):
+        raise InputError(f"shape {tuple(shape_b)} differs from the {what} shape {tuple(shape_a)}",
+                         subject=subject, path=path_b)
+    if not np.allclose(affine_a, affine_b, atol=atol_mm):
+        raise InputError(f"affine differs from the {what} affine (not on the same voxel grid):\n"
+                         f"{np.round(affine_b, 4)}\nvs\n{np.round(affine_a, 4)}", subject=subject, path=path_b)
+
+
+# --------------------------------------------------------------------------- skull stripping
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``fsl`` when ``FSLDIR`` is set and ``bet`` is on PATH, else ``deepbet``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"skull_strip backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "fsl" if os.environ.get("FSLDIR") and shutil.which("bet") else "deepbet"
+
+
+def _largest_filled(mask: np.ndarray) -> np.ndarray:
+    """Largest 26-connected component of a boolean mask, holes filled."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n == 0:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+
+
+def deepbet_mask(img: nib.spatialimages.SpatialImage, threads: int = 1, threshold: float = 0.5) -> np.ndarray:
+    """Brain mask of ``img`` by deepbet (bundled weights, CPU unless CUDA is present).
+
+    Returns:
+        bool ``(X, Y, Z)`` in ``img``'s voxel grid.
+    """
+    import torch
+    from deepbet import BrainExtraction
+
+    torch.set_num_threads(max(1, int(threads)))
+    img3 = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]), img.affine)
+    bet = BrainExtraction(no_gpu=not torch.cuda.is_available())
+    _, mask_img, _ = bet.run(img3, threshold=threshold)
+    return np.asarray(mask_img.dataobj).reshape(img.shape[:3]) > 0
+
+
+def bet_mask(path: str | os.PathLike, frac: float = 0.5, subject: str | None = None) -> np.ndarray:
+    """Brain mask by FSL ``bet <in> <tmp>/brain -m -n -f <frac> -R`` (argument list, no shell).
+
+    Returns:
+        bool ``(X, Y, Z)`` in the voxel grid of ``path``.
+    Raises:
+        InputError: ``bet`` missing or failing (its stderr is in the message).
+    """
+    exe = shutil.which("bet")
+    if exe is None:
+        raise InputError("skull_strip backend fsl: `bet` is not on PATH (is FSLDIR/bin on PATH?)",
+                         subject=subject, path=path)
+    with tempfile.TemporaryDirectory(prefix="bet_") as tmp:
+        out = Path(tmp) / "brain"
+        cmd = [exe, str(path), str(out), "-m", "-n", "-f", f"{frac:g}", "-R"]
+        env = dict(os.environ, FSLOUTPUTTYPE="NIFTI_GZ")
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise InputError(f"bet failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}",
+                             subject=subject, path=path)
+        mask, _ = load_volume(Path(tmp) / "brain_mask.nii.gz", subject, allow_zero=False)
+    return mask > 0
+
+
+def skull_strip(swi_path, out_mask, *, t1_path=None, backend: str = "auto", mask_path=None,
+                subject: str | None = None, threads: int = 1, frac: float = 0.5) -> Path:
+    """Write the brain mask of a subject in the SWI grid (uint8, 1 = brain).
+
+    The T1w is stripped when given (else the SWI magnitude); the mask is moved to
+    the SWI grid by nearest neighbour through the affines, then reduced to its
+    largest connected component with holes filled.
+
+    Args:
+        swi_path: SWI magnitude (defines the output grid).
+        out_mask: destination ``..._desc-brain_mask.nii.gz``.
+        t1_path: optional T1w registered to the SWI (any grid).
+        backend: one of :data:`BACKENDS`.
+        mask_path: the given mask (backend ``mask``), any grid.
+    """
+    swi, swi_aff = load_volume(swi_path, subject)
+    backend = resolve_backend(backend)
+    src_path = t1_path if t1_path else swi_path
+    if backend == "mask":
+        if not mask_path:
+            raise InputError("skull_strip backend mask needs a mask file (preprocess.mask_path)",
+                             subject=subject, path=swi_path)
+        data, src_aff = load_volume(mask_path, subject)
+        mask = data > 0
+    else:
+        src, src_aff = load_volume(src_path, subject)
+        if backend == "fsl":
+            mask = bet_mask(src_path, frac, subject)
+        else:
+            mask = deepbet_mask(nib.Nifti1Image(src, src_aff), threads)
+    log.info("subject %s: %s mask from %s (%d voxels)", subject, backend,
+             mask_path if backend == "mask" else src_path, int(mask.sum()))
+    on_swi = resample_to_grid(mask.astype(np.uint8), src_aff, swi.shape, swi_aff, order=0) > 0
+    if not on_swi.any():
+        raise InputError(f"the {backend} brain mask is empty on the SWI grid (does the image overlap the SWI?)",
+                         subject=subject, path=mask_path if backend == "mask" else src_path)
+    return save_image(_largest_filled(on_swi), swi_aff, out_mask, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- phase
+def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str | None = None,
+                       path=None) -> str:
+    """Units of a phase image: ``radians`` or ``scanner`` (integer levels).
+
+    ``auto``: integer-valued data whose range exceeds ``[-pi, pi]`` by more than
+    a rounding margin are scanner units (e.g. ``-4096..4095`` or ``0..4095``);
+    anything else is radians. ``radians``/``scanner`` are returned as given.
+    """
+    if units not in ("auto", "radians", "scanner"):
+        raise ValueError(f"phase_units must be auto|radians|scanner, got {units!r}")
+    if units != "auto":
+        return units
+    finite = phase[np.isfinite(phase)]
+    lo, hi = float(finite.min()), float(finite.max())
+    integer = bool(np.all(np.abs(finite - np.round(finite)) < 1e-3))
+    if integer and (hi - lo) > 2 * math.pi + 0.5:
+        return "scanner"
+    if (hi - lo) > 2 * math.pi + 0.5:
+        log.warning("subject %s: %s: phase range [%g, %g] exceeds 2*pi and is not integer: "
+                    "taken as (unwrapped) radians", subject, path, lo, hi)
+    return "radians"
+
+
+def _levels(extent: float) -> int:
+    """Smallest power of two ``>= extent`` and at least 4096 (12-bit scanners)."""
+    return max(4096, 1 << int(math.ceil(math.log2(max(extent, 1.0)))))
+
+
+def phase_to_radians(phase: np.ndarray, units: str) -> np.ndarray:
+    """Convert phase to radians (float32).
+
+    Scanner units: signed data ``-L..L-1`` map by ``x * pi / L``; unsigned data
+    ``0..N-1`` map by ``x * 2 pi / N - pi``; ``L`` and ``N`` are the smallest
+    powers of two that hold the data, at least 4096 (the usual 12-bit
+    ``-4096..4095`` and ``0..4095``). Other conventions (e.g. milliradians)
+    are not scanner units: convert them to radians before the workflow.
+    """
+    phase = np.asarray(phase, dtype=np.float64)
+    if units == "radians":
+        return phase.astype(np.float32)
+    if units != "scanner":
+        raise ValueError(f"units must be radians|scanner, got {units!r}")
+    if phase.min() < 0:
+        half = _levels(max(-phase.min(), phase.max() + 1))
+        return (phase * math.pi / half).astype(np.float32)
+    full = _levels(phase.max() + 1)
+    return (phase * 2 * math.pi / full - math.pi).astype(np.float32)
+
+
+def homodyne_highpass(phase_rad: np.ndarray, affine: np.ndarray, fwhm_mm: float,
+                      mask: np.ndarray | None = None) -> np.ndarray:
+    """Homodyne high-pass filter of a (wrapped) phase image, in radians.
+
+    ``z = m * exp(i*phase)``; ``low = G * z`` (Gaussian low-pass of the complex
+    signal, FWHM ``fwhm_mm`` in mm, per-axis sigma in voxels = FWHM / 2.355 /
+    voxel size); result ``angle(z * conj(low))``. The smooth background field
+    and phase wraps cancel; sources smaller than the kernel remain. ``m`` is the
+    brain mask (1 inside, 0 outside) so air and skull do not enter the low-pass.
+
+    Args:
+        phase_rad: ``(X, Y, Z)`` phase in radians.
+        affine: ``(4, 4)`` voxel ijk -> RAS mm (for the voxel sizes).
+        mask: optional bool ``(X, Y, Z)``.
+    Returns:
+        ``(X, Y, Z)`` float32 filtered phase in ``(-pi, pi]``, 0 outside the mask.
+    """
+    weight = np.ones(phase_rad.shape, np.float32) if mask is None else mask.astype(np.float32)
+    sigma = fwhm_mm * _FWHM_TO_SIGMA / voxel_sizes(affine)
+    re = weight * np.cos(phase_rad)
+    im = weight * np.sin(phase_rad)
+    low_re = ndimage.gaussian_filter(re, sigma, mode="constant")
+    low_im = ndimage.gaussian_filter(im, sigma, mode="constant")
+    out = np.arctan2(im * low_re - re * low_im, re * low_re + im * low_im)
+    return (out * weight).astype(np.float32)
+
+
+def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *,
+                  subject: str | None = None, path=None) -> np.ndarray:
+    """Min-max normalise inside ``mask`` with robust percentiles, clipped to [0, 1], 0 outside.
+
+    Returns:
+        float32 ``(X, Y, Z)``.
+    Raises:
+        InputError: empty mask, or the image is constant inside the mask.
+    """
+    inside = data[mask]
+    if inside.size == 0:
+        raise InputError("brain mask is empty", subject=subject, path=path)
+    lo, hi = np.percentile(inside, percentiles)
+    if not hi > lo:
+        raise InputError(f"image is constant inside the brain mask (percentiles {percentiles} "
+                         f"both {lo:g}): cannot normalise", subject=subject, path=path)
+    out = np.clip((data - lo) / (hi - lo), 0.0, 1.0)
+    out[~mask] = 0.0
+    return out.astype(np.float32)
+
+
+def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *, subject=None,
+                         phase_mode: str = "raw", phase_units: str = "auto", phase_sign: int = 1,
+                         highpass_fwhm_mm: float = 8.0, percentiles=(0.5, 99.5)) -> tuple[Path, Path]:
+    """Normalised SWI and phase in the SWI grid (float32, [0, 1] in the mask, 0 outside).
+
+    Phase: units -> radians; ``raw`` phase is homodyne high-pass filtered;
+    multiplied by ``phase_sign`` so that paramagnetic sources (CMBs) are
+    negative; then normalised like the SWI (CMBs dark in both channels).
+    """
+    swi, aff = load_volume(swi_path, subject)
+    phase, p_aff = load_volume(phase_path, subject)
+    check_same_grid(swi.shape, aff, phase.shape, p_aff, subject=subject, path_b=phase_path)
+    mask_data, m_aff = load_volume(mask_path, subject)
+    check_same_grid(swi.shape, aff, mask_data.shape, m_aff, subject=subject, path_b=mask_path)
+    mask = mask_data > 0
+    units = detect_phase_units(phase, phase_units, subject=subject, path=phase_path)
+    rad = phase_to_radians(phase, units)
+    if phase_mode == "raw":
+        rad = homodyne_highpass(rad, aff, highpass_fwhm_mm, mask)
+    elif phase_mode != "filtered":
+        raise ValueError(f"phase must be raw|filtered, got {phase_mode!r}")
+    rad = rad * float(phase_sign)
+    log.info("subject %s: phase units %s, mode %s, sign %+d", subject, units, phase_mode, phase_sign)
+    save_image(robust_minmax(swi, mask, percentiles, subject=subject, path=swi_path), aff, out_swi,
+               dtype=np.float32)
+    save_image(robust_minmax(rad, mask, percentiles, subject=subject, path=phase_path), aff, out_phase,
+               dtype=np.float32)
+    return Path(out_swi), Path(out_phase)
+
+
+def preprocess_t1(t1_path, swi_path, mask_path, out_t1, *, subject=None, percentiles=(0.5, 99.5)) -> Path:
+    """T1w resampled to the SWI grid (trilinear through the affines), masked and normalised."""
+    t1, t1_aff = load_volume(t1_path, subject)
+    swi, aff = load_volume(swi_path, subject)
+    mask_data, m_aff = load_volume(mask_path, subject)
+    check_same_grid(swi.shape, aff, mask_data.shape, m_aff, subject=subject, path_b=mask_path)
+    on_swi = resample_to_grid(t1, t1_aff, swi.shape, aff, order=1)
+    out = robust_minmax(on_swi, mask_data > 0, percentiles, subject=subject, path=t1_path)
+    return save_image(out, aff, out_t1, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- z-interpolation
+def interpolation_affine(affine: np.ndarray, n_in: int, n_out: int) -> np.ndarray:
+    """Affine of a grid resampled from ``n_in`` to ``n_out`` slices along the third voxel axis.
+
+    Voxel-centre convention: the slab ``[-0.5, n_in - 0.5]`` (input voxel units)
+    is kept; new slice ``k'`` has its centre at input ``k = (k' + 0.5) * s - 0.5``
+    with ``s = n_in / n_out``. Hence ``A' = A @ T``, ``T`` scaling axis 2 by
+    ``s`` and shifting it by ``0.5 * s - 0.5``; every RAS point keeps its place.
+
+    Example:
+        >>> a = interpolation_affine(np.diag([1., 1., 2., 1.]), 10, 20)
+        >>> a[2, 2], a[2, 3]
+        (1.0, -0.5)
+    """
+    s = n_in / n_out
+    t = np.eye(4)
+    t[2, 2] = s
+    t[2, 3] = 0.5 * s - 0.5
+    return np.asarray(affine, dtype=float) @ t
+
+
+def interpolated_to_original(ijk: np.ndarray, n_in: int, n_out: int) -> np.ndarray:
+    """Voxel ijk ``(N, 3)`` of the interpolated grid -> voxel ijk of the original grid."""
+    out = np.array(np.atleast_2d(ijk), dtype=float, copy=True)
+    s = n_in / n_out
+    out[:, 2] = (out[:, 2] + 0.5) * s - 0.5
+    return out
+
+
+def original_to_interpolated(ijk: np.ndarray, n_in: int, n_out: int) -> np.ndarray:
+    """Voxel ijk ``(N, 3)`` of the original grid -> voxel ijk of the interpolated grid."""
+    out = np.array(np.atleast_2d(ijk), dtype=float, copy=True)
+    s = n_in / n_out
+    out[:, 2] = (out[:, 2] + 0.5) / s - 0.5
+    return out
+
+
+def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation of ``(X, Y, Z)`` to ``(X, Y, n_out)`` along the third voxel axis.
+
+    Sampling follows :func:`interpolation_affine` (``scipy.ndimage.zoom`` with
+    ``grid_mode=True``; edge slices repeat beyond the slab).
+
+    Returns:
+        ``(data (X, Y, n_out) float32, affine (4, 4))``.
+    """
+    n_in = data.shape[2]
+    out = ndimage.zoom(np.asarray(data, dtype=np.float32), (1.0, 1.0, n_out / n_in), order=1,
+                       grid_mode=True, mode="nearest")
+    if out.shape[2] != n_out:
+        raise RuntimeError(f"zoom returned {out.shape[2]} slices, expected {n_out}")
+    return out, interpolation_affine(affine, n_in, n_out)
+
+
+def detector_input(swi_path, phase_path, out_path, z_slices: int, subject: str | None = None) -> Path:
+    """Write the 4D detector input ``(X, Y, z_slices, 2)`` [swi, phase], float32, affine updated."""
+    swi, aff = load_volume(swi_path, subject)
+    phase, p_aff = load_volume(phase_path, subject, allow_zero=True)
+    check_same_grid(swi.shape, aff, phase.shape, p_aff, subject=subject, path_b=phase_path)
+    swi_i, new_aff = interpolate_z(swi, aff, z_slices)
+    phase_i, _ = interpolate_z(phase, aff, z_slices)
+    return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)

@@ -1,0 +1,370 @@
+"""Anatomical segmentation (BOMBS classes): crop sampling, training, loading, sliding-window inference.
+
+Frames: every array here is in the voxel ijk order of the pre-processed SWI grid,
+``(X, Y, Z)``; the network sees ``(B, C, X, Y, Z)``. Labels are BOMBS codes
+0 none, 1 lobar, 2 deep, 3 infratentorial.
+
+Training (:func:`train_segmenter`) draws random crops (config ``segmenter.crop``,
+64x64x16 voxels by default) whose centres are class-balanced: each crop first
+draws one of the classes present in the subject, uniformly, then a voxel of
+that class, so the small deep and infratentorial regions are seen as often as
+lobar tissue. ``none`` centres are drawn inside the bounding box of the labelled
+brain (the empty background outside the head teaches nothing). The loss is
+MONAI's Dice loss (softmax, one-hot targets, computed over the whole batch),
+optionally plus cross-entropy. Crops of one epoch come from a generator seeded
+with ``(seed, epoch)``, so a run resumed from the checkpoint of epoch ``e`` draws
+exactly the crops an uninterrupted run would draw.
+
+Inference (:func:`segment_volume`) runs MONAI's sliding window with Gaussian
+blending over the whole volume; the coordinate channels are built once for the
+whole volume and each window takes its slice of them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss, DiceLoss
+from tqdm import tqdm
+
+from .io import InputError, load_volume
+from .metrics import dice_per_class
+from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
+from .runtime import (CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything,
+                      select_device, write_card)
+
+__all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
+           "sample_crops", "make_loss", "split_subjects",
+           "train_segmenter", "load_segmenter", "segment_volume"]
+
+log = logging.getLogger(__name__)
+N_CLASSES = len(BOMBS_CLASSES)
+CHANNELS_LAST = torch.channels_last_3d
+LOG_FIELDS = ["epoch", "loss", "seconds"] + [f"val_dice_{c}" for c in (*BOMBS_CLASSES, "total")]
+
+
+@dataclass
+class SegSubject:
+    """One training subject in the SWI grid.
+
+    Attributes:
+        subject: id.
+        image: ``(X, Y, Z)`` float32 structural image (pre-processed, [0, 1]).
+        labels: ``(X, Y, Z)`` uint8 BOMBS codes.
+        centres: per class (0..3), flat voxel indices allowed as crop centres.
+    """
+
+    subject: str
+    image: np.ndarray
+    labels: np.ndarray
+    centres: list[np.ndarray]
+
+
+def class_centres(labels: np.ndarray) -> list[np.ndarray]:
+    """Flat indices of the voxels of each class; ``none`` only inside the labelled brain's bounding box.
+
+    Args:
+        labels: ``(X, Y, Z)`` BOMBS codes.
+    Returns:
+        list of 4 int64 arrays (possibly empty) of indices into ``labels.ravel()``.
+    """
+    allowed = np.ones(labels.shape, bool)
+    brain = np.nonzero(labels > 0)
+    if brain[0].size:
+        allowed[:] = False
+        allowed[tuple(slice(a.min(), a.max() + 1) for a in brain)] = True
+    flat, ok = labels.ravel(), allowed.ravel()
+    return [np.flatnonzero((flat == c) & ok) if c == 0 else np.flatnonzero(flat == c) for c in range(N_CLASSES)]
+
+
+def load_training_subject(subject: str, image_path: str | Path, bombs_path: str | Path) -> SegSubject:
+    """Read the structural image and its BOMBS map (same grid), validated.
+
+    Raises:
+        InputError: unreadable files, grids that differ (shape or affine), label values outside 0..3.
+    """
+    image, aff = load_volume(image_path, subject)
+    labels, laff = load_volume(bombs_path, subject, dtype=np.int16, allow_zero=True)
+    if labels.shape != image.shape or not np.allclose(aff, laff, atol=1e-3):
+        raise InputError(f"BOMBS map grid {labels.shape} differs from the image grid {image.shape} "
+                         f"({image_path}); both must be in the SWI grid", subject=subject, path=bombs_path)
+    bad = (labels < 0) | (labels >= N_CLASSES)
+    if bad.any():
+        raise InputError(f"label values must be BOMBS codes 0..3, found {sorted(np.unique(labels[bad]))[:5]}",
+                         subject=subject, path=bombs_path)
+    labels = labels.astype(np.uint8)
+    return SegSubject(subject, image.astype(np.float32), labels, class_centres(labels))
+
+
+def crop_start(centre: Sequence[int], crop: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """First voxel (ijk) of a ``crop``-sized box centred on ``centre`` and shifted to lie inside ``shape``."""
+    return tuple(int(min(max(c - k // 2, 0), s - k)) for c, k, s in zip(centre, crop, shape))
+
+
+def crop_coordinates(start: Sequence[int], crop: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Coordinate channels ``(3, *crop)`` of the crop at ``start`` of a whole volume of ``shape``.
+
+    Equal to ``coordinate_channels(shape)[:, x0:x1, y0:y1, z0:z1]`` without building the whole array.
+    """
+    axes = [(np.arange(a, a + k, dtype=np.float32) / max(s - 1, 1)) for a, k, s in zip(start, crop, shape)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=0)
+
+
+def _augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random gamma (exp(U(-0.3, 0.3))) and gain (U(0.9, 1.1)) on a [0, 1] image crop."""
+    gamma = float(np.exp(rng.uniform(-0.3, 0.3)))
+    return (np.clip(image, 0, None) ** gamma * rng.uniform(0.9, 1.1)).astype(np.float32)
+
+
+def sample_crops(subjects: Sequence[SegSubject], n: int, crop: Sequence[int], rng: np.random.Generator,
+                 augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``n`` class-balanced crops.
+
+    Args:
+        subjects: training subjects; each volume at least ``crop`` along every axis.
+        crop: ``(cx, cy, cz)`` voxels.
+        rng: source of every random choice (subject, class, centre voxel, augmentation).
+    Returns:
+        ``x (n, 4, cx, cy, cz)`` float32 [image, coord_x, coord_y, coord_z] and
+        ``y (n, 1, cx, cy, cz)`` int64 BOMBS codes.
+    """
+    xs, ys = [], []
+    for _ in range(n):
+        sub = subjects[int(rng.integers(len(subjects)))]
+        present = [c for c in range(N_CLASSES) if sub.centres[c].size]
+        cls = present[int(rng.integers(len(present)))]
+        centre = np.unravel_index(int(rng.choice(sub.centres[cls])), sub.labels.shape)
+        start = crop_start(centre, crop, sub.labels.shape)
+        box = tuple(slice(a, a + k) for a, k in zip(start, crop))
+        image = _augment(sub.image[box], rng) if augment else sub.image[box]
+        xs.append(np.concatenate([image[None], crop_coordinates(start, crop, sub.labels.shape)]))
+        ys.append(sub.labels[box][None].astype(np.int64))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def make_loss(kind: str = "dice") -> torch.nn.Module:
+    """``dice``: MONAI DiceLoss (softmax, one-hot target, all 4 classes, pooled over the batch);
+    ``dice_ce``: the same plus cross-entropy. Call as ``loss(logits (B, 4, ...), target (B, 1, ...))``."""
+    common = dict(include_background=True, to_onehot_y=True, softmax=True, batch=True)
+    if kind == "dice":
+        return DiceLoss(**common)
+    if kind == "dice_ce":
+        return DiceCELoss(**common)
+    raise ValueError(f"segmenter loss must be dice|dice_ce, got {kind!r}")
+
+
+def split_subjects(ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split into (train, validation); validation gets round(fraction * n) subjects,
+    at least 1 when ``fraction > 0`` and ``n >= 2``, and never all of them."""
+    ids = list(ids)
+    n_val = int(round(fraction * len(ids)))
+    if fraction > 0 and len(ids) >= 2:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    else:
+        n_val = 0
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val = sorted(ids[i] for i in order[:n_val])
+    return [s for s in ids if s not in val], val
+
+
+# --------------------------------------------------------------------------- training
+NOT_TRAINING_KEYS = ("model", "epochs", "window", "overlap", "sw_batch_size")
+
+
+def _net_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {"widths": [int(w) for w in cfg["widths"]], "in_channels": 4, "n_classes": N_CLASSES,
+            "input": cfg.get("input", "swi"), "classes": list(BOMBS_CLASSES)}
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    kind = cfg.get("optimizer", "adam")
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]), momentum=float(cfg.get("momentum", 0.9)))
+    raise ValueError(f"segmenter optimizer must be adam|sgd, got {kind!r}")
+
+
+def _train_epoch(model, opt, loss_fn, subjects, crop, cfg, epoch: int, device) -> float:
+    """One epoch of ``crops_per_epoch`` crops from a generator seeded with ``(seed, epoch)``; mean loss."""
+    rng = np.random.default_rng([int(cfg["seed"]), epoch])
+    model.train()
+    n, bs = int(cfg["crops_per_epoch"]), int(cfg["batch_size"])
+    losses = []
+    for b in tqdm(range(0, n, bs), desc=f"segmenter epoch {epoch}", leave=False):
+        x, y = sample_crops(subjects, min(bs, n - b), crop, rng, bool(cfg.get("augment", True)))
+        loss = loss_fn(model(x.to(device).contiguous(memory_format=CHANNELS_LAST)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
+@torch.inference_mode()
+def _crop_dice(model, crops: tuple[torch.Tensor, torch.Tensor], batch: int, device) -> dict[str, float]:
+    """Dice per class (pooled over crops) of the model on fixed validation crops ``(x (N,4,...), y (N,1,...))``."""
+    model.eval()
+    x_all, y_all = crops
+    preds = [model(x_all[b:b + batch].to(device).contiguous(memory_format=CHANNELS_LAST)).argmax(1).cpu()
+             for b in range(0, len(x_all), batch)]
+    return dice_per_class(torch.cat(preds).numpy(), y_all[:, 0].numpy())
+
+
+def _resume(ckpt_path: Path, cfg: Mapping[str, Any], model, opt, device) -> tuple[int, dict | None, float]:
+    """Load the per-epoch checkpoint if it was written with the same training config.
+
+    Returns ``(last finished epoch, best state dict or None, best score)``; ``(0, None, -inf)`` for a fresh start.
+    """
+    if not ckpt_path.exists():
+        return 0, None, -np.inf
+    ckpt = load_checkpoint(ckpt_path, device)
+    wanted = {k: v for k, v in cfg.items() if k not in NOT_TRAINING_KEYS}
+    if ckpt.get("train_config") != wanted:
+        log.warning("segmenter checkpoint %s was written with another config: training starts over", ckpt_path)
+        return 0, None, -np.inf
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    log.info("resuming segmenter training after epoch %d", ckpt["epoch"])
+    return int(ckpt["epoch"]), ckpt["best_model"], float(ckpt["best_score"])
+
+
+def _prepare(inputs, cfg) -> tuple[list[SegSubject], list[SegSubject], tuple[int, int, int]]:
+    """Load subjects, split them, and fit the crop inside the smallest volume."""
+    if not inputs:
+        raise InputError("segmenter training got no subjects")
+    train_ids, val_ids = split_subjects([s for s, _, _ in inputs], float(cfg["validation_fraction"]),
+                                        int(cfg["seed"]))
+    data = {s: load_training_subject(s, img, lab) for s, img, lab in inputs}
+    shapes = np.array([d.labels.shape for d in data.values()])
+    crop = tuple(int(k) for k in np.minimum(np.asarray(cfg["crop"]), shapes.min(axis=0)))
+    return [data[s] for s in train_ids], [data[s] for s in val_ids], crop
+
+
+def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_dir: str | Path,
+                    cfg: Mapping[str, Any], device: str | torch.device = "auto") -> dict[str, Any]:
+    """Train the BOMBS segmenter; checkpoint every epoch, resume after a kill.
+
+    Args:
+        inputs: ``(subject, image_path, bombs_path)`` per subject; image = pre-processed SWI or
+            T1w, labels = BOMBS map, both in the SWI grid.
+        out_dir: model folder; receives ``checkpoint.pt`` (every epoch: model, optimiser, torch RNG
+            state, epoch, best model so far), ``train_log.csv``, and at the end ``model.pt``
+            (``{"model": state_dict, "config": network config}``, the best epoch by mean validation
+            Dice on fixed validation crops) and ``card.json``.
+        cfg: the ``segmenter`` config section (crop, widths, epochs, crops_per_epoch, batch_size,
+            optimizer, lr, momentum, loss, augment, validation_fraction, seed, window, overlap,
+            sw_batch_size).
+        device: ``auto|cpu|cuda`` or a ``torch.device``.
+    Returns:
+        The model card (also written to ``card.json``), with ``validation_dice`` per class on the
+        whole validation volumes (``None`` without validation subjects).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device if isinstance(device, torch.device) else select_device(device)
+    seed_everything(int(cfg["seed"]))
+    train, val, crop = _prepare(inputs, cfg)
+    model = build_segmenter(_net_config(cfg)).to(device)
+    opt = _make_optimizer(model, cfg)
+    loss_fn = make_loss(cfg.get("loss", "dice"))
+    val_crops = sample_crops(val, max(4, int(cfg["crops_per_epoch"]) // 4), crop,
+                             np.random.default_rng([int(cfg["seed"]), 2**31 - 1])) if val else None
+    ckpt_path = out_dir / "checkpoint.pt"
+    start, best_state, best_score = _resume(ckpt_path, cfg, model, opt, device)
+    csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
+    csv_log.truncate_after("epoch", start)
+    for epoch in tqdm(range(start + 1, int(cfg["epochs"]) + 1), desc="segmenter", initial=start,
+                      total=int(cfg["epochs"])):
+        t0 = time.time()
+        loss = _train_epoch(model, opt, loss_fn, train, crop, cfg, epoch, device)
+        dice = (_crop_dice(model, val_crops, int(cfg["batch_size"]), device)
+                if val_crops else {c: float("nan") for c in (*BOMBS_CLASSES, "total")})
+        score = float(np.nanmean([dice[c] for c in BOMBS_CLASSES])) if val_crops else float(epoch)
+        if score >= best_score or best_state is None:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_score = score
+        csv_log.write(epoch=epoch, loss=round(loss, 5), seconds=round(time.time() - t0, 2),
+                      **{f"val_dice_{c}": round(v, 4) for c, v in dice.items()})
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(), "best_model": best_state, "best_score": best_score,
+            "train_config": {k: v for k, v in cfg.items() if k not in NOT_TRAINING_KEYS}})
+        log.info("segmenter epoch %d: loss %.4f, crop Dice %s", epoch, loss, dice)
+    return _finish(out_dir, cfg, model, best_state, best_score, (train, val), device)
+
+
+def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device) -> dict[str, Any]:
+    """Write model.pt (best state) and card.json with whole-volume validation Dice."""
+    train, val = split
+    model.load_state_dict(best_state)
+    save_checkpoint(out_dir / "model.pt", {"model": best_state, "config": _net_config(cfg)})
+    dice = None
+    if val:
+        preds = [segment_volume(model, sub.image, device, cfg.get("window", (128, 128, 32)),
+                                float(cfg.get("overlap", 0.25)), int(cfg.get("sw_batch_size", 1))).ravel()
+                 for sub in val]
+        dice = dice_per_class(np.concatenate(preds), np.concatenate([sub.labels.ravel() for sub in val]))
+    card = {"kind": "segmenter", "config": _net_config(cfg), "training": dict(cfg),
+            "train_subjects": [s.subject for s in train], "validation_subjects": [s.subject for s in val],
+            "best_crop_score": best_score, "validation_dice": dice,
+            "loss": cfg.get("loss", "dice"), "optimizer": cfg.get("optimizer", "adam")}
+    write_card(out_dir, card)
+    return card
+
+
+def load_segmenter(model_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the segmenter of a model folder (``model.pt`` checked against ``card.json``'s sha256).
+
+    Returns:
+        The network in eval mode, on ``device``, in channels_last_3d layout.
+    """
+    device = device if isinstance(device, torch.device) else select_device(device)
+    ckpt, card = load_model_state(model_dir, device)
+    if card.get("kind") not in (None, "segmenter"):
+        raise InputError(f"model card kind is {card.get('kind')!r}, not a segmenter", path=model_dir)
+    model = build_segmenter(ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+@torch.inference_mode()
+def segment_volume(model: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu",
+                   window: Sequence[int] = (128, 128, 32), overlap: float = 0.25, sw_batch_size: int = 1,
+                   progress: bool = False) -> np.ndarray:
+    """BOMBS map of a whole volume by sliding window with Gaussian blending of softmax probabilities.
+
+    Args:
+        model: a segmenter (:func:`load_segmenter`).
+        image: ``(X, Y, Z)`` float32 pre-processed structural image (SWI grid, voxel ijk order).
+        window: window size in voxels; cut to the volume size along short axes (so no padding
+            is needed); any size works, the network is fully convolutional.
+        overlap: fraction of a window shared with its neighbour along each axis.
+        sw_batch_size: windows per forward pass.
+    Returns:
+        ``(X, Y, Z)`` uint8 BOMBS codes (0 none, 1 lobar, 2 deep, 3 infratentorial).
+
+    Example:
+        >>> lab = segment_volume(load_segmenter("results/models/segmenter_swi"), swi)  # doctest: +SKIP
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"image must be (X, Y, Z), got shape {image.shape}")
+    device = device if isinstance(device, torch.device) else select_device(device)
+    model.eval()
+    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(image.shape)]))[None].to(device)
+    roi = tuple(int(min(w, s)) for w, s in zip(window, image.shape))
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(batch.contiguous(memory_format=CHANNELS_LAST)), dim=1)
+
+    prob = sliding_window_inference(x, roi, int(sw_batch_size), predictor, overlap=float(overlap),
+                                    mode="gaussian", progress=progress)
+    return prob[0].argmax(0).to(torch.uint8).cpu().numpy()

@@ -1,0 +1,296 @@
+"""Detector training: crops, losses, SGD + StepLR, validation by FROC, checkpoints.
+
+One call, :func:`train_detector`, trains one variant (``rpn`` | ``rpn+ffm`` |
+``rpn+ffm+hspl``) and writes ``out_dir/model.pt`` + ``card.json`` (the model of
+the epoch with the best validation score), ``train_log.csv`` (every loss term
+per epoch) and ``checkpoint.pt`` (written after every epoch; a killed run
+resumes from it and ends with the same weights as an uninterrupted one).
+
+Validation: a held-out fraction of the subjects (``detector.validation_fraction``,
+at least one subject when there are two or more, CMB subjects and normal
+subjects drawn in proportion). After every epoch each validation volume goes
+through the same sliding-window detection and NMS as inference
+(:mod:`microbleed.infer`), and the score is the FROC score of
+:mod:`microbleed.metrics`: mean sensitivity at 1/8, 1/4, ..., 8 false positives
+per subject, hit radius ``evaluate.hit_radius_mm``. Ties keep the later epoch.
+Without a validation CMB the last epoch is kept.
+
+Every crop sampler, the initial weights and the split depend only on
+``detector.seed``: the same config gives the same numbers (on the same device
+and thread count).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data import DetectionCrops, Volume, load_volumes
+from .io import voxel_to_ras
+from .losses import ConcentrationLoss, detection_loss
+from .nets.detector import build_detector, preferred_memory_format
+from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
+
+__all__ = ["split_subjects", "validation_score", "train_detector", "load_detector", "LOG_FIELDS"]
+
+log = logging.getLogger(__name__)
+
+LOG_FIELDS = ["epoch", "loss", "cls", "reg", "con", "lr", "val_score", "val_sens_at_1", "seconds"]
+#: Keys of ``detector`` config that do not change what an epoch computes (a run
+#: extended by more epochs resumes from its checkpoint).
+_RESUMABLE = {"epochs", "model"}
+
+
+def split_subjects(volumes: Sequence[Volume], fraction: float, seed: int) -> tuple[list[Volume], list[Volume]]:
+    """Hold out ``round(fraction * n)`` subjects (at least 1 when ``n >= 2`` and ``fraction > 0``).
+
+    CMB subjects and normal subjects are held out in proportion (at least one
+    CMB subject when there are two or more of them); at least one subject, and
+    one CMB subject when possible, stays in training.
+
+    Returns:
+        ``(train, val)`` in input order.
+    """
+    n = len(volumes)
+    if n < 2 or fraction <= 0:
+        return list(volumes), []
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    rng = np.random.default_rng(seed)
+    cmb = [i for i, v in enumerate(volumes) if len(v.centres)]
+    normal = [i for i, v in enumerate(volumes) if not len(v.centres)]
+    n_cmb = min(len(cmb) - 1, max(1, round(n_val * len(cmb) / n))) if len(cmb) >= 2 else 0
+    n_normal = min(len(normal), n_val - n_cmb)
+    val = set(rng.permutation(cmb)[:n_cmb].tolist()) | set(rng.permutation(normal)[:n_normal].tolist())
+    return [v for i, v in enumerate(volumes) if i not in val], [v for i, v in enumerate(volumes) if i in val]
+
+
+def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
+                     window: Sequence[int], box: int, hit_radius_mm: float) -> dict[str, float]:
+    """FROC summary of ``model`` on whole validation volumes (see module docstring).
+
+    Returns:
+        :func:`microbleed.metrics.froc_summary` of the candidates after NMS
+        (``mean_sensitivity``, ``sens_at_<fp>``, ...); NaN without labelled CMBs.
+    """
+    from .infer import default_nms_radius, detect_volume, nms_ras
+    from .metrics import SubjectData, froc_curve, froc_summary
+    subjects = []
+    for vol in volumes:
+        cands = detect_volume(model, vol.image, device, window=window, overlap=0.25, box=box)
+        ras = voxel_to_ras(cands[:, :3], vol.affine) if len(cands) else np.zeros((0, 3))
+        keep = nms_ras(ras, cands[:, 3], default_nms_radius(vol.affine, box))
+        labels = voxel_to_ras(vol.centres, vol.affine) if len(vol.centres) else np.zeros((0, 3))
+        subjects.append(SubjectData(vol.subject, "cmb" if len(labels) else "normal", labels,
+                                    ras[keep], cands[keep, 3]))
+    return froc_summary(froc_curve(subjects, hit_radius_mm))
+
+
+def _network_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    d = cfg["detector"]
+    return {"variant": d["variant"], "widths": list(d["widths"]), "in_channels": 2,
+            "box_voxels": int(d["box_voxels"]), "stride": 4, "crop": list(d["crop"]),
+            "z_slices": int(cfg["preprocess"]["z_slices"])}
+
+
+def _fingerprint(cfg: Mapping[str, Any], subjects: Sequence[str]) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed."""
+    d = {k: v for k, v in cfg["detector"].items() if k not in _RESUMABLE}
+    return {"detector": d, "subjects": list(subjects), "z_slices": cfg["preprocess"]["z_slices"]}
+
+
+def _rng_state() -> dict[str, Any]:
+    """Torch, NumPy and Python RNG states as weights_only-loadable objects."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+            "python": [version, list(internal), gauss_next]}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _state_copy(module: torch.nn.Module | None) -> dict[str, torch.Tensor] | None:
+    """A detached, contiguous (portable) CPU copy of a state dict."""
+    if module is None:
+        return None
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+def _train_epoch(model: torch.nn.Module, hspl: ConcentrationLoss | None, loader: DataLoader,
+                 optimiser: torch.optim.Optimizer, device: torch.device, dcfg: Mapping[str, Any],
+                 epoch: int) -> dict[str, float]:
+    """One pass over the epoch's crops; returns the mean of every loss term."""
+    fmt = preferred_memory_format(device)
+    model.train()
+    sums = {"loss": 0.0, "cls": 0.0, "reg": 0.0, "con": 0.0}
+    n = 0
+    for batch in tqdm(loader, desc=f"epoch {epoch}", unit="batch", mininterval=5.0):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x = batch["image"].contiguous(memory_format=fmt)
+        terms = detection_loss(model(x), batch, dcfg["loss_weights"], dcfg["focal"], hspl)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(f"epoch {epoch}: loss is {float(terms['loss'])} "
+                                     f"(cls {float(terms['cls'])}, reg {float(terms['reg'])}); lower detector.lr")
+        optimiser.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimiser.step()
+        for k in sums:
+            sums[k] += float(terms[k]) * len(x)
+        n += len(x)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+class _Run:
+    """Model, prototypes, optimiser and scheduler of one training run (built from config)."""
+
+    def __init__(self, cfg: Mapping[str, Any], device: torch.device):
+        d = cfg["detector"]
+        seed_everything(int(d["seed"]))
+        self.net_cfg = _network_config(cfg)
+        self.model = build_detector(self.net_cfg).to(device, memory_format=preferred_memory_format(device))
+        self.hspl = (ConcentrationLoss(self.model.feature_channels).to(device)
+                     if d["variant"].endswith("hspl") else None)
+        params = list(self.model.parameters()) + (list(self.hspl.parameters()) if self.hspl else [])
+        self.optimiser = torch.optim.SGD(params, lr=float(d["lr"]), momentum=float(d["momentum"]))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimiser, step_size=int(d["step_size"]),
+                                                         gamma=float(d["gamma"]))
+        self.epoch, self.best_score, self.best_epoch = 0, -math.inf, 0
+        self.best_model, self.best_hspl, self.best_metrics = None, None, {}
+
+    def state(self, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+        return {"fingerprint": dict(fingerprint), "epoch": self.epoch, "model": _state_copy(self.model),
+                "hspl": _state_copy(self.hspl), "optimiser": self.optimiser.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
+                "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_model": self.best_model, "best_hspl": self.best_hspl, "best_metrics": self.best_metrics}
+
+    def restore(self, ck: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(ck["model"])
+        if self.hspl is not None:
+            self.hspl.load_state_dict(ck["hspl"])
+        self.optimiser.load_state_dict(ck["optimiser"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        self.epoch, self.best_score, self.best_epoch = ck["epoch"], ck["best_score"], ck["best_epoch"]
+        self.best_model, self.best_hspl, self.best_metrics = ck["best_model"], ck["best_hspl"], ck["best_metrics"]
+
+    def consider(self, metrics: Mapping[str, float]) -> None:
+        """Keep this epoch's weights if its score is at least the best so far (NaN: always)."""
+        score = metrics.get("mean_sensitivity", math.nan)
+        if math.isnan(score) or score >= self.best_score:
+            self.best_score = -math.inf if math.isnan(score) else score
+            self.best_epoch, self.best_metrics = self.epoch, dict(metrics)
+            self.best_model, self.best_hspl = _state_copy(self.model), _state_copy(self.hspl)
+
+
+def _resume(run: _Run, path: Path, fingerprint: Mapping[str, Any]) -> None:
+    """Load ``checkpoint.pt`` into ``run`` when it was written by the same setup."""
+    if not path.exists():
+        return
+    ck = load_checkpoint(path)
+    if ck.get("fingerprint") != dict(fingerprint):
+        log.warning("%s was written with another config or subject list: training from scratch", path)
+        return
+    run.restore(ck)
+    log.info("resumed from %s after epoch %d", path, run.epoch)
+
+
+def _write_model(run: _Run, out_dir: Path, cfg: Mapping[str, Any], split: Mapping[str, Any],
+                 device: torch.device) -> dict[str, Any]:
+    """model.pt (best epoch) + card.json; returns the card."""
+    d = cfg["detector"]
+    state = {"model": run.best_model, "config": run.net_cfg,
+             "prototypes": None if run.best_hspl is None else
+             torch.stack([run.best_hspl["m_cmb"], run.best_hspl["m_mimic"]])}
+    save_checkpoint(out_dir / "model.pt", state)
+    card = {"name": out_dir.name, "task": "cmb-detection", "config": run.net_cfg, "training": dict(d),
+            "data": split, "seed": int(d["seed"]), "device": str(device),
+            "selection": {"rule": "max FROC mean sensitivity (1/8..8 FP/subject) on validation; ties: later epoch",
+                          "best_epoch": run.best_epoch, "epochs": run.epoch},
+            "validation": run.best_metrics}
+    write_card(out_dir, card)
+    return card
+
+
+def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, cfg: Mapping[str, Any],
+                   device: str | torch.device = "cpu", cohort: str | None = None) -> dict[str, Any]:
+    """Train the detector variant ``cfg["detector"]["variant"]``.
+
+    Args:
+        inputs: ``(subject, detector_input_path, cmb_tsv_path)`` per training subject
+            (4D ``(X, Y, Zi, 2)`` NIfTI, labels in RAS mm).
+        out_dir: model folder; gets model.pt, card.json, train_log.csv, checkpoint.pt.
+        cfg: the workflow config (keys ``detector``, ``preprocess.z_slices``,
+            ``evaluate.hit_radius_mm``).
+        device: torch device (``microbleed.runtime.select_device``).
+        cohort: name of the training cohort, for the card.
+    Returns:
+        the model card (dict), as written to ``card.json``.
+    """
+    d, device, out_dir = cfg["detector"], torch.device(device), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    volumes = load_volumes(inputs)
+    train_vols, val_vols = split_subjects(volumes, float(d["validation_fraction"]), int(d["seed"]))
+    split = {"cohort": cohort, "train": [v.subject for v in train_vols], "val": [v.subject for v in val_vols]}
+    fingerprint = _fingerprint(cfg, [v.subject for v in volumes])
+    run = _Run(cfg, device)
+    _resume(run, out_dir / "checkpoint.pt", fingerprint)
+    csv = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
+    csv.truncate_after("epoch", run.epoch)
+    crops = DetectionCrops(train_vols, d["crop"], int(d["crops_per_epoch"]), int(d["seed"]),
+                           augment=bool(d["augment"]), ignore_neighbours=bool(d["ignore_neighbours"]))
+    window = [max(c, 128) for c in d["crop"]]
+    log.info("training %s on %d subjects (validation %d), %d crops/epoch, device %s",
+             d["variant"], len(train_vols), len(val_vols), len(crops), device)
+    while run.epoch < int(d["epochs"]):
+        run.epoch += 1
+        t0 = time.perf_counter()
+        crops.set_epoch(run.epoch)
+        loader = DataLoader(crops, batch_size=int(d["batch_size"]), shuffle=False, num_workers=0)
+        lr = run.optimiser.param_groups[0]["lr"]
+        terms = _train_epoch(run.model, run.hspl, loader, run.optimiser, device, d, run.epoch)
+        run.scheduler.step()
+        metrics = (validation_score(run.model, val_vols, device, window, int(d["box_voxels"]),
+                                    float(cfg["evaluate"]["hit_radius_mm"])) if val_vols else {})
+        run.consider(metrics)
+        csv.write(epoch=run.epoch, lr=lr, val_score=metrics.get("mean_sensitivity", math.nan),
+                  val_sens_at_1=metrics.get("sens_at_1", math.nan), seconds=round(time.perf_counter() - t0, 2),
+                  **terms)
+        save_checkpoint(out_dir / "checkpoint.pt", run.state(fingerprint))
+        log.info("epoch %d: loss %.4f (cls %.4f reg %.4f con %.4f), validation FROC %.3f",
+                 run.epoch, terms["loss"], terms["cls"], terms["reg"], terms["con"],
+                 metrics.get("mean_sensitivity", math.nan))
+    return _write_model(run, out_dir, cfg, split, device)
+
+
+def load_detector(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained detector from ``model_dir`` (model.pt checked against card.json's sha256).
+
+    Returns:
+        ``(model, card)``: the model in eval mode on ``device``, in the device's
+        preferred memory format (channels_last_3d on the CPU); the checkpoint's
+        prototypes, if any, are in ``card["prototypes"]`` as a ``(2, F)`` list
+        (rows m_cmb, m_mimic).
+    """
+    device = torch.device(device)
+    ck, card = load_model_state(model_dir, device)
+    model = build_detector(ck["config"])
+    model.load_state_dict(ck["model"])
+    model = model.to(device, memory_format=preferred_memory_format(device)).eval()
+    if ck.get("prototypes") is not None:
+        card = {**card, "prototypes": ck["prototypes"].tolist()}
+    return model, card

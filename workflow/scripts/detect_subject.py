@@ -1,0 +1,26 @@
+"""Rule `detect`: detector input + model -> raw candidates TSV (score >= floor, after NMS)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from microbleed.infer import DetectParams, detect_subject
+
+
+def main(volume: str, swi: str, model_dir: str, out_tsv: str, *, subject: str,
+         window: Sequence[int], overlap: float, batch: int, floor: float,
+         nms_radius_mm: float | None, box: int, device: str) -> None:
+    """Run :func:`microbleed.infer.detect_subject` for one subject and one detector variant."""
+    params = DetectParams(window=tuple(int(w) for w in window), overlap=float(overlap), batch=int(batch),
+                          floor=float(floor), nms_radius_mm=nms_radius_mm, box=int(box), device=device)
+    detect_subject(Path(volume), Path(swi), Path(model_dir), Path(out_tsv), params, subject=subject)
+
+
+if "snakemake" in globals():
+    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import torch
+    torch.set_num_threads(max(1, int(snakemake.threads)))
+    main(snakemake.input.volume, snakemake.input.swi, str(Path(snakemake.input.model).parent),
+         snakemake.output.candidates, subject=snakemake.wildcards.subject, **snakemake.params)
