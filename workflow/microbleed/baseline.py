@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -206,7 +206,7 @@ def _best_f1_threshold(curve: pd.DataFrame) -> float:
     return float(curve["threshold"].iloc[1:][f1.idxmax()]) if f1.notna().any() else 0.5
 
 
-def tune_frst(subjects: Sequence[TuneSubject], radii_grid: Sequence[Sequence[float]],
+def tune_frst(subjects: Iterable[TuneSubject], radii_grid: Sequence[Sequence[float]],
               alpha_grid: Sequence[float], beta_grid: Sequence[float], base: FrstParams,
               hit_radius_mm: float) -> tuple[FrstParams, pd.DataFrame]:
     """Grid search on a training cohort maximising the FROC mean sensitivity.
@@ -217,6 +217,9 @@ def tune_frst(subjects: Sequence[TuneSubject], radii_grid: Sequence[Sequence[flo
     grid order (first wins). The FROC does not depend on a
     score threshold, so the operating ``threshold`` of the winner is chosen
     afterwards as the one maximising F1 over the training cohort.
+
+    ``subjects`` is read once (a generator that loads each subject on demand
+    keeps memory at one subject).
 
     Returns:
         ``(best_params, grid)``: grid has one row per combination with

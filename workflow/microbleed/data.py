@@ -188,7 +188,7 @@ class DetectionCrops(Dataset):
     """
 
     def __init__(self, volumes: Sequence[Volume], crop: Sequence[int], n_crops: int, seed: int,
-                 epoch: int = 0, augment: bool = True, margin: int = 8, ignore_neighbours: bool = True,
+                 epoch: int = 0, augment: bool = True, margin: int = 4, ignore_neighbours: bool = True,
                  stride: int = 4):
         if any(int(n) % 16 for n in crop):
             raise ValueError(f"crop must be multiples of 16, got {list(crop)}")

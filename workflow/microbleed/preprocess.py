@@ -37,7 +37,7 @@ __all__ = [
     "check_same_grid", "detect_phase_units", "phase_to_radians", "homodyne_highpass",
     "robust_minmax", "preprocess_swi_phase", "preprocess_t1",
     "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
-    "interpolate_z", "detector_input",
+    "interpolate_z", "detector_input", "given_mask_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -396,3 +396,22 @@ def detector_input(swi_path, phase_path, out_path, z_slices: int, subject: str |
     swi_i, new_aff = interpolate_z(swi, aff, z_slices)
     phase_i, _ = interpolate_z(phase, aff, z_slices)
     return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)
+
+
+def given_mask_path(backend: str, pattern: str | None, cohort: str, subject: str,
+                    simulated_root: str | os.PathLike | None = None) -> str | None:
+    """Path of the given brain mask for backend ``mask`` (``None`` for other backends).
+
+    ``pattern`` (config ``preprocess.mask_path``) is formatted with ``cohort`` and
+    ``subject``; without it, a simulated cohort (``simulated_root`` given) uses
+    its truth mask ``derivatives/truth/sub-<id>/sub-<id>_desc-brain_mask.nii.gz``.
+    """
+    if backend != "mask":
+        return None
+    if pattern:
+        return pattern.format(cohort=cohort, subject=subject)
+    if simulated_root is not None:
+        return str(Path(simulated_root) / "derivatives" / "truth" / f"sub-{subject}"
+                   / f"sub-{subject}_desc-brain_mask.nii.gz")
+    raise InputError(f"config key preprocess.mask_path: preprocess.skull_strip is mask but no mask path "
+                     f"pattern is set for cohort {cohort!r}", subject=subject)

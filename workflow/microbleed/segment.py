@@ -36,12 +36,12 @@ from tqdm import tqdm
 from .io import InputError, load_volume
 from .metrics import dice_per_class
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
-from .runtime import (CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything,
+from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save_checkpoint, seed_everything,
                       select_device, write_card)
 
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
            "sample_crops", "make_loss", "split_subjects",
-           "train_segmenter", "load_segmenter", "segment_volume"]
+           "train_segmenter", "load_segmenter", "segment_volume", "segment_subject"]
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(BOMBS_CLASSES)
@@ -368,3 +368,29 @@ def segment_volume(model: torch.nn.Module, image: np.ndarray, device: str | torc
     prob = sliding_window_inference(x, roi, int(sw_batch_size), predictor, overlap=float(overlap),
                                     mode="gaussian", progress=progress)
     return prob[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
+                    expected_input: str | None = None, window: Sequence[int] = (128, 128, 32),
+                    overlap: float = 0.25, sw_batch_size: int = 1, device: str = "auto") -> Path:
+    """Segment one subject and write its BOMBS map (uint8, same grid and affine as the image).
+
+    Args:
+        image_path: pre-processed SWI or T1w ``(X, Y, Z)`` in the SWI grid.
+        model_dir: segmenter folder (``model.pt`` + ``card.json``).
+        out_path: ``sub-<id>_desc-bombs_dseg.nii.gz``.
+        expected_input: ``swi|t1``; when given, the model must have been trained on that input.
+    Raises:
+        InputError: unreadable image, or a model trained on another input kind (names the subject).
+    """
+    model = load_segmenter(model_dir, device)
+    trained_on = read_card(model_dir).get("config", {}).get("input")
+    if expected_input and trained_on and trained_on != expected_input:
+        raise InputError(f"segmenter {model_dir} was trained on {trained_on!r} but config segmenter.input "
+                         f"is {expected_input!r}", subject=subject, path=image_path)
+    image, affine = load_volume(image_path, subject)
+    t0 = time.time()
+    labels = segment_volume(model, image, next(model.parameters()).device, window, overlap, sw_batch_size)
+    log.info("subject %s: segmented %s in %.1f s, voxels per class %s", subject, image.shape, time.time() - t0,
+             np.bincount(labels.ravel(), minlength=N_CLASSES).tolist())
+    return save_image(labels, affine, out_path, dtype=np.uint8)

@@ -149,7 +149,7 @@ def _train_epoch(model: torch.nn.Module, hspl: ConcentrationLoss | None, loader:
         terms["loss"].backward()
         optimiser.step()
         for k in sums:
-            sums[k] += float(terms[k]) * len(x)
+            sums[k] += float(terms[k].detach()) * len(x)
         n += len(x)
     return {k: v / max(n, 1) for k, v in sums.items()}
 

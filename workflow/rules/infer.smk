@@ -1,1 +1,100 @@
 # Rules of the infer stage.
+
+
+rule segment:
+    input:
+        model=os.path.join(segmenter_dir(), "model.pt"),
+        image=sub_path("{cohort}", "{subject}",
+                       "desc-preproc_{}.nii.gz".format("swi" if config["segmenter"]["input"] == "swi" else "T1w"),
+                       "preproc/sub-{subject}"),
+    output:
+        dseg=sub_path("{cohort}", "{subject}", "desc-bombs_dseg.nii.gz"),
+    params:
+        expected_input=config["segmenter"]["input"],
+        window=config["segmenter"]["window"],
+        overlap=config["segmenter"]["overlap"],
+        sw_batch_size=config["segmenter"]["sw_batch_size"],
+        device=config["device"],
+    log:
+        log_path("segment", "{cohort}", "{subject}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/segment/{{cohort}}_{{subject}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=6000,
+        runtime=30,
+        gpu=1,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/segment_subject.py"
+
+
+rule detect:
+    input:
+        volume=sub_path("{cohort}", "{subject}", "desc-detector_input.nii.gz", "preproc/sub-{subject}"),
+        swi=subject_file("swi"),
+        model=lambda wc: os.path.join(
+            detector_dir() if wc.variant == slug(config["detector"]["variant"]) else detector_dir(wc.variant),
+            "model.pt"),
+    output:
+        candidates=sub_path("{cohort}", "{subject}", "model-{variant}_candidates.tsv", "work/sub-{subject}"),
+    params:
+        window=config["infer"]["window"],
+        overlap=config["infer"]["overlap"],
+        batch=config["infer"]["batch_size"],
+        floor=config["infer"]["candidate_floor"],
+        nms_radius_mm=config["infer"]["nms_radius_mm"],
+        box=config["detector"]["box_voxels"],
+        device=config["device"],
+    log:
+        log_path("detect", "{cohort}", "{subject}", "{variant}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/detect/{{cohort}}_{{subject}}_{{variant}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=30,
+        gpu=1,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/detect_subject.py"
+
+
+rule finalise:
+    input:
+        candidates=sub_path("{cohort}", "{subject}",
+                            "model-{}_candidates.tsv".format(slug(config["detector"]["variant"])),
+                            "work/sub-{subject}"),
+        bombs=rules.segment.output.dseg,
+        mask=sub_path("{cohort}", "{subject}", "desc-brain_mask.nii.gz"),
+        swi=sub_path("{cohort}", "{subject}", "desc-preproc_swi.nii.gz", "preproc/sub-{subject}"),
+        phase=sub_path("{cohort}", "{subject}", "desc-preproc_phase.nii.gz", "preproc/sub-{subject}"),
+        mars=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.nii.gz", "labels")
+                         if has_file(wc.cohort, wc.subject, "aseg") else []),
+        mars_tsv=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.tsv", "labels")
+                             if has_file(wc.cohort, wc.subject, "aseg") else []),
+    output:
+        cmb_tsv=sub_path("{cohort}", "{subject}", "cmb.tsv"),
+        cmb_mask=sub_path("{cohort}", "{subject}", "desc-cmb_mask.nii.gz"),
+        counts=sub_path("{cohort}", "{subject}", "counts.tsv"),
+        qc=directory(f"{RESULTS}/{{cohort}}/sub-{{subject}}/qc"),
+    params:
+        threshold=config["infer"]["threshold"],
+        prune_outside_mask=config["infer"]["prune_outside_mask"],
+        sphere_radius_mm=config["infer"]["sphere_radius_mm"],
+        qc_max=config["infer"]["qc_max"],
+        qc_half_width_mm=config["infer"]["qc_half_width_mm"],
+    log:
+        log_path("finalise", "{cohort}", "{subject}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/finalise/{{cohort}}_{{subject}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=15,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/finalise_subject.py"

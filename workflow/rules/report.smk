@@ -1,1 +1,33 @@
-# Rules of the report stage.
+# Rules of the report stage: one self-contained results/<cohort>/report.html.
+
+
+rule report:
+    input:
+        detection=rules.evaluate_cohort.output.detection,
+        localization=rules.evaluate_cohort.output.localization,
+        framework=rules.evaluate_cohort.output.framework,
+        froc=rules.evaluate_cohort.output.froc,
+        subjects=rules.evaluate_cohort.output.subjects,
+        agreement=rules.evaluate_cohort.output.agreement,
+        froc_png=rules.evaluate_cohort.output.froc_png,
+        pr_png=rules.evaluate_cohort.output.pr_png,
+        models=report_models(),
+    output:
+        html=report(f"{RESULTS}/{{cohort}}/report.html", caption="../report/report.rst",
+                    category="Report", subcategory="{cohort}"),
+    params:
+        cohort_dir=lambda wildcards: f"{RESULTS}/{wildcards.cohort}",
+        subjects=lambda wildcards: subjects(wildcards.cohort),
+        cards=report_cards(),
+    log:
+        log_path("report", "{cohort}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/report/{{cohort}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/report.py"

@@ -1,1 +1,40 @@
 # Rules of the train stage.
+
+
+rule train_segmenter:
+    input:
+        # every train_cohort subject (segin t1: only those with a T1w), in the SWI grid
+        images=lambda wc: [
+            sub_path(config["train_cohort"], s, "desc-preproc_{}.nii.gz".format("swi" if wc.segin == "swi" else "T1w"),
+                     f"preproc/sub-{s}")
+            for s in subjects(config["train_cohort"])
+            if wc.segin == "swi" or has_file(config["train_cohort"], s, "t1")
+        ],
+        labels=lambda wc: [
+            sub_path(config["train_cohort"], s, "desc-bombs_dseg.nii.gz", "labels")
+            for s in subjects(config["train_cohort"])
+            if wc.segin == "swi" or has_file(config["train_cohort"], s, "t1")
+        ],
+    output:
+        model=f"{RESULTS}/models/segmenter_{{segin}}/model.pt",
+        card=f"{RESULTS}/models/segmenter_{{segin}}/card.json",
+    params:
+        subjects=lambda wc: [
+            s for s in subjects(config["train_cohort"])
+            if wc.segin == "swi" or has_file(config["train_cohort"], s, "t1")
+        ],
+        cfg=lambda wc: {**config["segmenter"], "input": wc.segin},
+        device=config["device"],
+    log:
+        log_path("train_segmenter", "{segin}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/train_segmenter/{{segin}}.tsv"
+    threads: 8
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/train_segmenter.py"

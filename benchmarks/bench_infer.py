@@ -1,0 +1,258 @@
+"""Per-subject inference speed: our engine against MONAI sliding_window_inference at its defaults.
+
+Measures, at demo resolution (SWI 160x192x72 at 1x1x2 mm, detector grid z=112)
+and at paper resolution (SWI 512x448x72 at 0.5x0.5x2 mm, detector grid z=224):
+detection (ours: :func:`microbleed.infer.detect_volume`; baseline:
+:func:`microbleed.infer.detect_volume_monai`), NMS + mapping, segmentation
+(:func:`microbleed.segment.segment_volume` vs MONAI defaults on the same
+segmenter) and pruning. Reports seconds, peak memory, the detector's achieved
+GFLOP/s as a fraction of this machine's measured 3D-conv peak (32->32 channels,
+64^3, channels_last_3d), and the number of detections of both (>= floor and
+>= threshold after NMS) with how many match within 2 voxels.
+
+Trained models in ``results/models/`` are used when present; otherwise
+randomly initialised networks with the demo widths (config/config.yaml) and
+the paper-scale widths (``--paper-widths``) are used, and the class-logit bias
+of the random detector is set to 0 so that it produces candidates at all (the
+prior-probability initialisation gives 0.01 everywhere). The output says which.
+
+Run: ``.venv/bin/python benchmarks/bench_infer.py --device cpu``
+(writes benchmarks/results/infer.md).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from torch.utils.flop_counter import FlopCounterMode
+
+from microbleed.infer import candidates_table, detect_volume, detect_volume_monai, plan_tiles, prune
+from microbleed.nets.detector import build_detector
+from microbleed.nets.segmenter import build_segmenter, coordinate_channels
+from microbleed.runtime import provenance, seed_everything, select_device
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTIONS = {   # name: (SWI shape, voxel mm, detector z slices)
+    "demo": ((160, 192, 72), (1.0, 1.0, 2.0), 112),
+    "paper": ((512, 448, 72), (0.5, 0.5, 2.0), 224),
+}
+
+
+class PeakMemory:
+    """Peak resident memory (CPU, sampled from /proc every 5 ms) or peak CUDA allocation, in MB."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0.0, threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * 4096 / 2**20
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss_mb())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def conv_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+    """Measured GFLOP/s of a 32->32 channel 3x3x3 conv3d on 64^3 in channels_last_3d."""
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1, bias=False).to(device, memory_format=torch.channels_last_3d)
+    x = torch.rand(1, 32, 64, 64, 64, device=device).contiguous(memory_format=torch.channels_last_3d)
+    flops = 2 * 27 * 32 * 32 * 64 ** 3
+    with torch.inference_mode():
+        conv(x)
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            conv(x)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_flops(model: torch.nn.Module, shape) -> float:
+    """FLOPs of one forward pass on an input of ``shape`` (counted on the meta device)."""
+    meta = copy.deepcopy(model).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(torch.zeros(shape, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def make_subject(res: str, seed: int = 0):
+    """Synthetic SWI-grid image, detector input (2, X, Y, Zi) and both affines."""
+    shape, vox, z = RESOLUTIONS[res]
+    rng = np.random.default_rng(seed)
+    img = ndimage.gaussian_filter(rng.random(tuple(s // 4 for s in shape)), 1.0)
+    img = ndimage.zoom(img, 4, order=1).astype(np.float32)
+    img = (img - img.min()) / (img.max() - img.min())
+    swi_aff = np.diag([*vox, 1.0])
+    zi = ndimage.zoom(img, (1, 1, z / shape[2]), order=1).astype(np.float32)
+    grid_aff = swi_aff @ np.diag([1.0, 1.0, shape[2] / z, 1.0])
+    return img, np.stack([zi, 1.0 - zi]), swi_aff, grid_aff
+
+
+def networks(widths_det, widths_seg, device):
+    """Trained networks when results/models has them, else random ones (bias set to 0)."""
+    det_dir = ROOT / "results/models/detector_rpn-ffm-hspl"
+    seg_dir = ROOT / "results/models/segmenter_swi"
+    if (det_dir / "model.pt").exists() and (seg_dir / "model.pt").exists():
+        from microbleed.segment import load_segmenter
+        from microbleed.train import load_detector
+        return load_detector(det_dir, device)[0], load_segmenter(seg_dir, device), "trained"
+    seed_everything(0)
+    det = build_detector({"variant": "rpn+ffm+hspl", "widths": widths_det, "in_channels": 2})
+    last = [m for m in det.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    torch.nn.init.normal_(last.weight, std=0.5)
+    torch.nn.init.zeros_(last.bias)
+    seg = build_segmenter({"widths": widths_seg, "in_channels": 4, "n_classes": 4})
+    return det.to(device).eval(), seg.to(device).eval(), "random (class bias 0, head std 0.5)"
+
+
+def segment_monai(model, image, device, roi):
+    from monai.inferers import sliding_window_inference
+    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(image.shape)]))[None].to(device)
+    with torch.no_grad():
+        return sliding_window_inference(x, tuple(min(r, s) for r, s in zip(roi, image.shape)), 1,
+                                        model).argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+def run_pipeline(kind, det, seg, subject, device, cfg, threshold):
+    """One subject: detection, NMS + mapping, segmentation, pruning. Returns timings and counts."""
+    from microbleed.segment import segment_volume
+    img, vol, swi_aff, grid_aff = subject
+    out = {}
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        if kind == "ours":
+            cands = detect_volume(det, vol, device, cfg["infer"]["window"], cfg["infer"]["overlap"],
+                                  cfg["infer"]["candidate_floor"], cfg["infer"]["batch_size"])
+        else:
+            cands = detect_volume_monai(det, vol, device, cfg["detector"]["crop"], cfg["infer"]["candidate_floor"])
+        _sync(device)
+        out["detect_s"] = time.perf_counter() - t0
+        table = candidates_table(cands, grid_aff, swi_aff)
+        t1 = time.perf_counter()
+        if kind == "ours":
+            bombs = segment_volume(seg, img, device, cfg["segmenter"]["window"], cfg["segmenter"]["overlap"])
+        else:
+            bombs = segment_monai(seg, img, device, cfg["segmenter"]["crop"])
+        _sync(device)
+        out["segment_s"] = time.perf_counter() - t1
+        final = prune(table, (bombs, swi_aff), None, threshold)
+        out["total_s"] = time.perf_counter() - t0
+    out["peak_mb"] = mem.peak
+    out["n_floor"], out["n_threshold"] = len(table), len(final)
+    out["points"] = table[["x", "y", "z"]].to_numpy()
+    return out
+
+
+def _row(res: str, name: str, r: dict, peak: float) -> str:
+    frac = r["flops"] / r["detect_s"] / 1e9 / peak
+    return (f"| {res} | {name} | {r['detect_s']:.1f} | {r['segment_s']:.1f} | {r['total_s']:.1f} | "
+            f"{r['peak_mb']:.0f} | {frac:.2f} | {r['n_floor']} | {r['n_threshold']} |")
+
+
+def bench_resolution(res, det, seg, device, cfg, peak, threshold, with_monai=True):
+    """Both engines on one synthetic subject: table rows and a one-line summary."""
+    subject = make_subject(res)
+    vol_shape = subject[1].shape[1:]
+    plan = plan_tiles(vol_shape, cfg["infer"]["window"], cfg["infer"]["overlap"])
+    ours = run_pipeline("ours", det, seg, subject, device, cfg, threshold)
+    ours["flops"] = forward_flops(det, (1, 2, *plan.window)) * plan.n_tiles
+    if not with_monai:
+        return [_row(res, "ours", ours, peak)], (f"- {res}: grid {vol_shape}, {plan.n_tiles} tiles of "
+                                                  f"{plan.window}; MONAI baseline not run (--no-monai)")
+    base = run_pipeline("monai", det, seg, subject, device, cfg, threshold)
+    roi = cfg["detector"]["crop"]
+    padded = [-(-n // 16) * 16 for n in vol_shape]
+    n_monai = int(np.prod([max(1, -(-(p - r) // max(1, int(r * 0.75))) + 1) for p, r in zip(padded, roi)]))
+    base["flops"] = forward_flops(det, (1, 2, *roi)) * n_monai
+    matched = 0
+    if len(ours["points"]) and len(base["points"]):
+        d, _ = cKDTree(base["points"]).query(ours["points"])
+        matched = int((d < 2.0 * min(RESOLUTIONS[res][1])).sum())
+    summary = (f"- {res}: grid {vol_shape}, ours {plan.n_tiles} tiles of {plan.window}; MONAI "
+               f"{n_monai} windows of {tuple(roi)}. Speed-up {base['total_s'] / ours['total_s']:.2f}x "
+               f"(detection {base['detect_s'] / ours['detect_s']:.2f}x); detections >= floor: ours "
+               f"{ours['n_floor']}, MONAI {base['n_floor']}, {matched} of ours within 2 voxels of a MONAI one.")
+    return [_row(res, "ours", ours, peak), _row(res, "MONAI defaults", base, peak)], summary
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--resolutions", nargs="+", default=["demo", "paper"], choices=list(RESOLUTIONS))
+    ap.add_argument("--paper-widths", nargs=5, type=int, default=[16, 32, 64, 128, 128],
+                    help="detector widths at paper resolution; 0 0 0 0 0: the config's widths")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-monai", action="store_true", help="skip the MONAI baseline (slow on a CPU)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/infer.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    peak = conv_peak_gflops(device)
+    lines = ["# Inference benchmark (detector + segmenter + pruning per subject)", "",
+             f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; machine: {platform.node()} "
+             f"{platform.machine()}, {args.threads} threads, device {device}"
+             f"{' (' + torch.cuda.get_device_name(0) + ')' if device.type == 'cuda' else ''}; "
+             f"torch {torch.__version__}; git {provenance()['git_commit']}",
+             f"- measured 3D-conv peak (32->32 ch, 64^3, channels_last_3d): {peak:.1f} GFLOP/s",
+             f"- command: python benchmarks/bench_infer.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+             ""]
+    table = ["| resolution | engine | detect s | segment s | total s | peak MB | conv-peak fraction "
+             "| detections >= floor | >= threshold |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for res in args.resolutions:
+        widths = cfg["detector"]["widths"] if res == "demo" or args.paper_widths == [0] * 5 else args.paper_widths
+        det, seg, origin = networks(widths, cfg["segmenter"]["widths"], device)
+        notes.append(f"- {res}: detector widths {widths}, networks {origin}")
+        rows, summary = bench_resolution(res, det, seg, device, cfg, peak, cfg["infer"]["threshold"],
+                                         not args.no_monai)
+        table += rows
+        notes.append(summary)
+        print("\n".join(rows + [summary]), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines + table + [""] + notes) + "\n")
+    print(out.read_text())
+    return out
+
+
+if __name__ == "__main__":
+    main()

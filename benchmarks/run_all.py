@@ -1,0 +1,228 @@
+"""Run the benchmark configuration and write benchmarks/RESULTS.md.
+
+    python benchmarks/run_all.py --config config/benchmark.yaml [--cores N] [--collect-only]
+
+For each segmenter input (``--segmenter-inputs``, default ``swi t1``) the
+workflow runs once with that input (a merged copy of the config under
+``results/benchmark/``), with ``--keep-going``; after each run the metric tables
+of every evaluated cohort are copied to ``results/benchmark/segin-<input>/<cohort>/``.
+Then the tables are assembled, shaped like the paper's Tables 1-3 with the
+paper's numbers beside ours (``ours (paper)``), plus the FROC summary, the
+machine, date, git commit and wall time.
+
+The first cohort of ``evaluate_cohorts`` is the *internal* test set (the
+paper's GMC), the others *external* (SNUH), unless ``--internal``/``--external``
+say otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("detection", "localization", "framework", "froc")
+
+# The paper's numbers (seed/paper.md Tables 1-3, Fig. 9; summarised in METHOD.md section 6).
+# Detection: (sens %, prec %, FP_avg) for subjects with CMBs, FP_avg normals, then external (sens, prec, FP_avg).
+PAPER_DETECTION: dict[str, tuple] = {
+    "rpn": (93.33, 17.11, 14.73, 12.07, 94.21, 16.83, 15.39),
+    "rpn+ffm": (93.33, 25.64, 8.82, 9.00, 93.89, 22.70, 10.57),
+    "rpn+ffm+hspl": (94.66, 78.02, 0.86, 0.85, 93.89, 60.70, 2.01),
+    "rpn+ffm+hspl+pruning(swi)": (94.66, 84.52, 0.56, 0.64, 92.60, 67.92, 1.44),
+    "rpn+ffm+hspl+pruning(t1)": (94.66, 85.54, 0.52, 0.57, None, None, None),
+    "two-stage YOLOv2 + 3D CNN (paper only)": (88.00, 61.11, 1.75, 1.85, 86.81, 55.78, 2.27),
+}
+# Localisation: (Dice, LA) per class and total; EFP_avg in the total row.
+PAPER_LOCALIZATION: dict[tuple[str, str], dict[str, tuple]] = {
+    ("internal", "swi"): {"lobar": (0.9043, 0.97), "deep": (0.8544, 1.0), "infratentorial": (0.9251, 1.0),
+                          "total": (0.8946, 0.98, 0.30)},
+    ("internal", "t1"): {"lobar": (0.9491, 1.0), "deep": (0.8846, 0.91), "infratentorial": (0.9518, 1.0),
+                         "total": (0.9272, 0.98, 0.34)},
+    ("external", "swi"): {"lobar": (None, 0.97), "deep": (None, 0.95), "infratentorial": (None, 0.97),
+                          "total": (None, 0.97, 0.28)},
+}
+PAPER_AUC_PR = {"rpn": 0.75, "rpn+ffm": 0.79, "rpn+ffm+hspl": 0.94}
+
+
+def _cell(ours: Any, paper: Any, scale: float = 1.0, digits: int = 2) -> str:
+    """``ours (paper)``; ``n/a`` for missing values."""
+    def fmt(v: Any, s: float) -> str:
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return "n/a"
+        return "n/a" if v != v else f"{v * s:.{digits}f}"
+    text = fmt(ours, scale)
+    return text if paper is None else f"{text} ({fmt(paper, 1.0)})"
+
+
+def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def collect(snapshot_root: str | Path) -> dict[tuple[str, str], dict[str, pd.DataFrame]]:
+    """Read ``<snapshot_root>/segin-<input>/<cohort>/<table>.tsv`` -> ``{(input, cohort): {table: df}}``."""
+    out: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
+    for seg_dir in sorted(Path(snapshot_root).glob("segin-*")):
+        for cohort_dir in sorted(p for p in seg_dir.iterdir() if p.is_dir()):
+            tables = {n: pd.read_csv(cohort_dir / f"{n}.tsv", sep="\t") for n in TABLES
+                      if (cohort_dir / f"{n}.tsv").exists()}
+            if tables:
+                out[(seg_dir.name.removeprefix("segin-"), cohort_dir.name)] = tables
+    return out
+
+
+def _detection_rows(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], internal: str,
+                    external: Sequence[str]) -> list[list[str]]:
+    """Table 1 + 3 rows: method, internal (sens, prec, FP_avg cmb, FP_avg normal), first external."""
+    by_method: dict[str, dict[str, pd.DataFrame]] = {}
+    for (segin, cohort), tables in found.items():
+        det = tables.get("detection")
+        if det is None:
+            continue
+        for method, rows in det.groupby("method", sort=False):
+            if "pruning(" in method and f"pruning({segin})" not in method:
+                continue
+            by_method.setdefault(method, {})[cohort] = rows.set_index("group")
+    ext = external[0] if external else None
+    out = []
+    for method in [*by_method, *(m for m in PAPER_DETECTION if m not in by_method)]:
+        paper = PAPER_DETECTION.get(method, (None,) * 7)
+        cells = [method]
+        for cohort, groups, offset in ((internal, ("cmb", "cmb", "cmb", "normal"), 0), (ext, ("cmb",) * 3, 4)):
+            t = by_method.get(method, {}).get(cohort)
+            keys = ("sensitivity", "precision", "fp_avg", "fp_avg") if offset == 0 else ("sensitivity", "precision", "fp_avg")
+            for n, (g, k) in enumerate(zip(groups, keys)):
+                ours = t.loc[g, k] if t is not None and g in t.index else None
+                cells.append(_cell(ours, paper[offset + n], 100.0 if k != "fp_avg" else 1.0))
+        out.append(cells)
+    return out
+
+
+def _localization_rows(found, internal: str, external: Sequence[str]) -> list[list[str]]:
+    rows = []
+    for (segin, cohort), tables in sorted(found.items()):
+        loc = tables.get("localization")
+        if loc is None:
+            continue
+        kind = "internal" if cohort == internal else "external" if cohort in external else None
+        paper = PAPER_LOCALIZATION.get((kind, segin), {})
+        for _, r in loc.iterrows():
+            if r["region"] == "none":
+                continue
+            p = paper.get(r["region"], (None, None, None))
+            efp = _cell(r.get("efp_avg"), p[2] if len(p) > 2 else None) if r["region"] == "total" else ""
+            rows.append([cohort, segin, r["region"], _cell(r.get("dice_mean"), p[0], digits=3),
+                         _cell(r.get("la"), p[1]), f"{int(r.get('n_correct', 0))}/{int(r.get('n_detected', 0))}", efp])
+    return rows
+
+
+def _froc_rows(found) -> list[list[str]]:
+    rows = []
+    for (segin, cohort), tables in sorted(found.items()):
+        froc = tables.get("froc")
+        if froc is None:
+            continue
+        for _, r in froc.iterrows():
+            if "pruning(" in r["method"] and f"pruning({segin})" not in r["method"]:
+                continue
+            if segin != "swi" and "pruning(" not in r["method"]:
+                continue                                    # detector-only curves do not depend on the segmenter
+            pts = [_cell(r.get(f"sens_at_{p}"), None) for p in ("0.125", "0.25", "0.5", "1", "2", "4", "8")]
+            rows.append([cohort, r["method"], *pts, _cell(r.get("mean_sensitivity"), None),
+                         _cell(r.get("auc_pr"), PAPER_AUC_PR.get(r["method"]))])
+    return rows
+
+
+def render_results(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], internal: str,
+                   external: Sequence[str], meta: Mapping[str, Any]) -> str:
+    """RESULTS.md text: run facts, then Tables 1/3, 2 and the FROC summary (``ours (paper)``)."""
+    facts = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    det_head = ["method", f"{internal} sens %", "prec %", "FP_avg", "FP_avg normal",
+                f"{external[0] if external else 'external'} sens %", "prec %", "FP_avg"]
+    loc_head = ["cohort", "segmenter input", "region", "Dice", "LA", "correct/detected", "EFP_avg"]
+    froc_head = ["cohort", "method", "@1/8", "@1/4", "@1/2", "@1", "@2", "@4", "@8", "mean", "AUC-PR"]
+    return "\n\n".join([
+        "# Benchmark results",
+        "Cells read `ours (paper)`; the paper's numbers are from its Tables 1-3 and Fig. 9 "
+        "(GMC internal / SNUH external, real data), ours from the simulated benchmark cohorts: "
+        "they are shown side by side, not claimed equal. Sensitivity and precision in %, FP_avg per subject.",
+        facts,
+        "## Detection (paper Tables 1 and 3)", _md(det_head, _detection_rows(found, internal, external)),
+        "## Anatomical localisation (paper Table 2)", _md(loc_head, _localization_rows(found, internal, external)),
+        "## FROC: sensitivity at FP_avg, mean, AUC-PR (paper Fig. 9)", _md(froc_head, _froc_rows(found)),
+    ]) + "\n"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path) -> tuple[float, int]:
+    """Run Snakemake with ``segmenter.input = segin``; snapshot the metric tables. Returns (seconds, exit code)."""
+    cfg = yaml.safe_load(config_path.read_text())
+    cfg.setdefault("segmenter", {})["input"] = segin
+    merged = snapshot_root / f"config_{segin}.yaml"
+    merged.parent.mkdir(parents=True, exist_ok=True)
+    merged.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "--profile", "workflow/profiles/default",
+           "--configfile", str(merged), "--cores", str(cores), "--keep-going"]
+    start = time.time()
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    for cohort in cfg.get("evaluate_cohorts", []):
+        src = ROOT / "results" / cohort / "metrics"
+        if src.is_dir():
+            dst = snapshot_root / f"segin-{segin}" / cohort
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+    return time.time() - start, code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="config/benchmark.yaml")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--segmenter-inputs", nargs="+", default=["swi", "t1"], choices=["swi", "t1"])
+    ap.add_argument("--internal", help="internal test cohort (default: first of evaluate_cohorts)")
+    ap.add_argument("--external", nargs="*", help="external cohorts (default: the other evaluate_cohorts)")
+    ap.add_argument("--collect-only", action="store_true", help="do not run Snakemake, only assemble tables")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = ap.parse_args(argv)
+    config_path = (ROOT / args.config) if not Path(args.config).is_absolute() else Path(args.config)
+    cohorts = yaml.safe_load(config_path.read_text()).get("evaluate_cohorts", [])
+    internal = args.internal or (cohorts[0] if cohorts else "")
+    external = args.external if args.external is not None else [c for c in cohorts if c != internal]
+    snapshot_root = ROOT / "results" / "benchmark"
+    walls, codes = {}, {}
+    if not args.collect_only:
+        for segin in args.segmenter_inputs:
+            walls[segin], codes[segin] = run_workflow(config_path, segin, args.cores, snapshot_root)
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit(),
+            "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()})",
+            "config": args.config,
+            "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
+    text = render_results(collect(snapshot_root), internal, external, meta)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+    return max(codes.values(), default=0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Per-subject outputs (microbleed.outputs) and the whole coordinate chain of one subject."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from microbleed.infer import CMB_COLUMNS, DetectParams, detect_subject, plan_tiles
+from microbleed.io import load_volume, read_tsv, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras, write_tsv
+from microbleed.outputs import qc_montage, region_counts, sphere_mask
+from microbleed.preprocess import interpolation_affine
+from test_infer_fakes import fake_loader, oblique_affine, write_subject
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "workflow" / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cmb_at_known_ras_comes_out_within_1mm_oblique_anisotropic_tile_border(tmp_path):
+    swi_shape, z_slices, window = (64, 56, 20), 40, (32, 32, 32)
+    swi_aff = oblique_affine()                                    # 0.9 x 1.1 x 2.5 mm, rotated
+    grid_aff = interpolation_affine(swi_aff, swi_shape[2], z_slices)
+    grid_shape = (*swi_shape[:2], z_slices)
+    plan = plan_tiles(grid_shape, window, 0.25)
+    border = plan.starts[0][1] + 7.3                              # inside the overlap of tiles 0 and 1
+    cmb_ras = voxel_to_ras([[border, 27.4, 19.6], [58.2, 30.0, 9.0]], grid_aff)
+    paths = write_subject(tmp_path, swi_shape, swi_aff, grid_shape, grid_aff, cmb_ras)
+    bombs, _ = load_volume(paths["bombs"], allow_zero=True)
+    bombs[52:] = 0                                                # the second blob lies in `none`
+    save_image(bombs.astype(np.uint8), swi_aff, paths["bombs"])
+    mars = tmp_path / "mars.nii.gz"
+    save_image(np.full(swi_shape, 2, np.uint8), swi_aff, mars)
+    write_tsv(pd.DataFrame({"index": [1, 2], "name": ["frontal", "parietal"]}), tmp_path / "mars.tsv")
+
+    cands = tmp_path / "work" / "sub-01_model-rpn_candidates.tsv"
+    detect_subject(paths["input"], paths["swi"], tmp_path, cands,
+                   DetectParams(window=window, overlap=0.25, device="cpu"), "01", loader=fake_loader)
+    out = {k: tmp_path / "sub-01" / f"sub-01_{k}" for k in ["cmb.tsv", "desc-cmb_mask.nii.gz", "counts.tsv"]}
+    _script("finalise_subject").main(
+        cands, paths["bombs"], paths["mask"], paths["swi"], paths["phase"], out["cmb.tsv"],
+        out["desc-cmb_mask.nii.gz"], out["counts.tsv"], tmp_path / "sub-01" / "qc", subject="01",
+        mars=mars, mars_tsv=tmp_path / "mars.tsv")
+
+    table = read_tsv(out["cmb.tsv"], required=CMB_COLUMNS, numeric=["x", "y", "z", "i", "j", "k", "score"])
+    assert len(table) == 2
+    kept, pruned = table.iloc[0], table.iloc[1]
+    xyz = lambda r: r[["x", "y", "z"]].to_numpy(dtype=float)
+    assert np.linalg.norm(xyz(kept) - cmb_ras[0]) < 1.0
+    assert np.linalg.norm(xyz(pruned) - cmb_ras[1]) < 1.0
+    assert np.allclose(kept[["i", "j", "k"]].to_numpy(dtype=float), ras_to_voxel(xyz(kept), swi_aff)[0])
+    assert (kept["region"], kept["pruned"]) == ("lobar", "false")
+    assert (pruned["region"], pruned["pruned"], pruned["prune_reason"]) == ("none", "true", "none_region")
+    mask, mask_aff = load_volume(out["desc-cmb_mask.nii.gz"])
+    assert np.allclose(mask_aff, swi_aff, atol=1e-5) and set(np.unique(mask)) == {0, 1}
+    counts = read_tsv(out["counts.tsv"], numeric=["count"]).set_index(["atlas", "region"])["count"]
+    assert counts[("bombs", "lobar")] == 1 and counts[("bombs", "total")] == 1
+    assert counts[("mars", "parietal")] == 1 and counts[("mars", "frontal")] == 0
+    assert [p.name for p in (tmp_path / "sub-01" / "qc").iterdir()] == ["sub-01_cmb-1.png"]
+
+
+def test_sphere_mask_volume_and_labels_on_oblique_grid():
+    aff = oblique_affine(voxel_mm=(0.5, 0.5, 1.0))
+    centres = voxel_to_ras([[20, 20, 10], [21, 20, 10], [40, 40, 20]], aff)
+    out = sphere_mask((60, 60, 30), aff, centres, np.array([1, 2, 3]), radius_mm=2.0)
+    assert out.dtype == np.uint8
+    expected = 4 / 3 * np.pi * 2.0 ** 3 / np.prod(voxel_sizes(aff))
+    assert abs((out == 3).sum() - expected) / expected < 0.15
+    assert out[20, 20, 10] == 1 and out[21, 20, 10] == 1              # overlap: the first listed wins
+    assert (out == 2).sum() > 0 and (out == 2).sum() < (out == 3).sum()
+    tiny = sphere_mask((10, 10, 10), np.diag([3.0, 3.0, 3.0, 1.0]), [[6.0, 6.0, 6.0]], [7], radius_mm=0.5)
+    assert tiny[2, 2, 2] == 7 and (tiny > 0).sum() == 1
+    many = sphere_mask((10, 10, 10), np.eye(4), [[5.0, 5.0, 5.0]], [300], radius_mm=1.0)
+    assert many.dtype == np.uint16 and many[5, 5, 5] == 300
+
+
+def test_region_counts_bombs_and_mars_zeros_included():
+    kept = pd.DataFrame({"x": [1.0, 2.0, 30.0], "y": [1.0, 1.0, 1.0], "z": [1.0, 1.0, 1.0],
+                         "region": ["lobar", "deep", "lobar"]})
+    mars = np.zeros((10, 10, 10), np.int64)
+    mars[:5] = 4
+    counts = region_counts(kept, (mars, np.eye(4)), {4: "thalamus", 5: "brainstem"})
+    got = {(a, r): c for a, r, c in counts.itertuples(index=False)}
+    assert got[("bombs", "lobar")] == 2 and got[("bombs", "deep")] == 1 and got[("bombs", "infratentorial")] == 0
+    assert got[("mars", "thalamus")] == 2 and got[("mars", "brainstem")] == 0 and got[("mars", "unlabelled")] == 1
+    assert set(region_counts(kept)["atlas"]) == {"bombs"}
+
+
+def test_qc_montage_writes_a_png(tmp_path):
+    vol = np.random.default_rng(0).random((40, 40, 20)).astype(np.float32)
+    row = {"cmb_id": 3, "i": 2.0, "j": 20.0, "k": 10.0, "x": 1.0, "y": 2.0, "z": 3.0,
+           "score": 0.87, "region": "deep"}
+    path = qc_montage(vol, vol, np.diag([0.5, 0.5, 2.0, 1.0]), row, tmp_path / "qc.png", "01")
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500

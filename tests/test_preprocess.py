@@ -1,0 +1,275 @@
+"""Pre-processing: grids and z-interpolation, phase handling, normalisation, skull stripping, bad inputs."""
+from __future__ import annotations
+
+import math
+import os
+import stat
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from microbleed import preprocess as P
+from microbleed.io import InputError, load_volume, ras_to_voxel, save_image, voxel_to_ras
+
+STANDINS = Path(__file__).parent / "standins"
+
+
+def rotation(a: float, b: float, c: float) -> np.ndarray:
+    ca, sa, cb, sb, cc, sc = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(c), np.sin(c)
+    rz = np.array([[ca, -sa, 0], [sa, ca, 0], [0, 0, 1]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rx = np.array([[1, 0, 0], [0, cc, -sc], [0, sc, cc]])
+    return rz @ ry @ rx
+
+
+def make_affine(angles, zooms, origin) -> np.ndarray:
+    aff = np.eye(4)
+    aff[:3, :3] = rotation(*angles) @ np.diag(zooms)
+    aff[:3, 3] = origin
+    return aff
+
+
+angles = st.tuples(*[st.floats(-np.pi, np.pi) for _ in range(3)])
+zooms = st.tuples(st.floats(0.4, 1.5), st.floats(0.4, 1.5), st.floats(1.0, 4.0))
+origins = st.tuples(*[st.floats(-100, 100) for _ in range(3)])
+
+
+# --------------------------------------------------------------------------- z-interpolation
+@settings(max_examples=60, deadline=None)
+@given(angles, zooms, origins, st.integers(4, 80), st.integers(8, 300), st.floats(0, 1), st.floats(0, 1),
+       st.floats(0, 1))
+def test_interpolation_keeps_world_coordinates(ang, zm, org, n_in, n_out, u, v, w):
+    aff = make_affine(ang, zm, org)
+    new = P.interpolation_affine(aff, n_in, n_out)
+    ijk = np.array([[u * 40, v * 40, w * (n_in - 1)]])
+    ras = voxel_to_ras(ijk, aff)
+    ijk_new = P.original_to_interpolated(ijk, n_in, n_out)
+    assert np.allclose(voxel_to_ras(ijk_new, new), ras, atol=1e-6)
+    assert np.allclose(ras_to_voxel(ras, new), ijk_new, atol=1e-6)
+    assert np.allclose(P.interpolated_to_original(ijk_new, n_in, n_out), ijk, atol=1e-9)
+    # the slab edges (voxel-centre convention) stay in place
+    edge = voxel_to_ras([[0, 0, -0.5]], aff)
+    assert np.allclose(voxel_to_ras([[0, 0, -0.5]], new), edge, atol=1e-6)
+
+
+def test_interpolate_z_samples_at_the_mapped_positions():
+    aff = make_affine((0.2, -0.1, 0.3), (0.5, 0.5, 2.0), (10, -20, 5))
+    n_in, n_out = 30, 112
+    data = np.broadcast_to(np.arange(n_in, dtype=np.float32) * 3.0 + 1.0, (4, 5, n_in)).copy()
+    out, new_aff = P.interpolate_z(data, aff, n_out)
+    assert out.shape == (4, 5, n_out) and np.allclose(new_aff, P.interpolation_affine(aff, n_in, n_out))
+    k_orig = P.interpolated_to_original(np.c_[np.zeros((n_out, 2)), np.arange(n_out)], n_in, n_out)[:, 2]
+    expect = np.clip(k_orig, 0, n_in - 1) * 3.0 + 1.0   # the ramp is linear; edges repeat
+    assert np.allclose(out[2, 3], expect, atol=1e-4)
+
+
+def test_point_keeps_its_anatomy_through_interpolation_and_resampling():
+    """A RAS point sits on the same blob in the original, the z-interpolated and a resampled oblique grid."""
+    aff = make_affine((0.1, 0.2, -0.15), (0.8, 0.7, 2.5), (-30, -40, -20))
+    shape = (60, 70, 24)
+    data = np.zeros(shape, np.float32)
+    centre_ijk = np.array([31.0, 40.0, 12.0])
+    grid = np.indices(shape).reshape(3, -1).T
+    dist = np.linalg.norm(voxel_to_ras(grid, aff) - voxel_to_ras(centre_ijk, aff), axis=1)
+    data.ravel()[:] = np.clip(1.0 - dist / 6.0, 0, None)     # a cone, 1 at its apex, 6 mm wide
+    point = voxel_to_ras(centre_ijk, aff)
+    interp, i_aff = P.interpolate_z(data, aff, 96)
+    k = np.rint(ras_to_voxel(point, i_aff)[0]).astype(int)
+    assert interp[tuple(k)] > 0.8
+    dst_aff = make_affine((0.5, -0.3, 0.4), (1.0, 1.2, 1.5), (-35, -45, -25))
+    res = P.resample_to_grid(data, aff, (70, 70, 60), dst_aff, order=1)
+    k = np.rint(ras_to_voxel(point, dst_aff)[0]).astype(int)
+    assert res[tuple(k)] > 0.7
+    labels = (data > 0.5).astype(np.uint8)
+    near = P.resample_to_grid(labels, aff, (70, 70, 60), dst_aff, order=0)
+    assert near[tuple(k)] == 1 and set(np.unique(near)) <= {0, 1}
+
+
+def test_resample_identity_is_exact():
+    aff = make_affine((0.3, 0.1, 0.2), (1, 1, 2), (0, 0, 0))
+    data = np.random.default_rng(0).integers(0, 50, (10, 11, 12)).astype(np.int16)
+    assert np.array_equal(P.resample_to_grid(data, aff, data.shape, aff, order=0), data)
+
+
+def test_detector_input_is_4d_with_updated_affine(tmp_path):
+    aff = make_affine((0, 0, 0), (1, 1, 2), (0, 0, 0))
+    rng = np.random.default_rng(1)
+    save_image(rng.random((16, 16, 10)).astype(np.float32), aff, tmp_path / "s.nii.gz")
+    save_image(rng.random((16, 16, 10)).astype(np.float32), aff, tmp_path / "p.nii.gz")
+    P.detector_input(tmp_path / "s.nii.gz", tmp_path / "p.nii.gz", tmp_path / "d.nii.gz", 24, subject="01")
+    img = nib.load(tmp_path / "d.nii.gz")
+    assert img.shape == (16, 16, 24, 2) and img.get_data_dtype() == np.float32
+    assert np.allclose(img.affine, P.interpolation_affine(aff, 10, 24))
+
+
+# --------------------------------------------------------------------------- phase and normalisation
+@pytest.mark.parametrize("lo,hi,units,first", [(-4096, 4095, "scanner", -math.pi), (0, 4095, "scanner", -math.pi),
+                                               (-3.14, 3.14, "radians", -3.14)])
+def test_phase_units(lo, hi, units, first):
+    ph = np.linspace(lo, hi, 1000)
+    ph = np.round(ph) if units == "scanner" else ph
+    assert P.detect_phase_units(ph) == units
+    rad = P.phase_to_radians(ph, units)
+    assert rad[0] == pytest.approx(first, abs=1e-3) and rad.max() <= math.pi + 1e-6
+    assert P.detect_phase_units(ph, "radians") == "radians"
+
+
+def test_homodyne_removes_background_and_wraps_keeps_dipole_sign():
+    aff = make_affine((0, 0, 0), (1.0, 1.0, 2.0), (0, 0, 0))
+    shape = (64, 64, 32)
+    x, y, z = np.indices(shape).astype(float)
+    background = 0.4 * x + 0.2 * y + 0.3 * z                    # smooth field, wraps many times
+    r2 = (x - 32) ** 2 + (y - 32) ** 2 + ((z - 16) * 2) ** 2
+    source = -1.0 * np.exp(-r2 / 4.0)                          # a small paramagnetic (negative) source
+    wrapped = np.angle(np.exp(1j * (background + source)))
+    mask = np.ones(shape, bool)
+    out = P.homodyne_highpass(wrapped.astype(np.float32), aff, 8.0, mask)
+    assert out[32, 32, 16] < -0.6
+    far = out[10:20, 10:20, 5:10]
+    assert np.abs(far).max() < 0.05, "background field and wraps left over"
+
+
+def test_robust_minmax():
+    data = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    mask = np.zeros(data.shape, bool)
+    mask[2:8, 2:8, 2:8] = True
+    out = P.robust_minmax(data, mask, (0.5, 99.5))
+    assert out[~mask].max() == 0 and out[mask].min() == 0 and out[mask].max() == 1
+    assert out.dtype == np.float32
+    with pytest.raises(InputError, match="subject 09.*constant"):
+        P.robust_minmax(np.ones_like(data), mask, subject="09", path="x.nii.gz")
+
+
+def write_subject(tmp_path, shape=(32, 32, 16), phase_scale=4096.0):
+    aff = make_affine((0, 0, 0), (1, 1, 2), (0, 0, 0))
+    rng = np.random.default_rng(2)
+    swi = (rng.random(shape) + 1).astype(np.float32)
+    phase = np.round(rng.uniform(-1, 1, shape) * (phase_scale - 1)).astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[4:28, 4:28, 2:14] = 1
+    paths = {k: tmp_path / f"{k}.nii.gz" for k in ("swi", "phase", "mask")}
+    save_image(swi, aff, paths["swi"])
+    save_image(phase, aff, paths["phase"])
+    save_image(mask, aff, paths["mask"])
+    return paths, aff
+
+
+def test_preprocess_swi_phase_outputs(tmp_path):
+    paths, aff = write_subject(tmp_path)
+    out_s, out_p = tmp_path / "o_swi.nii.gz", tmp_path / "o_phase.nii.gz"
+    P.preprocess_swi_phase(paths["swi"], paths["phase"], paths["mask"], out_s, out_p, subject="01")
+    mask = load_volume(paths["mask"])[0] > 0
+    for p in (out_s, out_p):
+        d, a = load_volume(p)
+        assert np.allclose(a, aff) and d.min() >= 0 and d.max() <= 1 and np.all(d[~mask] == 0)
+        assert d[mask].std() > 0.05
+
+
+# --------------------------------------------------------------------------- bad inputs
+def test_phase_of_other_shape_or_affine_is_an_error(tmp_path):
+    paths, aff = write_subject(tmp_path)
+    save_image(np.ones((32, 32, 15), np.float32), aff, paths["phase"])
+    with pytest.raises(InputError, match=r"subject 05, file .*phase.nii.gz: shape"):
+        P.preprocess_swi_phase(paths["swi"], paths["phase"], paths["mask"], tmp_path / "a.nii.gz",
+                               tmp_path / "b.nii.gz", subject="05")
+    save_image(np.ones((32, 32, 16), np.float32), aff @ np.diag([1, 1, 1.5, 1]), paths["phase"])
+    with pytest.raises(InputError, match=r"subject 05, file .*phase.nii.gz: affine"):
+        P.detector_input(paths["swi"], paths["phase"], tmp_path / "d.nii.gz", 20, subject="05")
+
+
+@pytest.mark.parametrize("bad", ["nan", "zero", "4d", "missing"])
+def test_bad_volumes_name_subject_and_file(tmp_path, bad):
+    paths, aff = write_subject(tmp_path)
+    target = paths["phase"]
+    if bad == "nan":
+        d = np.ones((32, 32, 16), np.float32)
+        d[3, 3, 3] = np.nan
+        save_image(d, aff, target)
+    elif bad == "zero":
+        save_image(np.zeros((32, 32, 16), np.float32), aff, target)
+    elif bad == "4d":
+        save_image(np.ones((32, 32, 16, 3), np.float32), aff, target)
+    else:
+        target.unlink()
+    with pytest.raises(InputError, match=rf"subject 04, file {target}"):
+        P.preprocess_swi_phase(paths["swi"], target, paths["mask"], tmp_path / "a.nii.gz",
+                               tmp_path / "b.nii.gz", subject="04")
+
+
+# --------------------------------------------------------------------------- skull stripping
+@pytest.fixture
+def fsl(tmp_path, monkeypatch):
+    bindir = tmp_path / "fslbin"
+    bindir.mkdir()
+    exe = bindir / "bet"
+    exe.write_text(f"#!{sys.executable}\n" + (STANDINS / "bet").read_text().split("\n", 1)[1])
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
+    monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "standin.log"))
+    return bindir
+
+
+def head(shape=(40, 44, 20), aff=None):
+    """An ellipsoidal 'brain' (bright) in a dimmer 'skull' shell."""
+    aff = make_affine((0, 0, 0), (1, 1, 2), (0, 0, 0)) if aff is None else aff
+    c = (np.array(shape) - 1) / 2
+    r = np.sqrt((((np.indices(shape).T - c) / (np.array(shape) * 0.35)) ** 2).sum(-1)).T
+    data = np.where(r < 1, 100.0, np.where(r < 1.25, 10.0, 0.0)).astype(np.float32)
+    return data, aff, r < 1
+
+
+def test_fsl_backend_on_t1_resampled_to_swi(tmp_path, fsl):
+    assert P.resolve_backend("auto") == "fsl"
+    t1, t1_aff, _ = head((44, 48, 40), make_affine((0, 0, 0), (1, 1, 1), (0, 0, 0)))
+    swi_aff = make_affine((0, 0, 0), (0.5, 0.5, 2), (0, 0, 0))
+    save_image(t1, t1_aff, tmp_path / "t1.nii.gz")
+    save_image(np.ones((88, 96, 20), np.float32), swi_aff, tmp_path / "swi.nii.gz")
+    P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "mask.nii.gz", t1_path=tmp_path / "t1.nii.gz",
+                  backend="auto", subject="01", frac=0.4)
+    mask, m_aff = load_volume(tmp_path / "mask.nii.gz", dtype=np.uint8)
+    assert mask.shape == (88, 96, 20) and np.allclose(m_aff, swi_aff)
+    truth = P.resample_to_grid((t1 > 50).astype(np.uint8), t1_aff, mask.shape, swi_aff) > 0
+    assert np.array_equal(mask > 0, truth)
+    line = (tmp_path / "standin.log").read_text().split()
+    assert line[0] == "bet" and line[1] == str(tmp_path / "t1.nii.gz") and line[3:] == ["-m", "-n", "-f", "0.4", "-R"]
+
+
+def test_fsl_failure_and_missing_bet(tmp_path, monkeypatch):
+    data, aff, _ = head()
+    save_image(data, aff, tmp_path / "swi.nii.gz")
+    monkeypatch.delenv("FSLDIR", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert P.resolve_backend("auto") == "deepbet"
+    with pytest.raises(InputError, match="subject 02.*bet"):
+        P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "m.nii.gz", backend="fsl", subject="02")
+
+
+def test_mask_backend_and_empty_mask(tmp_path):
+    data, aff, brain = head()
+    save_image(data, aff, tmp_path / "swi.nii.gz")
+    save_image(brain.astype(np.uint8), aff, tmp_path / "given.nii.gz")
+    P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "m.nii.gz", backend="mask",
+                  mask_path=tmp_path / "given.nii.gz", subject="01")
+    assert np.array_equal(load_volume(tmp_path / "m.nii.gz")[0] > 0, brain)
+    with pytest.raises(InputError, match="subject 01.*mask_path"):
+        P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "m.nii.gz", backend="mask", subject="01")
+    with pytest.raises(ValueError):
+        P.resolve_backend("bse")
+
+
+@pytest.mark.slow
+def test_deepbet_backend_runs_offline(tmp_path, monkeypatch):
+    """deepbet on a synthetic head: bundled weights, no network (proxy set to nowhere)."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    data, aff, brain = head((96, 112, 96), make_affine((0, 0, 0), (1.5, 1.5, 1.5), (0, 0, 0)))
+    save_image(data, aff, tmp_path / "swi.nii.gz")
+    P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "m.nii.gz", backend="deepbet", subject="01", threads=2)
+    mask = load_volume(tmp_path / "m.nii.gz")[0] > 0
+    assert mask.sum() > 0.3 * brain.sum() and mask.sum() < 3 * brain.sum()

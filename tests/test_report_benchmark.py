@@ -1,0 +1,48 @@
+"""benchmarks/run_all.py table assembly on hand-made metric TSVs (no workflow run)."""
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+@pytest.fixture(scope="module")
+def run_all():
+    spec = importlib.util.spec_from_file_location("run_all", Path("benchmarks/run_all.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(d: Path, det_rows, loc_rows, froc_rows):
+    d.mkdir(parents=True)
+    cols = ["method", "group", "sensitivity", "precision", "fp_avg"]
+    pd.DataFrame(det_rows, columns=cols).to_csv(d / "detection.tsv", sep="\t", index=False)
+    pd.DataFrame(loc_rows, columns=["region", "dice_mean", "la", "n_correct", "n_detected", "efp_avg"]).to_csv(
+        d / "localization.tsv", sep="\t", index=False)
+    pd.DataFrame(froc_rows, columns=["method", "sens_at_0.125", "sens_at_1", "mean_sensitivity", "auc_pr"]).to_csv(
+        d / "froc.tsv", sep="\t", index=False)
+
+
+def test_render_results(run_all, tmp_path):
+    det = [("rpn+ffm+hspl", "cmb", 0.9, 0.5, 1.25), ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.5),
+           ("rpn+ffm+hspl+pruning(swi)", "cmb", 0.9, 0.75, 0.5), ("rpn+ffm+hspl+pruning(swi)", "normal", None, 0.0, 0.0)]
+    loc = [("lobar", 0.8, 1.0, 3, 3, None), ("total", 0.7, 0.75, 3, 4, 0.25)]
+    froc = [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66)]
+    _write(tmp_path / "segin-swi" / "int", det, loc, froc)
+    _write(tmp_path / "segin-swi" / "ext", [("rpn+ffm+hspl", "cmb", 0.8, 0.4, 2.0)], loc, froc)
+    _write(tmp_path / "segin-t1" / "int", [("rpn+ffm+hspl+pruning(t1)", "cmb", 0.85, 0.8, 0.4)], loc, froc)
+    found = run_all.collect(tmp_path)
+    assert set(found) == {("swi", "int"), ("swi", "ext"), ("t1", "int")}
+    text = run_all.render_results(found, "int", ["ext"], {"commit": "abc", "wall time": "1 min"})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    # ours (paper): sensitivity 90.00 % beside the paper's 94.66, FP_avg 1.25 beside 0.86, external 80 %
+    hspl = rows["rpn+ffm+hspl"]
+    assert "90.00 (94.66)" in hspl and "50.00 (78.02)" in hspl and "1.25 (0.86)" in hspl
+    assert "0.50 (0.85)" in hspl and "80.00 (93.89)" in hspl and "2.00 (2.01)" in hspl
+    assert "75.00 (84.52)" in rows["rpn+ffm+hspl+pruning(swi)"]
+    assert "85.00 (94.66)" in rows["rpn+ffm+hspl+pruning(t1)"] and "n/a" in rows["rpn+ffm+hspl+pruning(t1)"]
+    assert "n/a (88.00)" in rows["two-stage YOLOv2 + 3D CNN (paper only)"]
+    assert "0.800 (0.904)" in text and "0.25 (0.30)" in text and "3/4" in text         # Table 2, internal swi
+    assert "0.66 (0.94)" in text                                                          # AUC-PR vs Fig. 9
+    assert "- commit: abc" in text

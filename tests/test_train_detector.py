@@ -1,0 +1,109 @@
+"""Detector training: outputs, resume == uninterrupted, model loading, over-fitting a tiny set."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from microbleed.data import load_volumes
+from microbleed.nets.detector import decode
+from microbleed.runtime import load_checkpoint
+from microbleed.train import LOG_FIELDS, load_detector, train_detector
+from test_detector_synth import make_subject
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(**detector) -> dict:
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["detector"].update({"crop": [32, 32, 32], "widths": [2, 2, 4, 4, 4], "crops_per_epoch": 4,
+                            "batch_size": 2, "epochs": 3, "validation_fraction": 0.34, "seed": 3})
+    cfg["detector"].update(detector)
+    return cfg
+
+
+def _inputs(tmp: Path) -> list[tuple[str, str, str]]:
+    return [make_subject(tmp, "01", spheres=[(14, 16, 20), (30, 30, 30)], seed=1),
+            make_subject(tmp, "02", spheres=[(20, 24, 12)], tubes=[(2, (36, 10))], seed=2),
+            make_subject(tmp, "03", seed=3)]
+
+
+def _weights(model_dir: Path) -> dict:
+    return load_checkpoint(model_dir / "model.pt")["model"]
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, caplog):
+    caplog.set_level("INFO", logger="microbleed.train")
+    torch.set_num_threads(1)
+    inputs = _inputs(tmp_path)
+    full = train_detector(inputs, tmp_path / "full", _cfg(), "cpu", cohort="synth")
+    train_detector(inputs, tmp_path / "cut", _cfg(epochs=2), "cpu", cohort="synth")
+    ck = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert ck["epoch"] == 2 and "optimiser" in ck and "rng" in ck and ck["hspl"] is not None
+    caplog.clear()
+    resumed = train_detector(inputs, tmp_path / "cut", _cfg(epochs=3), "cpu", cohort="synth")
+    assert "resumed from" in caplog.text and "after epoch 2" in caplog.text
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["selection"] == full["selection"]
+    ck_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    ck_b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    assert all(torch.equal(ck_a[k], ck_b[k]) for k in ck_a)
+    rows = list(csv.DictReader(open(tmp_path / "cut" / "train_log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and list(rows[0]) == LOG_FIELDS
+
+
+def test_outputs_card_and_load(tmp_path):
+    torch.set_num_threads(1)
+    card = train_detector(_inputs(tmp_path), tmp_path / "m", _cfg(epochs=1), "cpu", cohort="synth")
+    on_disk = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert on_disk["sha256"] and on_disk["data"] == card["data"]
+    assert card["data"]["cohort"] == "synth" and len(card["data"]["val"]) == 1
+    assert sorted(card["data"]["train"] + card["data"]["val"]) == ["01", "02", "03"]
+    assert card["config"]["variant"] == "rpn+ffm+hspl" and card["config"]["z_slices"] == 112
+    assert "mean_sensitivity" in card["validation"] and card["seed"] == 3
+    model, card2 = load_detector(tmp_path / "m", "cpu")
+    assert len(card2["prototypes"]) == 2 and not model.training
+    with torch.no_grad():
+        assert model(torch.rand(1, 2, 32, 32, 32))["logits"].shape == (1, 5, 8, 8, 8)
+    (tmp_path / "m" / "model.pt").write_bytes(b"tampered")
+    with pytest.raises(Exception, match="sha256"):
+        load_detector(tmp_path / "m", "cpu")
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
+    torch.set_num_threads(1)
+    inputs = _inputs(tmp_path)
+    train_detector(inputs, tmp_path / "m", _cfg(epochs=1, variant="rpn"), "cpu")
+    card = train_detector(inputs, tmp_path / "m", _cfg(epochs=1, lr=0.005, variant="rpn"), "cpu")
+    assert card["selection"]["epochs"] == 1
+    assert load_checkpoint(tmp_path / "m" / "model.pt")["prototypes"] is None
+    assert load_checkpoint(tmp_path / "m" / "checkpoint.pt")["fingerprint"]["detector"]["lr"] == 0.005
+
+
+@pytest.mark.slow
+def test_overfit_finds_the_sphere_and_scores_the_tube_lower(tmp_path):
+    """Trained briefly on one synthetic subject, the detector finds its CMBs, not its vein."""
+    torch.set_num_threads(2)
+    spheres = [(14, 16, 20), (34, 30, 30), (20, 36, 40)]
+    inputs = [make_subject(tmp_path, "01", spheres=spheres, tubes=[(2, (36, 12)), (0, (12, 34))], seed=1)]
+    cfg = _cfg(widths=[4, 8, 16, 16, 16], crops_per_epoch=16, epochs=25, validation_fraction=0.0,
+               augment=False, lr=0.01)
+    train_detector(inputs, tmp_path / "m", cfg, "cpu")
+    model, _ = load_detector(tmp_path / "m", "cpu")
+    vol = load_volumes(inputs)[0]
+    with torch.no_grad():
+        prob, centres = decode(model(torch.from_numpy(vol.image)[None])["logits"])
+    prob = prob[0].numpy()
+    sphere_p = [prob[tuple(np.floor(np.array(s) / 4).astype(int))] for s in spheres]
+    tube_p = max(prob[9, 3, :].max(), prob[:, 3, 8].max())   # cells on the two tubes
+    assert min(sphere_p) > 0.5 and min(sphere_p) > 2 * tube_p
+    for s in spheres:
+        cell = tuple(np.floor(np.array(s) / 4).astype(int))
+        assert np.linalg.norm(centres[0][(slice(None), *cell)].numpy() - s) < 3.0

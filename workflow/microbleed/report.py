@@ -1,0 +1,446 @@
+"""Cohort evaluation tables, FROC/PR plots and the self-contained HTML report.
+
+The evaluation reads, per subject, the final findings (``sub-<id>_cmb.tsv``:
+the configured detector at its operating threshold, with predicted region and
+``pruned`` flag), the raw candidates of every evaluated method
+(``work/sub-<id>/sub-<id>_model-<slug>_candidates.tsv``, score >= 0.05, for
+the FROC/PR curves), the labels (``x, y, z`` RAS mm[, ``region``]) and the
+predicted / aseg-derived BOMBS maps (Dice). Metrics are defined in
+:mod:`microbleed.metrics`. A subject with a missing or unreadable file is
+*excluded* from every table and listed with the reason; the cohort tables are
+still written.
+
+Anatomical pruning of raw candidates (for the "+pruning" curves and for
+methods other than the configured one) is :func:`microbleed.infer.prune`, the
+very function that writes the final table (METHOD.md section 5): region
+``none`` in the predicted BOMBS map, or outside the brain mask when
+``infer.prune_outside_mask``.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .io import InputError, load_volume, read_tsv, write_tsv
+from .metrics import (FROC_FP_POINTS, REGIONS, SubjectData, count_agreement, detection_table,
+                      dice_per_class, eliminated_fp, froc_curve, froc_summary, localization_accuracy,
+                      pr_auc, region_counts, region_name)
+
+__all__ = ["Method", "SubjectFiles", "parse_methods", "evaluate_cohort", "write_metrics",
+           "plot_froc", "plot_pr", "build_report", "EvalOptions"]
+
+log = logging.getLogger(__name__)
+METHOD_RE = re.compile(r"^(rpn|rpn\+ffm|rpn\+ffm\+hspl|frst)(\+pruning)?$")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluated detection method.
+
+    Attributes:
+        name: display name, e.g. ``rpn+ffm+hspl+pruning(swi)`` or ``frst-baseline``.
+        source: slug of its raw candidates file (``rpn-ffm-hspl``, ``frst``).
+        prune: anatomical pruning applied.
+        threshold: operating score threshold.
+        final: operating point read from the final ``sub-<id>_cmb.tsv``.
+    """
+
+    name: str
+    source: str
+    prune: bool
+    threshold: float
+    final: bool
+
+
+def parse_methods(specs: Sequence[str], variant: str, segmenter_input: str, infer_threshold: float,
+                  frst_threshold: float | None = None) -> list[Method]:
+    """Methods from config ``evaluate.methods`` (empty: ``variant`` with and without pruning).
+
+    Args:
+        specs: entries ``<rpn|rpn+ffm|rpn+ffm+hspl|frst>[+pruning]``.
+        variant: the configured detector variant (its operating point is the final cmb.tsv).
+        segmenter_input: ``swi`` or ``t1`` (shown in the pruning method name).
+        infer_threshold: detector operating threshold (probability).
+        frst_threshold: tuned FRST operating threshold (needed when ``frst`` is listed).
+    """
+    specs = list(specs) or [variant, f"{variant}+pruning"]
+    out = []
+    for spec in specs:
+        m = METHOD_RE.match(spec)
+        if not m:
+            raise InputError(f"config key evaluate.methods: {spec!r} is not <rpn|rpn+ffm|rpn+ffm+hspl|frst>[+pruning]")
+        base, prune = m.group(1), bool(m.group(2))
+        if base == "frst" and frst_threshold is None:
+            raise InputError("config key evaluate.methods lists frst but no tuned FRST threshold was given")
+        name = ("frst-baseline" if base == "frst" else base) + (f"+pruning({segmenter_input})" if prune else "")
+        thr = float(frst_threshold) if base == "frst" else float(infer_threshold)
+        out.append(Method(name, base.replace("+", "-"), prune, thr, final=base == variant))
+    return out
+
+
+@dataclass
+class SubjectFiles:
+    """Expected files of one subject (paths may not exist; ``""`` = not available)."""
+
+    subject: str
+    group: str
+    labels: str
+    cmb: str
+    pred_dseg: str
+    mask: str = ""
+    true_dseg: str = ""
+    candidates: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Cohort-wide evaluation options.
+
+    Attributes:
+        hit_radius_mm: hit radius (mm) of :func:`microbleed.metrics.match_detections`.
+        variant: configured detector variant (``rpn+ffm+hspl``...).
+        segmenter_input: ``swi`` or ``t1``.
+        prune_outside_mask: config ``infer.prune_outside_mask`` (pruning of raw candidates).
+    """
+
+    hit_radius_mm: float = 5.0
+    variant: str = "rpn+ffm+hspl"
+    segmenter_input: str = "swi"
+    prune_outside_mask: bool = True
+
+
+def _bool(values: pd.Series) -> np.ndarray:
+    return values.astype(str).str.strip().str.lower().isin(["true", "1", "yes"]).to_numpy()
+
+
+def _check_exists(files: SubjectFiles, sources: Sequence[str]) -> None:
+    paths = [files.labels, files.cmb, files.pred_dseg, files.mask, files.true_dseg] + [files.candidates[s] for s in sources]
+    missing = [p for p in paths if p and not Path(p).exists()]
+    if missing:
+        raise InputError(f"missing file(s): {', '.join(missing)}", subject=files.subject)
+
+
+def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions) -> dict[str, Any]:
+    """Read one subject: labels, final findings, raw candidates per source (pruned), Dice."""
+    from .infer import prune
+    _check_exists(files, sources)
+    sid = files.subject
+    lab = read_tsv(files.labels, required=["x", "y", "z"], numeric=["x", "y", "z"], subject=sid)
+    lab_regions = [region_name(r) for r in lab["region"]] if "region" in lab.columns else []
+    group = files.group or ("cmb" if len(lab) else "normal")
+    pred = load_volume(files.pred_dseg, sid, dtype=np.int16, allow_zero=True)
+    mask = load_volume(files.mask, sid, dtype=np.uint8) if files.mask else None
+    cmb = read_tsv(files.cmb, required=["x", "y", "z", "score", "region", "pruned"],
+                   numeric=["x", "y", "z", "score"], subject=sid)
+    labels = lab[["x", "y", "z"]].to_numpy()
+    final = SubjectData(sid, group, labels, cmb[["x", "y", "z"]].to_numpy(), cmb["score"].to_numpy(),
+                        lab_regions, [region_name(r) or "none" for r in cmb["region"]], _bool(cmb["pruned"]))
+    raw = {}
+    for src in sources:
+        c = read_tsv(files.candidates[src], required=["x", "y", "z", "i", "j", "k", "score"],
+                     numeric=["x", "y", "z", "i", "j", "k", "score"], subject=sid)
+        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask)
+        raw[src] = SubjectData(sid, group, labels, t[["x", "y", "z"]].to_numpy(), t["score"].to_numpy(),
+                               lab_regions, list(t["region"]), _bool(t["pruned"]))
+    dice = {}
+    if files.true_dseg:
+        truth, _ = load_volume(files.true_dseg, sid, dtype=np.int16, allow_zero=True)
+        if truth.shape != pred[0].shape:
+            raise InputError(f"predicted BOMBS map {pred[0].shape} and label map {truth.shape} differ in shape "
+                             f"({files.pred_dseg})", subject=sid, path=files.true_dseg)
+        dice = dice_per_class(pred[0], truth)
+    return {"group": group, "final": final, "raw": raw, "dice": dice}
+
+
+def _method_tables(loaded: Sequence[dict], methods: Sequence[Method], radius: float
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """detection (method x group), FROC summary (method) and FROC curves (long)."""
+    det_rows, froc_rows, curves = [], [], []
+    for m in methods:
+        raw = [d["raw"][m.source] for d in loaded]
+        if m.final:
+            op = [d["final"] for d in loaded]
+        else:
+            op = [s.at_threshold(m.threshold) for s in raw]
+        if m.prune:
+            op = [s.select(~s.pruned) for s in op]
+            raw = [s.select(~s.pruned) for s in raw]
+        table = detection_table(op, radius)
+        table.insert(0, "method", m.name)
+        table["threshold"] = m.threshold
+        det_rows.append(table)
+        curve = froc_curve(raw, radius)
+        froc_rows.append({"method": m.name, **froc_summary(curve), "auc_pr": pr_auc(curve),
+                          "n_subjects": len(raw), "n_labels": int(sum(len(s.labels) for s in raw))})
+        curves.append(curve.assign(method=m.name))
+    det = pd.concat(det_rows, ignore_index=True) if det_rows else pd.DataFrame()
+    curve_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    if not curve_df.empty:
+        curve_df = curve_df[["method"] + [c for c in curve_df.columns if c != "method"]]
+    return det, pd.DataFrame(froc_rows), curve_df
+
+
+def _localization_table(loaded: Sequence[dict], radius: float) -> pd.DataFrame:
+    """Table 2: Dice (mean, sd over subjects), LA per class and total, EFP_avg in the total row."""
+    finals = [d["final"] for d in loaded]
+    la = localization_accuracy(finals, radius).set_index("region")
+    dice = pd.DataFrame([d["dice"] for d in loaded if d["dice"]])
+    rows = []
+    for region in (*REGIONS, "none", "total"):
+        col = dice[region] if region in dice.columns else pd.Series(dtype=float)
+        row = {"region": region, "dice_mean": col.mean(), "dice_sd": col.std(ddof=0),
+               "n_dice_subjects": int(col.notna().sum())}
+        if region in la.index:
+            row.update(la.loc[region].to_dict())
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["efp_avg"] = np.nan
+    table.loc[table["region"] == "total", "efp_avg"] = eliminated_fp(finals, radius)["efp_avg"]
+    return table
+
+
+def _framework_table(loaded: Sequence[dict], radius: float, variant: str, segmenter_input: str) -> pd.DataFrame:
+    """Table 3: the configured detector alone and with pruning, per group, with the pruned FP/TP counts."""
+    finals = [d["final"] for d in loaded]
+    rows = []
+    for task, pruned in (("detection", False), (f"detection+pruning({segmenter_input})", True)):
+        subs = [s.select(~s.pruned) for s in finals] if pruned else finals
+        t = detection_table(subs, radius).set_index("group")
+        row = {"task": task, "variant": variant}
+        for g in ("cmb", "normal", "all"):
+            row.update({f"{k}_{g}": t.loc[g, k] for k in ("sensitivity", "precision", "fp_avg", "tp", "fp", "fn")})
+            e = eliminated_fp([s for s in finals if g == "all" or s.group == g], radius)
+            row.update({f"efp_{g}": e["efp"] if pruned else 0, f"etp_{g}": e["etp"] if pruned else 0,
+                        f"efp_avg_{g}": e["efp_avg"] if pruned else 0.0})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _subject_rows(files: Sequence[SubjectFiles], loaded: Mapping[str, dict], excluded: Mapping[str, str],
+                  radius: float) -> pd.DataFrame:
+    """Per-subject status, operating-point counts, predicted (kept) and labelled counts per region."""
+    rows = []
+    for f in files:
+        row: dict[str, Any] = {"subject": f.subject, "group": f.group, "status": "included", "reason": ""}
+        if f.subject in excluded:
+            row.update(status="excluded", reason=excluded[f.subject])
+        else:
+            s = loaded[f.subject]["final"]
+            kept = s.select(~s.pruned)
+            t = detection_table([kept], radius).set_index("group").loc["all"]
+            row.update(group=s.group, tp=int(t["tp"]), fp=int(t["fp"]), fn=int(t["fn"]))
+            row.update({f"pred_{k}": v for k, v in region_counts(kept.det_regions).items()})
+            row.update({f"true_{k}": v for k, v in region_counts(s.label_regions).items()})
+            row["true_total"] = len(s.labels)                 # also when label regions are unknown
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluate_cohort(files: Sequence[SubjectFiles], methods: Sequence[Method], opts: EvalOptions
+                    ) -> dict[str, pd.DataFrame]:
+    """All metric tables of one cohort.
+
+    Returns:
+        ``{"detection", "froc", "froc_curve", "localization", "framework",
+        "subjects", "agreement"}`` DataFrames (fractions, FP per subject).
+        Excluded subjects (missing or unreadable files) appear in ``subjects``
+        with ``status = excluded`` and the reason, and in every detection row
+        (``n_excluded``, ``excluded``).
+    """
+    sources = sorted({m.source for m in methods})
+    loaded, excluded = {}, {}
+    for f in files:
+        try:
+            loaded[f.subject] = _load_subject(f, sources, opts)
+        except (ValueError, OSError) as exc:          # InputError is a ValueError: bad or missing file
+            log.warning("excluded: %s", exc)
+            excluded[f.subject] = str(exc)
+    ok = [loaded[f.subject] for f in files if f.subject in loaded]
+    hit_radius_mm = opts.hit_radius_mm
+    det, froc, curves = _method_tables(ok, methods, hit_radius_mm)
+    note = "; ".join(excluded.values())                 # each message names subject and file
+    if not det.empty:
+        det["n_excluded"] = len(excluded)
+        det["excluded"] = note
+    subjects = _subject_rows(files, loaded, excluded, hit_radius_mm)
+    inc = subjects[subjects["status"] == "included"].set_index("subject")
+    pred_cols = {f"pred_{r}": r for r in (*REGIONS, "total")}
+    true_cols = {f"true_{r}": r for r in (*REGIONS, "total")}
+    agreement = (count_agreement(inc[list(pred_cols)].rename(columns=pred_cols),
+                                 inc[list(true_cols)].rename(columns=true_cols))
+                 if not inc.empty else pd.DataFrame())
+    return {"detection": det, "froc": froc, "froc_curve": curves,
+            "localization": _localization_table(ok, hit_radius_mm),
+            "framework": _framework_table(ok, hit_radius_mm, opts.variant, opts.segmenter_input),
+            "subjects": subjects, "agreement": agreement}
+
+
+def write_metrics(tables: Mapping[str, pd.DataFrame], paths: Mapping[str, str]) -> None:
+    """Write each table whose name is in ``paths`` as TSV (atomic), fractions with 4 decimals."""
+    for name, path in paths.items():
+        write_tsv(tables[name], path)
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_froc(curves: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """FROC plot: sensitivity vs FP_avg (log x, 1/8..8 marked) per method, PNG."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    lo, hi = FROC_FP_POINTS[0] / 2, FROC_FP_POINTS[-1] * 2
+    for name, c in (curves.groupby("method", sort=False) if not curves.empty else []):
+        x = np.clip(c["fp_avg"].to_numpy(float), lo, None)      # FP_avg 0 drawn at the left edge
+        y = np.nan_to_num(c["sensitivity"].to_numpy(float))
+        ax.plot(np.append(x, hi), np.append(y, y[-1]), drawstyle="steps-post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_xticks(FROC_FP_POINTS, [f"{p:g}" for p in FROC_FP_POINTS])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per subject (FP_avg)")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title or "FROC")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_pr(curves: pd.DataFrame, froc: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Precision-recall plot per method (AUC-PR in the legend), PNG."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    auc = dict(zip(froc.get("method", []), froc.get("auc_pr", [])))
+    for name, c in (curves.groupby("method", sort=False) if not curves.empty else []):
+        c = c[c["n_detections"] > 0]
+        ax.step(c["sensitivity"], c["precision"], where="post", label=f"{name} (AUC {auc.get(name, np.nan):.2f})")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision")
+    ax.set_title(title or "Precision-recall")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    from .io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    _figure().close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- HTML
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.82em;margin:.6em 0}td,th{border:1px solid #ddd;padding:2px 6px;
+text-align:right}th{background:#f3f3f3}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.8em}
+img{max-width:100%}.figs img{width:48%;margin-right:1%}.note{color:#666;font-size:.9em}
+details{margin:.4em 0}"""
+
+
+def _img(path: str | Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(df: pd.DataFrame | None) -> str:
+    if df is None or df.empty:
+        return '<p class="note">(no rows)</p>'
+    return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="n/a", border=0)
+
+
+def _read(path: str | Path) -> pd.DataFrame | None:
+    p = Path(path)
+    return pd.read_csv(p, sep="\t") if p.exists() and p.stat().st_size else None
+
+
+def _montages(cohort_dir: Path, subjects: Sequence[str], limit: int) -> str:
+    parts, n = [], 0
+    for sid in subjects:
+        pngs = sorted((cohort_dir / f"sub-{sid}" / "qc").glob("*.png"))
+        if not pngs:
+            continue
+        imgs = []
+        for p in pngs:
+            if n >= limit:
+                break
+            imgs.append(f"<figure>{_img(p, p.name)}<figcaption>{html.escape(p.name)}</figcaption></figure>")
+            n += 1
+        parts.append(f"<details><summary>sub-{html.escape(sid)} ({len(pngs)} images)</summary>{''.join(imgs)}</details>")
+    if not parts:
+        return '<p class="note">No montage found (results/&lt;cohort&gt;/sub-&lt;id&gt;/qc/*.png).</p>'
+    if n >= limit:
+        parts.append(f'<p class="note">Only the first {limit} images are shown.</p>')
+    return "".join(parts)
+
+
+def build_report(cohort: str, metrics: Mapping[str, str], cohort_dir: str | Path, subjects: Sequence[str],
+                 config: Mapping[str, Any], cards: Mapping[str, str], out_html: str | Path,
+                 max_images: int = 300) -> Path:
+    """Write ``report.html``: one self-contained file (inline CSS, base64 PNGs, no external link).
+
+    Args:
+        metrics: name -> path of the metric files (``detection``, ``framework``,
+            ``localization``, ``froc``, ``agreement``, ``subjects``: TSV;
+            ``froc_png``, ``pr_png``: PNG).
+        cohort_dir: ``results/<cohort>``, searched for ``sub-<id>/qc/*.png`` montages.
+        config: the run's config (dumped as YAML).
+        cards: model name -> path of a ``card.json`` (or ``params.json``); missing files are noted.
+    """
+    t = {k: _read(v) for k, v in metrics.items() if str(v).endswith(".tsv")}
+    figs = "".join(_img(metrics[k], k) for k in ("froc_png", "pr_png") if k in metrics and Path(metrics[k]).exists())
+    card_html = []
+    for name, path in cards.items():
+        body = (json.dumps(json.loads(Path(path).read_text()), indent=2) if Path(path).exists()
+                else f"(missing: {path})")
+        card_html.append(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(body)}</pre></details>")
+    sections = [
+        ("Detection (paper Table 1)", _table(t.get("detection"))
+         + '<p class="note">Fractions (0-1); FP_avg = false positives per subject; hit = one-to-one match within '
+           f'{html.escape(str(config.get("evaluate", {}).get("hit_radius_mm", "")))} mm.</p>'),
+        ("Whole framework (paper Table 3)", _table(t.get("framework"))),
+        ("Anatomical localisation (paper Table 2)", _table(t.get("localization"))),
+        ("FROC and precision-recall", f'<div class="figs">{figs}</div>' + _table(t.get("froc"))),
+        ("Count agreement per region", _table(t.get("agreement"))),
+        ("Per-subject counts", _table(t.get("subjects"))),
+        ("Detections (montages)", _montages(Path(cohort_dir), subjects, max_images)),
+        ("Model cards", "".join(card_html) or '<p class="note">none</p>'),
+        ("Configuration", f"<pre>{html.escape(yaml.safe_dump(_plain(config), sort_keys=False))}</pre>"),
+    ]
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    body = "".join(f"<h2>{html.escape(h)}</h2>{c}" for h, c in sections)
+    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>CMB report: {html.escape(cohort)}'
+           f"</title><style>{CSS}</style></head><body><h1>Cerebral microbleeds: cohort {html.escape(cohort)}</h1>"
+           f'<p class="note">Generated {now}; {len(subjects)} subjects.</p>{body}</body></html>')
+    from .io import atomic_path
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
+    return Path(out_html)
+
+
+def _plain(obj: Any) -> Any:
+    """Config (possibly Snakemake's mapping types) as plain dicts/lists for YAML."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,91 @@
+# Input functions and paths of the evaluate and report stages (included by evaluate.smk).
+import re
+
+FRST_DIR = f"{RESULTS}/models/baseline_frst"
+
+
+def eval_methods():
+    """config evaluate.methods, or detector.variant with and without pruning."""
+    variant = config["detector"]["variant"]
+    return list(config["evaluate"]["methods"]) or [variant, f"{variant}+pruning"]
+
+
+def eval_sources():
+    """Slugs of the raw candidate files read by the evaluation (rpn-ffm-hspl, frst...)."""
+    return sorted({slug(re.sub(r"\+pruning$", "", m)) for m in eval_methods()})
+
+
+def uses_frst():
+    return "frst" in eval_sources()
+
+
+def candidates_path(cohort, subject, source):
+    """Raw candidates of one detector (or `frst`) for one subject."""
+    return sub_path(cohort, subject, f"model-{source}_candidates.tsv", f"work/sub-{subject}")
+
+
+def eval_subject_files(cohort):
+    """Expected files of every subject of an evaluated cohort (microbleed.report.SubjectFiles fields)."""
+    rows = []
+    for s in subjects(cohort):
+        row = subject_row(cohort, s)
+        if not row["cmb"]:
+            raise InputError(f"config key evaluate_cohorts: cohort {cohort!r}, subject {s} has no CMB "
+                             f"labels (subjects table column 'cmb'); evaluation needs them")
+        rows.append({
+            "subject": s, "group": row["group"], "labels": row["cmb"],
+            "cmb": sub_path(cohort, s, "cmb.tsv"),
+            "pred_dseg": sub_path(cohort, s, "desc-bombs_dseg.nii.gz"),
+            "mask": sub_path(cohort, s, "desc-brain_mask.nii.gz"),
+            "true_dseg": sub_path(cohort, s, "desc-bombs_dseg.nii.gz", "labels") if row["aseg"] else "",
+            "candidates": {src: candidates_path(cohort, s, src) for src in eval_sources()},
+        })
+    return rows
+
+
+def evaluate_inputs(wildcards):
+    files = []
+    for row in eval_subject_files(wildcards.cohort):
+        files += [row[k] for k in ("labels", "cmb", "pred_dseg", "mask", "true_dseg") if row[k]]
+        files += list(row["candidates"].values())
+    if config["evaluate"]["allow_missing"]:
+        files = [f for f in files if os.path.exists(f)]
+    inputs = {"files": files}
+    if uses_frst():
+        inputs["frst"] = rules.tune_baseline.output.params
+    return inputs
+
+
+def _metric(name, caption, category="Metrics"):
+    return report(f"{RESULTS}/{{cohort}}/metrics/{name}", caption=f"../report/{caption}.rst",
+                  category=category, subcategory="{cohort}")
+
+
+def tune_inputs(wildcards):
+    cohort = config["train_cohort"]
+    labels = []
+    for s in subjects(cohort):
+        if not subject_row(cohort, s)["cmb"]:
+            raise InputError(f"config key train_cohort: cohort {cohort!r}, subject {s} has no CMB labels; "
+                             "the FRST baseline is tuned on them")
+        labels.append(subject_row(cohort, s)["cmb"])
+    return {
+        "swi": [sub_path(cohort, s, "desc-preproc_swi.nii.gz", f"preproc/sub-{s}") for s in subjects(cohort)],
+        "mask": [sub_path(cohort, s, "desc-brain_mask.nii.gz") for s in subjects(cohort)],
+        "labels": labels,
+    }
+
+
+def report_models():
+    """Weights of the models behind the findings (ordering only; their cards are read)."""
+    models = [f"{detector_dir()}/model.pt", f"{segmenter_dir()}/model.pt"]
+    if uses_frst():
+        models.append(rules.tune_baseline.output.params)
+    return models
+
+
+def report_cards():
+    cards = {"detector": f"{detector_dir()}/card.json", "segmenter": f"{segmenter_dir()}/card.json"}
+    if uses_frst():
+        cards["frst-baseline"] = f"{FRST_DIR}/params.json"
+    return cards

@@ -1,0 +1,38 @@
+"""Cohort metric tables and FROC/PR plots (rule evaluate_cohort). Logic: microbleed.report."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from microbleed.report import EvalOptions, SubjectFiles, evaluate_cohort, parse_methods, plot_froc, plot_pr, write_metrics
+
+TABLES = ("detection", "localization", "framework", "froc", "froc_curve", "subjects", "agreement")
+
+
+def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[str], variant: str,
+         segmenter_input: str, infer_threshold: float, hit_radius_mm: float, prune_outside_mask: bool,
+         frst_params: str | None, outputs: Mapping[str, str]) -> None:
+    """Evaluate one cohort; ``subjects`` are dicts of :class:`SubjectFiles` fields (expected paths)."""
+    frst_threshold = json.loads(Path(frst_params).read_text())["threshold"] if frst_params else None
+    parsed = parse_methods(methods, variant, segmenter_input, infer_threshold, frst_threshold)
+    files = [SubjectFiles(**s) for s in subjects]
+    opts = EvalOptions(hit_radius_mm, variant, segmenter_input, prune_outside_mask)
+    tables = evaluate_cohort(files, parsed, opts)
+    write_metrics(tables, {k: outputs[k] for k in TABLES})
+    plot_froc(tables["froc_curve"], outputs["froc_png"], f"FROC: {cohort}")
+    plot_pr(tables["froc_curve"], tables["froc"], outputs["pr_png"], f"Precision-recall: {cohort}")
+    excluded = tables["subjects"].query("status == 'excluded'")
+    logging.info("cohort %s: %d subjects, %d excluded", cohort, len(files), len(excluded))
+
+
+if "snakemake" in globals():
+    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO,  # noqa: F821
+                        format="%(asctime)s %(levelname)s %(message)s")
+    smk = snakemake  # noqa: F821
+    main(cohort=smk.wildcards.cohort, subjects=smk.params.subjects, methods=smk.params.methods,
+         variant=smk.params.variant, segmenter_input=smk.params.segmenter_input,
+         infer_threshold=smk.params.infer_threshold, hit_radius_mm=smk.params.hit_radius_mm,
+         prune_outside_mask=smk.params.prune_outside_mask,
+         frst_params=smk.params.frst_params or None, outputs=dict(smk.output.items()))

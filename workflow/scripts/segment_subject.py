@@ -1,0 +1,25 @@
+"""Rule `segment`: pre-processed structural image + segmenter -> predicted BOMBS map (SWI grid)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from microbleed.segment import segment_subject
+
+
+def main(image: str, model_dir: str, out_path: str, *, subject: str, expected_input: str,
+         window: Sequence[int], overlap: float, sw_batch_size: int, device: str) -> None:
+    """Run :func:`microbleed.segment.segment_subject` for one subject."""
+    segment_subject(Path(image), Path(model_dir), Path(out_path), subject=subject, expected_input=expected_input,
+                    window=tuple(int(w) for w in window), overlap=float(overlap),
+                    sw_batch_size=int(sw_batch_size), device=device)
+
+
+if "snakemake" in globals():
+    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import torch
+    torch.set_num_threads(max(1, int(snakemake.threads)))
+    main(snakemake.input.image, str(Path(snakemake.input.model).parent), snakemake.output.dseg,
+         subject=snakemake.wildcards.subject, **snakemake.params)
