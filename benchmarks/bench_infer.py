@@ -152,7 +152,41 @@ def segment_monai(model, image, device, roi):
 
 
 def run_pipeline(kind, det, seg, subject, device, cfg, threshold):
-    """One subject: detection, NMS + mapping, segmentation, pruning. Returns timings and counts."""
+    """One subject: detection, NMS + mapping, segmentation, pruning. Returns timings and counts.
+
+    On CUDA the pipeline runs twice and the second run is reported (the first
+    pays for cuDNN algorithm selection and allocator warm-up).
+    """
+    if device.type == "cuda":
+        _run_once(kind, det, seg, subject, device, cfg, threshold)
+    return _run_once(kind, det, seg, subject, device, cfg, threshold)
+
+
+def engine_check(device) -> str:
+    """Equal detections, checked with an analytic detector that finds dark blobs exactly.
+
+    Random networks cannot show that both engines find the same CMBs (their
+    peaks depend on tile context); the analytic fake of the tests can: 24
+    blobs planted at random in a demo-size grid, 64^3 windows for both engines.
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_infer_fakes import DarkCentroidNet, blob_image
+    rng = np.random.default_rng(1)
+    shape = (160, 192, 112)
+    truth = rng.uniform(12, np.asarray(shape) - 12, size=(24, 3))
+    img = blob_image(shape, np.eye(4), truth)
+    vol = np.stack([img, 1.0 - img])
+    found = {}
+    for name, fn in [("ours", lambda: detect_volume(DarkCentroidNet(), vol, device, (64, 64, 64), 0.25)),
+                     ("MONAI", lambda: detect_volume_monai(DarkCentroidNet(), vol, device, (64, 64, 64)))]:
+        c = fn()
+        c = c[c[:, 3] >= 0.5]
+        d, _ = cKDTree(c[:, :3]).query(truth)
+        found[name] = f"{name} {len(c)} detections, {int((d < 1.0).sum())}/24 within 1 voxel (max error {d.max():.2f} voxels)"
+    return "- engine check (analytic blob detector, 24 planted blobs): " + "; ".join(found.values())
+
+
+def _run_once(kind, det, seg, subject, device, cfg, threshold):
     from microbleed.segment import segment_volume
     img, vol, swi_aff, grid_aff = subject
     out = {}
@@ -247,6 +281,7 @@ def main(argv=None) -> Path:
         table += rows
         notes.append(summary)
         print("\n".join(rows + [summary]), flush=True)
+    notes.append(engine_check(device))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines + table + [""] + notes) + "\n")

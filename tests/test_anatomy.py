@@ -230,3 +230,23 @@ def test_label_source_errors(monkeypatch):
         A.resolve_label_source("recon-all", has_aseg=False, has_t1=False, subject="03")
     with pytest.raises(ValueError):
         A.resolve_label_source("freesurfer", True, True)
+
+
+@pytest.mark.slow
+def test_bombs_from_simulated_aseg_matches_truth(tmp_path):
+    """On a simulated subject the aseg-derived BOMBS map equals the truth away from class borders."""
+    from scipy import ndimage
+
+    from microbleed.cohort import bids_paths, simulated_root
+    from microbleed.simulate import truth_paths
+    root = simulated_root("demo-train", Path(__file__).resolve().parents[1] / "results")
+    paths, truth = bids_paths(root, "001"), truth_paths(root, "001")
+    if not Path(truth["bombs"]).exists() or not Path(paths["aseg"]).exists():
+        pytest.skip("results/cohorts/demo-train is not simulated yet")
+    A.write_labels(paths["aseg"], paths["swi"], tmp_path / "b.nii.gz", tmp_path / "m.nii.gz", tmp_path / "m.tsv",
+                   subject="001", capsule_rule=False)
+    ours = load_volume(tmp_path / "b.nii.gz", dtype=np.uint8)[0]
+    ref = load_volume(truth["bombs"], dtype=np.uint8, allow_zero=True)[0]
+    interior = (ref > 0) & (ndimage.grey_erosion(ref, size=3) == ndimage.grey_dilation(ref, size=3))
+    assert (ours[interior] == ref[interior]).mean() > 0.999
+    assert (ours[ref > 0] == ref[ref > 0]).mean() > 0.95

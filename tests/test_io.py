@@ -109,3 +109,11 @@ def test_voxel_to_ras_matches_nibabel():
     aff = oblique_affine()
     pts = np.array([[0, 0, 0], [3.5, 2, 1], [10, 20, 30]], float)
     np.testing.assert_allclose(voxel_to_ras(pts, aff), nib.affines.apply_affine(aff, pts))
+
+
+def test_atomic_outputs_are_readable_by_others(tmp_path):
+    import os
+    path = save_image(np.ones((2, 2, 2), np.float32), np.eye(4), tmp_path / "p.nii.gz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

@@ -138,9 +138,15 @@ def bombs_class(label_id: int) -> int:
 
 def _lookup(aseg: np.ndarray, mapping) -> np.ndarray:
     """Map every ID of ``aseg`` through ``mapping(id) -> int`` (uint8 result, same shape)."""
-    ids, inverse = np.unique(np.asarray(aseg).astype(np.int64), return_inverse=True)
-    table = np.array([mapping(int(i)) for i in ids], dtype=np.uint8)
-    return table[inverse].reshape(np.shape(aseg))
+    arr = np.asarray(aseg).astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 1 << 20):    # odd IDs: the slow general path
+        ids, inverse = np.unique(arr, return_inverse=True)
+        table = np.array([mapping(int(i)) for i in ids], dtype=np.uint8)
+        return table[inverse].reshape(arr.shape)
+    present = np.flatnonzero(np.bincount(arr.ravel(), minlength=1))
+    table = np.zeros(int(present.max()) + 1 if present.size else 1, np.uint8)
+    table[present] = [mapping(int(i)) for i in present]
+    return table[arr]
 
 
 def remap_bombs(aseg: np.ndarray) -> np.ndarray:
@@ -303,12 +309,20 @@ def bombs_from_aseg(aseg: np.ndarray, affine: np.ndarray, capsule_rule: bool = T
     Returns:
         ``(bombs (X, Y, Z), mars (X, Y, Z))``.
     """
-    aseg = np.asarray(aseg).astype(np.int64)
+    full = np.asarray(aseg).astype(np.int64)
+    bombs_full = np.zeros(full.shape, np.uint8)
+    mars_full = np.zeros(full.shape, np.uint8)
+    if not full.any():
+        return bombs_full, mars_full
+    box = _bbox(full > 0, np.ones(3, int))            # the labelled field only: same result, less work
+    aseg = full[box]
     bombs = remap_bombs(aseg)
     capsule = capsule_labels(aseg, affine, internal_mm, external_mm) if capsule_rule else None
     if capsule is not None:
         bombs[capsule > 0] = DEEP
-    return bombs, mars_map(aseg, affine, capsule)
+    bombs_full[box] = bombs
+    mars_full[box] = mars_map(aseg, affine, capsule)
+    return bombs_full, mars_full
 
 
 # --------------------------------------------------------------------------- sources and outputs

@@ -63,9 +63,9 @@ def dipole_field_fft(chi: np.ndarray, voxel_mm, pad_fraction: float = 0.25) -> n
     """
     shape = tuple(sfft.next_fast_len(int(n + 2 * math.ceil(n * pad_fraction)), real=True)
                   for n in chi.shape)
-    spec = sfft.rfftn(np.asarray(chi, np.float32), s=shape, workers=-1)
+    spec = sfft.rfftn(np.asarray(chi, np.float32), s=shape)
     spec *= dipole_kernel(shape, voxel_mm)
-    out = sfft.irfftn(spec, s=shape, workers=-1)
+    out = sfft.irfftn(spec, s=shape)
     return np.ascontiguousarray(out[: chi.shape[0], : chi.shape[1], : chi.shape[2]], dtype=np.float32)
 
 

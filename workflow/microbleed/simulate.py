@@ -43,18 +43,19 @@ import matplotlib
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import fft as sfft
 from scipy import ndimage
 
 from . import phantom as ph
 from . import physics
-from .cohort import bids_paths
-from .io import atomic_path, save_image, write_tsv
+from .cohort import bids_paths, simulated_subjects
+from .io import InputError, atomic_path, save_image, write_tsv
 
 matplotlib.use("Agg")
 
 __all__ = ["Acquisition", "FOV_MM", "acquisition_grid", "fine_factors", "truth_paths",
            "subject_paths", "reorient", "homodyne", "acquire", "simulate_subject",
-           "write_participants"]
+           "write_participants", "cohort_simulation", "subject_job", "memory_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ def _qc_montage(path: str, img: Images, cmb: pd.DataFrame, mimics: pd.DataFrame,
 
 
 def simulate_subject(out_root: str | Path, subject: str, group: str, seed: int,
-                     acquisition: Mapping[str, Any]) -> dict[str, str]:
+                     acquisition: Mapping[str, Any], threads: int = 2) -> dict[str, str]:
     """Simulate one subject and write all its files under the cohort folder ``out_root``.
 
     Args:
@@ -422,6 +423,7 @@ def simulate_subject(out_root: str | Path, subject: str, group: str, seed: int,
         seed: the subject's seed (cohort seed * 1000 + index); same seed -> same bytes.
         acquisition: config ``acquisitions.<name>`` (voxel_mm, te_ms, b0_t, snr,
             orientation, phase_units).
+        threads: FFT threads.
     Returns:
         ``{kind: path}`` of the written files (see :func:`subject_paths`).
     """
@@ -437,7 +439,8 @@ def simulate_subject(out_root: str | Path, subject: str, group: str, seed: int,
     veins = ph.make_veins(rng, anat, acq.b0_t)
     spheres = _place_sources(rng, anat, group, acq.b0_t)
     acq_labels = ph.sample_labels(tmpl, defo, grid)
-    img = _images(rng, anat, spheres, defo, grid, acq, acq_labels)
+    with sfft.set_workers(max(1, int(threads))):
+        img = _images(rng, anat, spheres, defo, grid, acq, acq_labels)
     aseg = _aseg_image(tmpl, defo, anat, grid)
     del anat
     cmb, mimics = _tables(spheres, veins)
@@ -446,6 +449,44 @@ def simulate_subject(out_root: str | Path, subject: str, group: str, seed: int,
     _qc_montage(paths["qc"], img, cmb, mimics, subject)
     log.info("sub-%s: %d CMB, %d mimics, grid %s (fine %s)", subject, len(cmb), len(mimics), grid.shape, fine.shape)
     return paths
+
+
+def cohort_simulation(config: Mapping[str, Any], cohort: str) -> Mapping[str, Any]:
+    """Config ``cohorts.<cohort>.simulate``; InputError naming the key if the cohort is not simulated."""
+    entry = config["cohorts"].get(cohort)
+    if entry is None or "simulate" not in entry:
+        simulated = sorted(c for c, e in config["cohorts"].items() if "simulate" in e)
+        raise InputError(f"cohort {cohort!r} has no `simulate` entry under config key cohorts "
+                         f"(simulated cohorts: {simulated})")
+    return entry["simulate"]
+
+
+def subject_job(config: Mapping[str, Any], cohort: str, subject: str) -> dict[str, Any]:
+    """Parameters of one simulated subject: ``group``, ``seed`` (cohort seed * 1000 + index),
+    ``acquisition`` (the config mapping), ``mem_mb`` (measured peak memory + margin).
+
+    Raises:
+        InputError: cohort not simulated, subject not in it, acquisition not defined.
+    """
+    sim = cohort_simulation(config, cohort)
+    listed = simulated_subjects(sim)
+    index = next((n for n, (sid, _) in enumerate(listed, start=1) if sid == subject), None)
+    if index is None:
+        raise InputError(f"subject {subject!r} is not in simulated cohort {cohort!r} (config key "
+                         f"cohorts.{cohort}.simulate.subjects: ids 001..{len(listed):03d})")
+    name = sim["acquisition"]
+    if name not in config.get("acquisitions", {}):
+        raise InputError(f"config key cohorts.{cohort}.simulate.acquisition: {name!r} is not under `acquisitions`")
+    acq = config["acquisitions"][name]
+    return {"group": listed[index - 1][1], "seed": int(sim["seed"]) * 1000 + index, "acquisition": dict(acq),
+            "mem_mb": memory_mb(Acquisition.from_config(acq))}
+
+
+def memory_mb(acq: Acquisition) -> int:
+    """Peak memory (MB) of one subject + 30 %: measured ~500 MB + 63 bytes per fine-grid voxel
+    (0.9 GB at 1x1x2 mm, 2.2 GB at 0.5x0.5x2 mm; benchmarks/bench_simulate.py)."""
+    n_fine = int(np.prod(acquisition_grid(acq).refine(fine_factors(acq)).shape))
+    return int(1.3 * (500 + 63e-6 * n_fine))
 
 
 def write_participants(path: str | Path, subjects: list[tuple[str, str]]) -> Path:

@@ -1,0 +1,62 @@
+"""Workflow scripts of the segmenter: train_segmenter.py and segment_subject.py (imported without Snakemake)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from microbleed.io import InputError, load_volume, save_image
+from test_segmenter import TINY, phantom, write_cohort
+
+torch.set_num_threads(2)
+SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seg")
+    inputs = write_cohort(tmp / "data", n=2)
+    subjects, images, labels = (list(x) for x in zip(*inputs))
+    _script("train_segmenter").main(subjects, images, labels, str(tmp / "model" / "model.pt"),
+                                    dict(TINY, epochs=1), "cpu")
+    return tmp
+
+
+def test_train_script_writes_model_folder(trained):
+    assert (trained / "model" / "model.pt").exists() and (trained / "model" / "card.json").exists()
+
+
+def test_train_script_rejects_mismatched_lists(tmp_path):
+    with pytest.raises(ValueError, match="2 subjects, 1 images"):
+        _script("train_segmenter").main(["001", "002"], ["a"], ["b", "c"], str(tmp_path / "model.pt"), TINY, "cpu")
+
+
+def test_segment_script_writes_bombs_map_in_image_grid(trained, tmp_path):
+    image, _ = phantom((30, 27, 9), seed=5)
+    affine = np.array([[-1.0, 0, 0, 90], [0, 1.0, 0, -120], [0, 0, 2.0, -60], [0, 0, 0, 1]])
+    save_image(image, affine, tmp_path / "swi.nii.gz")
+    out = tmp_path / "sub-005" / "sub-005_desc-bombs_dseg.nii.gz"
+    _script("segment_subject").main(str(tmp_path / "swi.nii.gz"), str(trained / "model"), str(out),
+                                    subject="005", expected_input="swi", window=[16, 16, 8], overlap=0.25,
+                                    sw_batch_size=2, device="cpu")
+    labels, out_affine = load_volume(out, allow_zero=True, dtype=np.int16)
+    assert labels.shape == image.shape and set(np.unique(labels)) <= {0, 1, 2, 3}
+    np.testing.assert_allclose(out_affine, affine)
+
+
+def test_segment_script_refuses_model_of_other_input(trained, tmp_path):
+    save_image(phantom((16, 16, 8))[0], np.eye(4), tmp_path / "t1.nii.gz")
+    with pytest.raises(InputError, match="subject 009.*trained on 'swi'"):
+        _script("segment_subject").main(str(tmp_path / "t1.nii.gz"), str(trained / "model"),
+                                        str(tmp_path / "out.nii.gz"), subject="009", expected_input="t1",
+                                        window=[16, 16, 8], overlap=0.25, sw_batch_size=1, device="cpu")
