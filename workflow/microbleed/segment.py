@@ -33,7 +33,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from tqdm import tqdm
 
-from .io import InputError, load_volume
+from .io import InputError, load_volume, save_image
 from .metrics import dice_per_class
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
 from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save_checkpoint, seed_everything,

@@ -10,7 +10,8 @@ Validation: a held-out fraction of the subjects (``detector.validation_fraction`
 at least one subject when there are two or more, CMB subjects and normal
 subjects drawn in proportion). After every epoch each validation volume goes
 through the same sliding-window detection and NMS as inference
-(:mod:`microbleed.infer`), and the score is the FROC score of
+(:mod:`microbleed.infer`), with tiles no larger than the training crop (the
+network then sees the context it was trained on), and the score is the FROC score of
 :mod:`microbleed.metrics`: mean sensitivity at 1/8, 1/4, ..., 8 false positives
 per subject, hit radius ``evaluate.hit_radius_mm``. Ties keep the later epoch.
 Without a validation CMB the last epoch is kept.
@@ -133,8 +134,12 @@ def _state_copy(module: torch.nn.Module | None) -> dict[str, torch.Tensor] | Non
 def _train_epoch(model: torch.nn.Module, hspl: ConcentrationLoss | None, loader: DataLoader,
                  optimiser: torch.optim.Optimizer, device: torch.device, dcfg: Mapping[str, Any],
                  epoch: int) -> dict[str, float]:
-    """One pass over the epoch's crops; returns the mean of every loss term."""
+    """One pass over the epoch's crops; returns the mean of every loss term.
+
+    The gradient norm is clipped to ``detector.grad_clip`` (0: no clipping).
+    """
     fmt = preferred_memory_format(device)
+    clip = float(dcfg.get("grad_clip") or 0.0)
     model.train()
     sums = {"loss": 0.0, "cls": 0.0, "reg": 0.0, "con": 0.0}
     n = 0
@@ -147,6 +152,9 @@ def _train_epoch(model: torch.nn.Module, hspl: ConcentrationLoss | None, loader:
                                      f"(cls {float(terms['cls'])}, reg {float(terms['reg'])}); lower detector.lr")
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        if clip > 0:
+            params = [q for group in optimiser.param_groups for q in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimiser.step()
         for k in sums:
             sums[k] += float(terms[k].detach()) * len(x)
@@ -252,8 +260,8 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     csv = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv.truncate_after("epoch", run.epoch)
     crops = DetectionCrops(train_vols, d["crop"], int(d["crops_per_epoch"]), int(d["seed"]),
-                           augment=bool(d["augment"]), ignore_neighbours=bool(d["ignore_neighbours"]))
-    window = [max(c, 128) for c in d["crop"]]
+                           augment=bool(d["augment"]), ignore_neighbours=bool(d.get("ignore_neighbours", True)))
+    window = [int(c) for c in d["crop"]]
     log.info("training %s on %d subjects (validation %d), %d crops/epoch, device %s",
              d["variant"], len(train_vols), len(val_vols), len(crops), device)
     while run.epoch < int(d["epochs"]):
