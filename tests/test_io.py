@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from microbleed.io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, save_image,
+from microbleed.io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, reorient_like, save_image, to_canonical,
                            voxel_sizes, voxel_to_ras, write_tsv)
 
 
@@ -117,3 +117,19 @@ def test_atomic_outputs_are_readable_by_others(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+@pytest.mark.parametrize("codes", [("L", "A", "S"), ("L", "I", "A"), ("P", "S", "R")])
+def test_canonical_roundtrip_keeps_world_positions(codes):
+    ras = np.diag([0.5, 0.6, 2.0, 1.0])
+    ras[:3, 3] = [-40, -50, -30]
+    data = np.random.default_rng(3).random((6, 7, 5)).astype(np.float32)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(ras),
+                                           nib.orientations.axcodes2ornt(codes))
+    other = nib.orientations.apply_orientation(data, ornt)
+    other_aff = ras @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    assert nib.aff2axcodes(other_aff) == codes
+    back, back_aff = to_canonical(other, other_aff)
+    np.testing.assert_array_equal(back, data)
+    np.testing.assert_allclose(back_aff, ras)
+    np.testing.assert_array_equal(reorient_like(back, back_aff, other_aff, other.shape), other)

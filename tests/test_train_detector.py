@@ -100,10 +100,10 @@ def test_overfit_finds_the_spheres_and_scores_the_tubes_lower(tmp_path):
     model, _ = load_detector(tmp_path / "m", "cpu")
     vol = load_volumes(inputs)[0]
     cands = detect_volume(model, vol.image, "cpu", window=(32, 32, 32), box=20)
-    top = cands[nms_ras(cands[:, :3], cands[:, 3], 5.0)][:3]
-    dist = np.linalg.norm(top[:, None, :3] - np.array(spheres)[None], axis=2)
-    assert np.all(dist.min(axis=1) < 3.0) and np.all(dist.min(axis=0) < 3.0)   # the 3 best = the 3 spheres
-    with torch.no_grad():
-        prob, _ = decode(model(torch.from_numpy(vol.image[:, :32, :32, :32])[None])["logits"])
-    tube = max(float(prob[0, 8, 2, :].max()), float(prob[0, :, 2, 8].max()))   # cells on both tubes
-    assert float(prob[0, 3, 4, 5]) > 0.5 > tube                                 # sphere (14, 16, 20)
+    kept = cands[nms_ras(cands[:, :3], cands[:, 3], 5.0)]
+    dist = np.linalg.norm(kept[:3, None, :3] - np.array(spheres)[None], axis=2)
+    # the 3 best candidates are the 3 spheres, within a cell half-diagonal (2*sqrt(3) voxels) + slack
+    assert np.all(dist.min(axis=1) < 4.0) and np.all(dist.min(axis=0) < 4.0)
+    on_tube = (np.hypot(kept[:, 0] - 36, kept[:, 1] - 12) < 3) | (np.hypot(kept[:, 1] - 12, kept[:, 2] - 34) < 3)
+    tube = kept[on_tube, 3].max() if on_tube.any() else 0.0
+    assert kept[2, 3] > 0.5 and kept[2, 3] > 2 * tube

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
+from .anatomy import BOMBS_NAMES as _BOMBS
 from .io import InputError, load_image, load_volume, ras_to_voxel, voxel_sizes, voxel_to_ras
 
 __all__ = [
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 STRIDE = 4          # detector output cell size in input voxels
 MULTIPLE = 16       # detector input sizes must be multiples of this
-BOMBS_NAMES = ("none", "lobar", "deep", "infratentorial")
+BOMBS_NAMES = tuple(_BOMBS[c] for c in range(4))   # index = BOMBS code
 CANDIDATE_COLUMNS = ["cand_id", "x", "y", "z", "i", "j", "k", "score"]
 CMB_COLUMNS = ["cmb_id", "x", "y", "z", "i", "j", "k", "score", "region", "pruned", "prune_reason"]
 

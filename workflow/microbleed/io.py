@@ -32,6 +32,8 @@ __all__ = [
     "ras_to_voxel",
     "voxel_to_ras",
     "voxel_sizes",
+    "to_canonical",
+    "reorient_like",
 ]
 
 
@@ -223,3 +225,36 @@ def voxel_to_ras(points_ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths in mm ``(3,)`` (column norms of the affine)."""
     return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder/flip the voxel axes of ``data`` (X, Y, Z[, C]) to the closest RAS orientation.
+
+    A pure axis permutation and flip (no interpolation): every voxel keeps its
+    RAS position, read through the returned affine. Networks see every cohort
+    in one orientation (LAS, LIA, ... become RAS), so the slice axis is the
+    third one and the coordinate channels mean the same thing everywhere.
+
+    Returns:
+        ``(data_ras, affine_ras)``.
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    out = nib.orientations.apply_orientation(np.asarray(data), ornt)
+    return out, np.asarray(affine, float) @ nib.orientations.inv_ornt_aff(ornt, np.asarray(data).shape[:3])
+
+
+def reorient_like(data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray,
+                  target_shape: Sequence[int]) -> np.ndarray:
+    """Bring ``data`` (e.g. in RAS from :func:`to_canonical`) back to the voxel order of a target grid.
+
+    Raises:
+        ValueError: the two grids differ by more than an axis permutation/flip.
+    """
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.io_orientation(target_affine))
+    out = nib.orientations.apply_orientation(np.asarray(data), ornt)
+    new_aff = np.asarray(affine, float) @ nib.orientations.inv_ornt_aff(ornt, np.asarray(data).shape[:3])
+    if tuple(out.shape[:3]) != tuple(target_shape) or not np.allclose(new_aff, target_affine, atol=1e-3):
+        raise ValueError(f"grids differ by more than a reorientation: {out.shape[:3]} vs {tuple(target_shape)},\n"
+                         f"{new_aff}\nvs\n{target_affine}")
+    return out

@@ -26,6 +26,7 @@ from nibabel.processing import resample_from_to
 from scipy import ndimage
 
 from .io import InputError
+from .anatomy import BOMBS_NAMES, DEEP, INFRATENTORIAL, LOBAR, _METHOD_IDS, remap_bombs
 
 __all__ = ["Grid", "Template", "Deformation", "Anatomy", "Sphere", "FILL_GM", "FILL_WM",
            "BOMBS_NAMES", "desikan_atlas_path", "load_template", "bombs_lut", "aseg_ids",
@@ -35,11 +36,10 @@ __all__ = ["Grid", "Template", "Deformation", "Anatomy", "Sphere", "FILL_GM", "F
 FILL_GM, FILL_WM, CORD = 9001, 9002, 9104
 CSF_RIM, SKULL, SCALP = 9101, 9102, 9103
 N_IDS = 10000
-BOMBS_NAMES = {0: "none", 1: "lobar", 2: "deep", 3: "infratentorial"}
 CORTEX_IDS = (3, 42, *range(1000, 1036), *range(2000, 2036))
-LOBAR_IDS = (*CORTEX_IDS, 2, 41, 77, 78, 79, *range(251, 256), 17, 53, 18, 54)
-DEEP_IDS = (10, 49, 11, 50, 12, 51, 13, 52, 26, 58, 28, 60)
-INFRA_IDS = (16, 7, 46, 8, 47)
+LOBAR_IDS = _METHOD_IDS[LOBAR]          # METHOD.md section 1, one table in microbleed.anatomy
+DEEP_IDS = _METHOD_IDS[DEEP]
+INFRA_IDS = _METHOD_IDS[INFRATENTORIAL]
 WM_IDS = (2, 41, FILL_WM, *range(251, 256), 77, 78, 79, 85, 7, 46, CORD)
 CSF_IDS = (4, 5, 14, 15, 24, 43, 44, CSF_RIM)
 
@@ -173,11 +173,7 @@ def _signed_distance(brain: np.ndarray, affine: np.ndarray, pad_mm: int = 24) ->
 
 def bombs_lut() -> np.ndarray:
     """``(10000,)`` uint8 lookup aseg ID -> BOMBS code (0 none, 1 lobar, 2 deep, 3 infra), METHOD.md §1."""
-    lut = np.zeros(N_IDS, np.uint8)
-    lut[list(LOBAR_IDS)] = 1
-    lut[list(DEEP_IDS)] = 2
-    lut[list(INFRA_IDS)] = 3
-    return lut
+    return remap_bombs(np.arange(N_IDS))
 
 
 def aseg_ids(labels: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .io import InputError, load_volume, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras
+from .io import InputError, load_volume, ras_to_voxel, save_image, to_canonical, voxel_sizes, voxel_to_ras
 
 __all__ = [
     "BACKENDS", "resolve_backend", "resample_to_grid", "deepbet_mask", "bet_mask", "skull_strip",
@@ -296,7 +296,8 @@ def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *
 def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *, subject=None,
                          phase_mode: str = "raw", phase_units: str = "auto", phase_sign: int = 1,
                          highpass_fwhm_mm: float = 8.0, percentiles=(0.5, 99.5)) -> tuple[Path, Path]:
-    """Normalised SWI and phase in the SWI grid (float32, [0, 1] in the mask, 0 outside).
+    """Normalised SWI and phase (float32, [0, 1] in the mask, 0 outside) in the SWI grid
+    reoriented to RAS (:func:`microbleed.io.to_canonical`: axes permuted/flipped, no interpolation).
 
     Phase: units -> radians; ``raw`` phase is homodyne high-pass filtered;
     multiplied by ``phase_sign`` so that paramagnetic sources (CMBs) are
@@ -316,22 +317,21 @@ def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *,
         raise ValueError(f"phase must be raw|filtered, got {phase_mode!r}")
     rad = rad * float(phase_sign)
     log.info("subject %s: phase units %s, mode %s, sign %+d", subject, units, phase_mode, phase_sign)
-    save_image(robust_minmax(swi, mask, percentiles, subject=subject, path=swi_path), aff, out_swi,
-               dtype=np.float32)
-    save_image(robust_minmax(rad, mask, percentiles, subject=subject, path=phase_path), aff, out_phase,
-               dtype=np.float32)
+    for data, src, out in ((swi, swi_path, out_swi), (rad, phase_path, out_phase)):
+        ras, ras_aff = to_canonical(robust_minmax(data, mask, percentiles, subject=subject, path=src), aff)
+        save_image(ras, ras_aff, out, dtype=np.float32)
     return Path(out_swi), Path(out_phase)
 
 
 def preprocess_t1(t1_path, swi_path, mask_path, out_t1, *, subject=None, percentiles=(0.5, 99.5)) -> Path:
-    """T1w resampled to the SWI grid (trilinear through the affines), masked and normalised."""
+    """T1w resampled to the SWI grid (trilinear through the affines), masked, normalised, RAS-ordered."""
     t1, t1_aff = load_volume(t1_path, subject)
     swi, aff = load_volume(swi_path, subject)
     mask_data, m_aff = load_volume(mask_path, subject)
     check_same_grid(swi.shape, aff, mask_data.shape, m_aff, subject=subject, path_b=mask_path)
     on_swi = resample_to_grid(t1, t1_aff, swi.shape, aff, order=1)
     out = robust_minmax(on_swi, mask_data > 0, percentiles, subject=subject, path=t1_path)
-    return save_image(out, aff, out_t1, dtype=np.float32)
+    return save_image(*to_canonical(out, aff), out_t1, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- z-interpolation

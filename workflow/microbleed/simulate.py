@@ -46,6 +46,7 @@ import pandas as pd
 from scipy import fft as sfft
 from scipy import ndimage
 
+from .anatomy import bombs_from_aseg
 from . import phantom as ph
 from . import physics
 from .cohort import bids_paths, simulated_subjects
@@ -324,7 +325,7 @@ def _images(rng: np.random.Generator, anat: ph.Anatomy, spheres: list[ph.Sphere]
     phase_hp = homodyne(sig, grid.voxel)
     magnitude = np.abs(sig).astype(np.float32)
     brain = physics.block_mean(anat.brain.astype(np.float32), factors) >= 0.5
-    bombs = ph.bombs_lut()[ph.aseg_ids(acq_labels)]
+    bombs, _ = bombs_from_aseg(ph.aseg_ids(acq_labels), grid.affine, capsule_rule=True)  # as the labels rule
     return Images(grid, physics.swi(magnitude, phase_hp, SWI_POWER), np.angle(sig).astype(np.float32),
                   phase_hp, _t1w(rng, anat, spheres, grid, factors), brain.astype(np.uint8), bombs)
 

@@ -38,3 +38,49 @@ rule train_segmenter:
         ENV_PY
     script:
         "../scripts/train_segmenter.py"
+
+
+def _detector_training_files(kind):
+    """Detector inputs (kind "volume") or CMB TSVs (kind "cmb") of every train_cohort subject."""
+    cohort = config["train_cohort"]
+    if kind == "volume":
+        return [sub_path(cohort, s, "desc-detector_input.nii.gz", f"preproc/sub-{s}") for s in subjects(cohort)]
+    missing = [s for s in subjects(cohort) if not has_file(cohort, s, "cmb")]
+    if missing:
+        raise InputError(f"config key train_cohort: cohort {cohort!r}: subject(s) {missing} have no CMB "
+                         "label file (subjects table column 'cmb'); every training subject needs one "
+                         "(an empty table for a subject without CMB)")
+    return [subject_row(cohort, s)["cmb"] for s in subjects(cohort)]
+
+
+rule train_detector:
+    input:
+        volumes=_detector_training_files("volume"),
+        labels=_detector_training_files("cmb"),
+    output:
+        # train_log.csv and checkpoint.pt are written beside them, undeclared on purpose:
+        # Snakemake deletes the outputs of a failed job, and a rerun resumes from checkpoint.pt.
+        model=f"{RESULTS}/models/detector_{{variant}}/model.pt",
+        card=f"{RESULTS}/models/detector_{{variant}}/card.json",
+    params:
+        subjects=subjects(config["train_cohort"]),
+        cohort=config["train_cohort"],
+        cfg=lambda wc: {
+            "detector": {**config["detector"], "variant": wc.variant.replace("-", "+")},
+            "preprocess": {"z_slices": config["preprocess"]["z_slices"]},
+            "evaluate": {"hit_radius_mm": config["evaluate"]["hit_radius_mm"]},
+        },
+        device=config["device"],
+    log:
+        log_path("train_detector", "{variant}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/train_detector/{{variant}}.tsv"
+    threads: 8
+    resources:
+        mem_mb=8000,
+        runtime=480,
+        gpu=1,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/train_detector.py"
