@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -138,7 +139,7 @@ def speed(cfg: dict, device: torch.device, model_dir: str | None, repeats: int, 
     rows = []
     for name, shape in SHAPES.items():
         r = time_segmentation(model, shape, device, seg_cfg, repeats)
-        rows.append(f"| {name} | {'x'.join(map(str, shape))} | {r['seconds']:.1f} | {r['peak_mb']:.0f} |")
+        rows.append(f"| {name} | {'x'.join(map(str, shape))} | {r['seconds']:.2f} | {r['peak_mb']:.0f} |")
         print(rows[-1], flush=True)
     step = time_train_step(dict(seg_cfg), device)
     lines = [f"# Segmenter speed ({device.type})", "", f"Machine: {machine(device)}.", "",
@@ -148,8 +149,9 @@ def speed(cfg: dict, device: torch.device, model_dir: str | None, repeats: int, 
              "| resolution | voxels | seconds per subject | peak memory MB |", "|---|---|---|---|", *rows, "",
              f"Training step (batch {seg_cfg['batch_size']} crops of {seg_cfg['crop']}): {step:.2f} s; "
              f"an epoch of {seg_cfg['crops_per_epoch']} crops: about "
-             f"{step * -(-int(seg_cfg['crops_per_epoch']) // int(seg_cfg['batch_size'])):.0f} s.",
-             "", "Command: `.venv/bin/python benchmarks/bench_segmenter.py --device " + device.type + "`", ""]
+             f"{step * -(-int(seg_cfg['crops_per_epoch']) // int(seg_cfg['batch_size'])):.1f} s.",
+             "", "Command: `.venv/bin/python " + " ".join(["benchmarks/bench_segmenter.py", *sys.argv[1:]]) + "`",
+             ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
@@ -197,6 +199,23 @@ def dice(cfg: dict, device: torch.device, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: Path) -> dict:
+    """config/config.yaml overlaid with ``path`` (as Snakemake's ``--configfile`` does), schema defaults filled."""
+    from snakemake.utils import validate
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    if path.resolve() != (ROOT / "config" / "config.yaml").resolve():
+        cfg = _merge(cfg, yaml.safe_load(path.read_text()))
+    validate(cfg, str(ROOT / "config" / "schemas" / "config.schema.yaml"), set_default=True)
+    return cfg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
@@ -205,14 +224,17 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="trained model folder (speed mode; default random weights)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dice", action="store_true", help="Dice per class on the evaluated cohorts")
+    ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/segmenter[_dice].md)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = load_config(Path(args.config))
     device = select_device(args.device)
+    results = ROOT / "benchmarks" / "results"
     if args.dice:
-        dice(cfg, device, ROOT / "benchmarks" / "results" / "segmenter_dice.md")
+        dice(cfg, device, Path(args.out) if args.out else results / "segmenter_dice.md")
     else:
-        speed(cfg, device, args.model, args.repeats, ROOT / "benchmarks" / "results" / "segmenter.md")
+        name = "segmenter.md" if device.type == "cpu" else f"segmenter_{device.type}.md"
+        speed(cfg, device, args.model, args.repeats, Path(args.out) if args.out else results / name)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,13 @@ def test_split_subjects_holds_out_cmb_and_normal_in_proportion():
     assert [v.subject for v in split_subjects(vols, 0.25, seed=0)[1]] == [v.subject for v in val]
     assert split_subjects(vols[:1], 0.5, 0)[1] == []
     assert len(split_subjects(vols[:2], 0.1, 0)[1]) == 1
+
+
+def test_label_paths_require_a_label_file_per_training_subject():
+    import pandas as pd
+    from microbleed.data import label_paths
+    table = pd.DataFrame({"subject": ["01", "02"], "cmb": ["a/01.tsv", "a/02.tsv"]})
+    assert label_paths(table, "c") == ["a/01.tsv", "a/02.tsv"]
+    table.loc[1, "cmb"] = ""
+    with pytest.raises(InputError, match="cohort 'c'.*'02'"):
+        label_paths(table, "c")

@@ -239,3 +239,14 @@ def test_sliding_window_blending_is_exact_for_pointwise_model():
 def test_segment_volume_rejects_4d():
     with pytest.raises(ValueError, match="X, Y, Z"):
         segment_volume(torch.nn.Conv3d(4, 4, 1), np.zeros((4, 4, 4, 2), np.float32))
+
+
+@pytest.mark.slow
+def test_training_learns_the_phantom(tmp_path):
+    """A short training separates the four phantom classes on a held-out subject."""
+    inputs = write_cohort(tmp_path / "data", n=4, shape=(48, 56, 24))
+    cfg = dict(TINY, crop=[32, 32, 8], widths=[8, 16, 32], epochs=12, crops_per_epoch=32, batch_size=4,
+               lr=0.003, validation_fraction=0.25, window=[48, 48, 16])
+    card = train_segmenter(inputs, tmp_path / "model", cfg, "cpu")
+    dice = card["validation_dice"]
+    assert dice["lobar"] > 0.8 and dice["total"] > 0.6, dice

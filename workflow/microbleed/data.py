@@ -29,12 +29,13 @@ from typing import Sequence
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from .io import InputError, ras_to_voxel, read_tsv
 
-__all__ = ["Volume", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
+__all__ = ["Volume", "label_paths", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
            "encode_targets", "DetectionCrops", "CLEAR_VOXELS"]
 
 #: Margin (detector voxels) around a CMB-free crop that must also be free of CMB centres.
@@ -57,6 +58,20 @@ class Volume:
     image: np.ndarray
     affine: np.ndarray
     centres: np.ndarray
+
+
+def label_paths(table: pd.DataFrame, cohort: str) -> list[str]:
+    """CMB label TSV of every subject of a cohort table (column ``cmb``), in table order.
+
+    Raises:
+        InputError naming the cohort and the subjects without a label file: every
+        training subject needs one (an empty table for a subject without CMB).
+    """
+    missing = [s for s, path in zip(table["subject"], table["cmb"]) if not path]
+    if missing:
+        raise InputError(f"cohort {cohort!r}: subject(s) {missing} have no CMB label file (subjects table "
+                         "column 'cmb'); every training subject needs one (empty for a subject without CMB)")
+    return [str(p) for p in table["cmb"]]
 
 
 def load_detector_input(path: str | os.PathLike, subject: str | None = None,

@@ -1,4 +1,5 @@
 # Rules of the train stage.
+from microbleed.data import label_paths
 
 
 rule train_segmenter:
@@ -40,23 +41,13 @@ rule train_segmenter:
         "../scripts/train_segmenter.py"
 
 
-def _detector_training_files(kind):
-    """Detector inputs (kind "volume") or CMB TSVs (kind "cmb") of every train_cohort subject."""
-    cohort = config["train_cohort"]
-    if kind == "volume":
-        return [sub_path(cohort, s, "desc-detector_input.nii.gz", f"preproc/sub-{s}") for s in subjects(cohort)]
-    missing = [s for s in subjects(cohort) if not has_file(cohort, s, "cmb")]
-    if missing:
-        raise InputError(f"config key train_cohort: cohort {cohort!r}: subject(s) {missing} have no CMB "
-                         "label file (subjects table column 'cmb'); every training subject needs one "
-                         "(an empty table for a subject without CMB)")
-    return [subject_row(cohort, s)["cmb"] for s in subjects(cohort)]
-
-
 rule train_detector:
     input:
-        volumes=_detector_training_files("volume"),
-        labels=_detector_training_files("cmb"),
+        volumes=[
+            sub_path(config["train_cohort"], s, "desc-detector_input.nii.gz", f"preproc/sub-{s}")
+            for s in subjects(config["train_cohort"])
+        ],
+        labels=lambda wc: label_paths(TABLES[config["train_cohort"]], config["train_cohort"]),
     output:
         # train_log.csv and checkpoint.pt are written beside them, undeclared on purpose:
         # Snakemake deletes the outputs of a failed job, and a rerun resumes from checkpoint.pt.

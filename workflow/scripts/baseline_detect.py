@@ -1,5 +1,4 @@
 """FRST baseline candidates of one subject (rule baseline_detect). Logic: microbleed.baseline."""
-from __future__ import annotations
 
 import json
 import logging

@@ -1,5 +1,4 @@
 """Rule `detect`: detector input + model -> raw candidates TSV (score >= floor, after NMS)."""
-from __future__ import annotations
 
 import logging
 from pathlib import Path

@@ -1,5 +1,4 @@
 """Cohort metric tables and FROC/PR plots (rule evaluate_cohort). Logic: microbleed.report."""
-from __future__ import annotations
 
 import json
 import logging

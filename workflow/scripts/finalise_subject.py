@@ -1,5 +1,4 @@
 """Rule `finalise`: candidates + BOMBS map + brain mask -> cmb.tsv, sphere mask, counts, QC montages."""
-from __future__ import annotations
 
 import logging
 from pathlib import Path

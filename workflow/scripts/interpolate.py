@@ -1,5 +1,4 @@
 """Rule interpolate: 4D detector input (X, Y, z_slices, 2) [swi, phase] (microbleed.preprocess.detector_input)."""
-from __future__ import annotations
 
 import logging
 

@@ -1,5 +1,4 @@
 """Rule labels: BOMBS + MARS maps in the SWI grid from a given aseg or from FreeSurfer (microbleed.anatomy)."""
-from __future__ import annotations
 
 import logging
 from pathlib import Path

@@ -1,5 +1,4 @@
 """Rule preprocess: normalised SWI and high-pass filtered, normalised phase (microbleed.preprocess)."""
-from __future__ import annotations
 
 import logging
 

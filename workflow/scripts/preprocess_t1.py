@@ -1,5 +1,4 @@
 """Rule preprocess_t1: T1w resampled to the SWI grid, masked and normalised (microbleed.preprocess)."""
-from __future__ import annotations
 
 import logging
 

@@ -1,5 +1,4 @@
 """Self-contained cohort report.html (rule report). Logic: microbleed.report.build_report."""
-from __future__ import annotations
 
 import logging
 from typing import Any, Mapping, Sequence

@@ -1,5 +1,4 @@
 """Rule `segment`: pre-processed structural image + segmenter -> predicted BOMBS map (SWI grid)."""
-from __future__ import annotations
 
 import logging
 from pathlib import Path

@@ -1,5 +1,4 @@
 """Rule skullstrip: brain mask of one subject in the SWI grid (microbleed.preprocess.skull_strip)."""
-from __future__ import annotations
 
 import logging
 

@@ -1,5 +1,4 @@
 """Rule `train_detector`: detector inputs + CMB labels of the training cohort -> detector model folder."""
-from __future__ import annotations
 
 import logging
 from pathlib import Path

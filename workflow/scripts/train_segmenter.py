@@ -1,5 +1,4 @@
 """Rule `train_segmenter`: pre-processed images + BOMBS maps of the training cohort -> segmenter model folder."""
-from __future__ import annotations
 
 import logging
 from pathlib import Path

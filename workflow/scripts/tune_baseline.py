@@ -1,5 +1,4 @@
 """Tune the FRST baseline on the training cohort (rule tune_baseline). Logic: microbleed.baseline."""
-from __future__ import annotations
 
 import json
 import logging
