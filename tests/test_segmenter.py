@@ -112,12 +112,22 @@ def test_class_balanced_sampling_sees_every_class():
     assert set(np.unique(centre_classes)) == {0, 1, 2, 3}
 
 
-def test_none_centres_lie_inside_brain_box():
+def test_centre_strata_split_none_at_the_brain_box():
     _, labels = phantom((32, 36, 16))
-    none = np.unravel_index(class_centres(labels)[0], labels.shape)
+    strata = class_centres(labels)
+    assert len(strata) == 5 and all(s.size for s in strata)
+    inside = np.unravel_index(strata[0], labels.shape)
     brain = np.nonzero(labels > 0)
     for axis in range(3):
-        assert none[axis].min() >= brain[axis].min() and none[axis].max() <= brain[axis].max()
+        assert inside[axis].min() >= brain[axis].min() and inside[axis].max() <= brain[axis].max()
+    outside = np.unravel_index(strata[4], labels.shape)
+    beyond = np.zeros(strata[4].size, bool)
+    for axis in range(3):
+        beyond |= (outside[axis] < brain[axis].min()) | (outside[axis] > brain[axis].max())
+    assert beyond.all()
+    assert sorted(np.concatenate([strata[0], strata[4]])) == list(np.flatnonzero(labels.ravel() == 0))
+    for c in (1, 2, 3):
+        assert np.all(labels.ravel()[strata[c]] == c)
 
 
 # --------------------------------------------------------------------------- loss and metrics

@@ -46,7 +46,7 @@ __all__ = [
     "NONE", "LOBAR", "DEEP", "INFRATENTORIAL", "BOMBS_NAMES", "bombs_name", "bombs_class",
     "EXTRA_IDS", "remap_bombs", "capsule_mask", "MARS", "mars_table", "mars_name", "mars_map",
     "capsule_labels", "bombs_from_aseg", "resolve_label_source", "run_synthseg", "run_recon_all", "write_labels",
-    "CAPSULE_MIN_ANGLE_DEG",
+    "CAPSULE_MIN_ANGLE_DEG", "KNOWN_NONE_IDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ EXTRA_IDS = {
     INFRATENTORIAL: (6, 45) + tuple(range(170, 180)),
 }
 _CLASS_OF = {i: c for table in (_METHOD_IDS, EXTRA_IDS) for c, ids in table.items() for i in ids}
+#: FreeSurfer IDs that are ``none`` on purpose (background, ventricles, CSF, vessels, choroid plexus,
+#: hypointensities, optic chiasm, ...): no warning. Any other unlisted ID is ``none`` with a warning.
+KNOWN_NONE_IDS = frozenset((0, 4, 5, 14, 15, 24, 30, 31, 43, 44, 62, 63, 72, 80, 81, 82, 85, 98, 165, 258, 259))
 
 # FreeSurfer lobe grouping of the Desikan-Killiany labels (index within 1000+/2000+).
 _DK_LOBES = {
@@ -395,6 +398,10 @@ def write_labels(aseg_path, ref_path, out_bombs, out_mars, out_tsv, *, subject: 
     """
     aseg, aseg_aff = load_volume(aseg_path, subject, dtype=np.int32)
     ref, ref_aff = load_volume(ref_path, subject)
+    unknown = sorted(set(np.unique(aseg).tolist()) - set(_CLASS_OF) - KNOWN_NONE_IDS)
+    if unknown:
+        log.warning("subject %s, file %s: label IDs %s are not FreeSurfer IDs known to the BOMBS table: "
+                    "labelled none", subject, aseg_path, unknown[:20])
     bombs, mars = bombs_from_aseg(aseg, aseg_aff, capsule_rule, internal_mm, external_mm)
     bombs_ref = resample_to_grid(bombs, aseg_aff, ref.shape, ref_aff, order=0)
     if not bombs_ref.any():

@@ -31,7 +31,7 @@ COHORT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 def check_subject_id(subject: str, where: str = "") -> str:
     """Return ``subject`` if it matches ``[A-Za-z0-9]+`` (no path can escape), else raise."""
-    if not isinstance(subject, str) or not SUBJECT_RE.match(subject):
+    if not isinstance(subject, str) or not SUBJECT_RE.fullmatch(subject):
         raise InputError(f"subject id {subject!r} is not [A-Za-z0-9]+ (ids become file names){where}")
     return subject
 
@@ -115,7 +115,7 @@ def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "res
         InputError: empty cohort, duplicate subject ids, ids that are not
             ``[A-Za-z0-9]+``, missing table columns; the message names the cohort.
     """
-    if not COHORT_RE.match(name):
+    if not COHORT_RE.fullmatch(name):
         raise InputError(f"cohort name {name!r} is not [A-Za-z0-9_-]+")
     if "simulate" in entry:
         root = simulated_root(name, results)

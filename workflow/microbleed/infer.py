@@ -409,6 +409,19 @@ class DetectParams:
     device: str = "auto"
 
 
+def _window_for(window: Sequence[int], card: dict) -> tuple[int, int, int]:
+    """Tile size: ``window`` capped by the crop the detector was trained on (card ``config.crop``).
+
+    A U-Net that goes down to 1/16 sees its whole training crop at the bottleneck,
+    so it is only applied on windows it has seen (larger windows gave
+    image-independent scores on small-crop models); tiles still overlap by the box.
+    """
+    crop = (card.get("config") or {}).get("crop")
+    if not crop:
+        return tuple(int(w) for w in window)
+    return tuple(min(int(w), int(c)) for w, c in zip(window, crop))
+
+
 def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str | Path,
                    out_tsv: str | Path, params: DetectParams, subject: str | None = None,
                    loader: Callable | None = None) -> pd.DataFrame:
@@ -424,8 +437,9 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
     device = select_device(params.device)
     volume, grid_affine = load_detector_input(volume_path, subject)
     swi_affine = np.asarray(load_image(swi_path, subject).affine, dtype=float)
-    model, _card = loader(model_dir, device)
-    cands = detect_volume(model, volume, device, params.window, params.overlap,
+    model, card = loader(model_dir, device)
+    window = _window_for(params.window, card)
+    cands = detect_volume(model, volume, device, window, params.overlap,
                           params.floor, params.batch, params.box, params.channels_last)
     table = candidates_table(cands, grid_affine, swi_affine, params.nms_radius_mm, params.box)
     write_tsv(table, out_tsv, float_format="%.6g")

@@ -284,7 +284,7 @@ def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINT
     thr = curve["threshold"].to_numpy(float)
     order = pd.DataFrame({"fp": fps, "sens": sens}).groupby("fp")["sens"].max()
     xs, ys = order.index.to_numpy(float), order.to_numpy(float)
-    if xs[0] > 0:
+    if xs.size == 0 or xs[0] > 0:        # no finite FP_avg (no subject): the origin only
         xs, ys = np.concatenate([[0.0], xs]), np.concatenate([[0.0], ys])
     out: dict[str, float] = {}
     values = []

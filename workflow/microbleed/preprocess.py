@@ -203,6 +203,10 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
     ``auto``: integer-valued data whose range exceeds ``[-pi, pi]`` by more than
     a rounding margin are scanner units (e.g. ``-4096..4095`` or ``0..4095``);
     anything else is radians. ``radians``/``scanner`` are returned as given.
+
+    Raises:
+        InputError: (``auto`` only) the range exceeds ``2 pi`` but stays within
+            ``[-180, 360]``: degrees, which are refused rather than guessed.
     """
     if units not in ("auto", "radians", "scanner"):
         raise ValueError(f"phase_units must be auto|radians|scanner, got {units!r}")
@@ -210,6 +214,11 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
         return units
     finite = phase[np.isfinite(phase)]
     lo, hi = float(finite.min()), float(finite.max())
+    if lo >= -180.5 and hi <= 360.5 and (hi - lo) > 2 * math.pi + 0.5:
+        raise InputError(f"phase range [{lo:g}, {hi:g}] looks like degrees (-180..180 or 0..360), which "
+                         "are not supported: convert to radians, or set preprocess.phase_units "
+                         "(radians|scanner) if these really are radians or scanner units",
+                         subject=subject, path=path)
     integer = bool(np.all(np.abs(finite - np.round(finite)) < 1e-3))
     if integer and (hi - lo) > 2 * math.pi + 0.5:
         return "scanner"

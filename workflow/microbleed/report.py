@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .io import InputError, load_volume, read_tsv, write_tsv
+from .io import InputError, load_volume, ras_to_voxel, read_tsv, write_tsv
 from .metrics import (FROC_FP_POINTS, REGIONS, SubjectData, count_agreement, detection_table,
                       dice_per_class, eliminated_fp, froc_curve, froc_summary, localization_accuracy,
                       pr_auc, region_counts, region_name)
@@ -131,6 +131,25 @@ def _check_exists(files: SubjectFiles, sources: Sequence[str]) -> None:
         raise InputError(f"missing file(s): {', '.join(missing)}", subject=files.subject)
 
 
+def _check_labels_inside(labels_ras: np.ndarray, pred: tuple, mask: tuple | None, subject: str, path: str) -> None:
+    """CMB labels (RAS mm, ``(N, 3)``) outside the SWI grid of ``pred`` are an input error; outside the
+    brain ``mask`` they are kept and logged as a warning (a label at the brain edge is plausible)."""
+    if not len(labels_ras):
+        return
+    ijk = ras_to_voxel(labels_ras, pred[1])
+    shape = np.array(pred[0].shape[:3])
+    outside = np.any((ijk < -0.5) | (ijk > shape - 0.5), axis=1)
+    if outside.any():
+        raise InputError(f"{int(outside.sum())} CMB label(s) fall outside the image grid {tuple(shape)} "
+                         f"(first at RAS {np.round(labels_ras[outside][0], 1)} mm)", subject=subject, path=path)
+    if mask is not None:
+        vox = np.clip(np.round(ijk).astype(int), 0, shape - 1)
+        off = mask[0][tuple(vox.T)] == 0
+        if off.any():
+            log.warning("subject %s, file %s: %d CMB label(s) lie outside the brain mask (first at RAS %s mm)",
+                        subject, path, int(off.sum()), np.round(labels_ras[off][0], 1))
+
+
 def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions) -> dict[str, Any]:
     """Read one subject: labels, final findings, raw candidates per source (pruned), Dice."""
     from .infer import prune
@@ -141,6 +160,7 @@ def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions
     group = files.group or ("cmb" if len(lab) else "normal")
     pred = load_volume(files.pred_dseg, sid, dtype=np.int16, allow_zero=True)
     mask = load_volume(files.mask, sid, dtype=np.uint8) if files.mask else None
+    _check_labels_inside(lab[["x", "y", "z"]].to_numpy(float), pred, mask, sid, files.labels)
     cmb = read_tsv(files.cmb, required=["x", "y", "z", "score", "region", "pruned"],
                    numeric=["x", "y", "z", "score"], subject=sid)
     labels = lab[["x", "y", "z"]].to_numpy()

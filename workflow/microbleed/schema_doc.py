@@ -70,7 +70,9 @@ def update_readme(readme: Path, schema_path: Path = SCHEMA_PATH) -> bool:
         raise ValueError(f"{readme}: markers {START} ... {END} not found")
     new = pattern.sub(lambda _: block, text)
     if new != text:
-        Path(readme).write_text(new)
+        from .io import atomic_path
+        with atomic_path(readme) as tmp:
+            tmp.write_text(new)
     return new != text
 
 

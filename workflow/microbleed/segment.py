@@ -8,8 +8,10 @@ Training (:func:`train_segmenter`) draws random crops (config ``segmenter.crop``
 64x64x16 voxels by default) whose centres are class-balanced: each crop first
 draws one of the classes present in the subject, uniformly, then a voxel of
 that class, so the small deep and infratentorial regions are seen as often as
-lobar tissue. ``none`` centres are drawn inside the bounding box of the labelled
-brain (the empty background outside the head teaches nothing). The loss is
+lobar tissue. ``none`` is split in two strata drawn like classes: ``none``
+inside the bounding box of the labelled brain (ventricles, CSF, where mimics
+lie) and ``none`` outside it (the background that a whole-volume pass also
+sees), so each stratum gets 1/5 of the crops. The loss is
 MONAI's Dice loss (softmax, one-hot targets, computed over the whole batch),
 optionally plus cross-entropy. Crops of one epoch come from a generator seeded
 with ``(seed, epoch)``, so a run resumed from the checkpoint of epoch ``e`` draws
@@ -33,7 +35,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from tqdm import tqdm
 
-from .io import InputError, load_volume, save_image
+from .io import InputError, load_image, load_volume, reorient_like, save_image
 from .metrics import dice_per_class
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
 from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save_checkpoint, seed_everything,
@@ -57,7 +59,7 @@ class SegSubject:
         subject: id.
         image: ``(X, Y, Z)`` float32 structural image (pre-processed, [0, 1]).
         labels: ``(X, Y, Z)`` uint8 BOMBS codes.
-        centres: per class (0..3), flat voxel indices allowed as crop centres.
+        centres: flat voxel indices of the crop-centre strata (:func:`class_centres`).
     """
 
     subject: str
@@ -67,12 +69,14 @@ class SegSubject:
 
 
 def class_centres(labels: np.ndarray) -> list[np.ndarray]:
-    """Flat indices of the voxels of each class; ``none`` only inside the labelled brain's bounding box.
+    """Flat indices of the voxels of each crop-centre stratum.
 
     Args:
         labels: ``(X, Y, Z)`` BOMBS codes.
     Returns:
-        list of 4 int64 arrays (possibly empty) of indices into ``labels.ravel()``.
+        list of 5 int64 arrays (possibly empty) of indices into ``labels.ravel()``: ``none``
+        inside the bounding box of the labelled brain, lobar, deep, infratentorial, and
+        ``none`` outside that box.
     """
     allowed = np.ones(labels.shape, bool)
     brain = np.nonzero(labels > 0)
@@ -80,7 +84,8 @@ def class_centres(labels: np.ndarray) -> list[np.ndarray]:
         allowed[:] = False
         allowed[tuple(slice(a.min(), a.max() + 1) for a in brain)] = True
     flat, ok = labels.ravel(), allowed.ravel()
-    return [np.flatnonzero((flat == c) & ok) if c == 0 else np.flatnonzero(flat == c) for c in range(N_CLASSES)]
+    strata = [np.flatnonzero((flat == 0) & ok)] + [np.flatnonzero(flat == c) for c in range(1, N_CLASSES)]
+    return strata + [np.flatnonzero((flat == 0) & ~ok)]
 
 
 def load_training_subject(subject: str, image_path: str | Path, bombs_path: str | Path) -> SegSubject:
@@ -137,7 +142,7 @@ def sample_crops(subjects: Sequence[SegSubject], n: int, crop: Sequence[int], rn
     xs, ys = [], []
     for _ in range(n):
         sub = subjects[int(rng.integers(len(subjects)))]
-        present = [c for c in range(N_CLASSES) if sub.centres[c].size]
+        present = [c for c in range(len(sub.centres)) if sub.centres[c].size]
         cls = present[int(rng.integers(len(present)))]
         centre = np.unravel_index(int(rng.choice(sub.centres[cls])), sub.labels.shape)
         start = crop_start(centre, crop, sub.labels.shape)
@@ -372,8 +377,13 @@ def segment_volume(model: torch.nn.Module, image: np.ndarray, device: str | torc
 
 def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
                     expected_input: str | None = None, window: Sequence[int] = (128, 128, 32),
-                    overlap: float = 0.25, sw_batch_size: int = 1, device: str = "auto") -> Path:
-    """Segment one subject and write its BOMBS map (uint8, same grid and affine as the image).
+                    overlap: float = 0.25, sw_batch_size: int = 1, device: str = "auto",
+                    reference: str | Path | None = None) -> Path:
+    """Segment one subject and write its BOMBS map (uint8).
+
+    The map is written in the grid of ``reference`` (the subject's SWI as
+    acquired: LAS, LIA ...) when given, else in the image's own (RAS-ordered) grid;
+    the two differ by an axis permutation/flip only, so no voxel is interpolated.
 
     Args:
         image_path: pre-processed SWI or T1w ``(X, Y, Z)`` in the SWI grid.
@@ -393,4 +403,8 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
     labels = segment_volume(model, image, next(model.parameters()).device, window, overlap, sw_batch_size)
     log.info("subject %s: segmented %s in %.1f s, voxels per class %s", subject, image.shape, time.time() - t0,
              np.bincount(labels.ravel(), minlength=N_CLASSES).tolist())
+    if reference is not None:
+        ref = load_image(reference, subject)
+        labels = reorient_like(labels, affine, ref.affine, ref.shape[:3])
+        affine = ref.affine
     return save_image(labels, affine, out_path, dtype=np.uint8)
