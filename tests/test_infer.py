@@ -149,3 +149,16 @@ def test_load_detector_input_checks_shape(tmp_path):
     assert vol.shape == (2, 8, 8, 4) and np.allclose(aff, np.eye(4))
     with pytest.raises(InputError, match="sub-07|07"):
         load_detector_input(bad, subject="07")
+
+
+def test_sample_region_looks_around_a_none_centre():
+    """Centre on `none` between lobar (i <= 9) and infratentorial (i >= 15) tissue, 1 mm voxels in i."""
+    from microbleed.infer import sample_region
+    bombs = np.zeros((20, 20, 10), np.int64)
+    bombs[:10] = 1
+    bombs[15:] = 3
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    pts = np.array([[11.0, 5.0, 8.0], [12.6, 5.0, 8.0], [3.0, 5.0, 8.0]])  # voxels 11 and 13: 2 mm from tissue
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 0.0), [0, 0, 1])   # the paper's centre rule
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 1.5), [0, 0, 1])
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 2.0), [1, 3, 1])

@@ -112,12 +112,14 @@ class EvalOptions:
         variant: configured detector variant (``rpn+ffm+hspl``...).
         segmenter_input: ``swi`` or ``t1``.
         prune_outside_mask: config ``infer.prune_outside_mask`` (pruning of raw candidates).
+        region_radius_mm: config ``infer.region_radius_mm`` (see :func:`microbleed.infer.sample_region`).
     """
 
     hit_radius_mm: float = 5.0
     variant: str = "rpn+ffm+hspl"
     segmenter_input: str = "swi"
     prune_outside_mask: bool = True
+    region_radius_mm: float = 0.0
 
 
 def _bool(values: pd.Series) -> np.ndarray:
@@ -170,7 +172,7 @@ def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions
     for src in sources:
         c = read_tsv(files.candidates[src], required=["x", "y", "z", "i", "j", "k", "score"],
                      numeric=["x", "y", "z", "i", "j", "k", "score"], subject=sid)
-        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask)
+        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm)
         raw[src] = SubjectData(sid, group, labels, t[["x", "y", "z"]].to_numpy(), t["score"].to_numpy(),
                                lab_regions, list(t["region"]), _bool(t["pruned"]))
     dice = {}

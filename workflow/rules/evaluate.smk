@@ -77,6 +77,7 @@ rule evaluate_cohort:
         infer_threshold=config["infer"]["threshold"],
         hit_radius_mm=config["evaluate"]["hit_radius_mm"],
         prune_outside_mask=config["infer"]["prune_outside_mask"],
+        region_radius_mm=config["infer"]["region_radius_mm"],
         frst_params=f"{FRST_DIR}/params.json" if uses_frst() else "",
     log:
         log_path("evaluate_cohort", "{cohort}"),

@@ -84,6 +84,7 @@ rule finalise:
     params:
         threshold=config["infer"]["threshold"],
         prune_outside_mask=config["infer"]["prune_outside_mask"],
+        region_radius_mm=config["infer"]["region_radius_mm"],
         sphere_radius_mm=config["infer"]["sphere_radius_mm"],
         qc_max=config["infer"]["qc_max"],
         qc_half_width_mm=config["infer"]["qc_half_width_mm"],

@@ -9,13 +9,13 @@ from microbleed.outputs import FinaliseInputs, FinaliseOutputs, FinaliseParams, 
 def main(candidates: str, bombs: str, mask: str, swi: str, phase: str, cmb_tsv: str, cmb_mask: str,
          counts: str, qc_dir: str, *, subject: str, mars: str | None = None, mars_tsv: str | None = None,
          threshold: float = 0.5, prune_outside_mask: bool = True, sphere_radius_mm: float = 2.0,
-         qc_max: int = 50, qc_half_width_mm: float = 16.0) -> None:
+         qc_max: int = 50, qc_half_width_mm: float = 16.0, region_radius_mm: float = 0.0) -> None:
     """Run :func:`microbleed.outputs.finalise_subject` for one subject."""
     inp = FinaliseInputs(Path(candidates), Path(bombs), Path(mask), Path(swi), Path(phase),
                          Path(mars) if mars else None, Path(mars_tsv) if mars_tsv else None)
     out = FinaliseOutputs(Path(cmb_tsv), Path(cmb_mask), Path(counts), Path(qc_dir))
     params = FinaliseParams(float(threshold), bool(prune_outside_mask), float(sphere_radius_mm),
-                            int(qc_max), float(qc_half_width_mm))
+                            int(qc_max), float(qc_half_width_mm), float(region_radius_mm))
     finalise_subject(inp, out, params, subject)
 
 
