@@ -40,17 +40,17 @@ def test_lint_is_clean():
 
 
 def test_default_dry_run_plans_every_stage():
-    out = smk("-n", "--quiet", "rules")
+    out = smk("-n", "--forceall", "--quiet", "rules")
     plan = planned(out)
     for rule in ["simulate_subject", "skullstrip", "train_detector", "train_segmenter", "detect", "segment",
                  "finalise"]:
         assert plan.get(rule, 0) > 0, f"{rule} missing from the plan {plan}"
 
 
-def write_bids(root: Path, ids, shape=(12, 12, 8)):
+def write_bids(root: Path, ids, shape=(12, 12, 8), regenerate=None):
     rng = np.random.default_rng(0)
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
-    for s in ids:
+    for s in (ids if regenerate is None else regenerate):
         anat = root / f"sub-{s}" / "anat"
         save_image(rng.random(shape).astype(np.float32) + 0.1, aff, anat / f"sub-{s}_swi.nii.gz")
         save_image(rng.random(shape).astype(np.float32) - 0.5, aff, anat / f"sub-{s}_part-phase_swi.nii.gz")
@@ -86,3 +86,46 @@ def test_released_models_plan_no_training_and_slurm_resources(tmp_path):
     text = full.stdout + full.stderr
     detect_blocks = [b for b in text.split("\n\n") if re.search(r"^rule detect:", b, re.M)]
     assert detect_blocks and all("gpu=1" in b for b in detect_blocks)
+
+
+def finish_by_touching(args):
+    """Create every planned output (empty), then let `snakemake --touch` order their times."""
+    summary = smk(*args, "--summary").stdout
+    for line in summary.splitlines()[1:]:
+        path = line.split("\t")[0].strip()
+        if path and not path.startswith(("Building", "Assuming")):
+            target = Path(args[3]) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.endswith("/qc") or path.endswith("qc/"):
+                target.mkdir(exist_ok=True)
+            elif not target.exists():
+                target.write_bytes(b"")
+    smk(*args, "--touch", "--cores", "1", "--quiet")
+
+
+def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path):
+    """A finished cohort (outputs marked complete with --touch) gains one subject: only its jobs run."""
+    bids = tmp_path / "bids"
+    write_bids(bids, ["A1", "A2"])
+    for s in ["A1", "A2", "A3"]:
+        fs = bids / "derivatives" / "freesurfer" / f"sub-{s}" / "mri"
+        fs.mkdir(parents=True)
+        (fs / "aseg.mgz").write_bytes(b"aseg")
+        cmb = bids / "derivatives" / "cmb" / f"sub-{s}"
+        cmb.mkdir(parents=True)
+        (cmb / f"sub-{s}_cmb.tsv").write_text("x\ty\tz\n1\t2\t3\n")
+    cfg_path = models_config(tmp_path, bids)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["infer_cohorts"], cfg["evaluate_cohorts"] = [], ["new"]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(work), "--configfile", str(cfg_path)]
+    finish_by_touching(args)
+    assert planned(smk(*args, "-n", "--quiet", "rules")) == {}  # finished: nothing to do
+    write_bids(bids, ["A1", "A2", "A3"], regenerate=["A3"])
+    plan = planned(smk(*args, "-n", "--quiet", "rules"))
+    per_subject = {"skullstrip", "preprocess", "interpolate", "labels", "detect", "segment", "finalise"}
+    assert {r: plan.get(r) for r in per_subject} == {r: 1 for r in per_subject}
+    assert plan.get("evaluate_cohort") == 1 and plan.get("report") == 1
+    assert set(plan) <= per_subject | {"evaluate_cohort", "report", "all"}
