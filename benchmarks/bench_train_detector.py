@@ -37,18 +37,25 @@ from microbleed.losses import ConcentrationLoss, detection_loss  # noqa: E402
 from microbleed.nets.detector import build_detector  # noqa: E402
 
 
-def conv_peak(repeats: int = 5) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def conv_peak(device: torch.device = torch.device("cpu"), repeats: int = 5) -> float:
     """GFLOP/s of a 32->32, k3, 64^3 conv3d forward in channels_last_3d (best run)."""
     fmt = torch.channels_last_3d
-    conv = torch.nn.Conv3d(32, 32, 3, padding=1, bias=False).to(memory_format=fmt)
-    x = torch.randn(1, 32, 64, 64, 64).contiguous(memory_format=fmt)
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
+    x = torch.randn(1, 32, 64, 64, 64, device=device).contiguous(memory_format=fmt)
     flops = 2 * 27 * 32 * 32 * 64 ** 3
     best = float("inf")
     with torch.no_grad():
         conv(x)
+        _sync(device)
         for _ in range(repeats):
             t = time.perf_counter()
             conv(x)
+            _sync(device)
             best = min(best, time.perf_counter() - t)
     return flops / best / 1e9
 
@@ -73,7 +80,8 @@ def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return total[0]
 
 
-def throughput(dcfg: dict, fmt: torch.memory_format, steps: int = 6) -> tuple[float, float]:
+def throughput(dcfg: dict, fmt: torch.memory_format, steps: int = 6,
+               device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(crops/s, training GFLOP/s) of forward + backward + SGD on demo crops."""
     from test_detector_synth import AFFINE, synth_volume
     torch.manual_seed(0)
@@ -83,10 +91,11 @@ def throughput(dcfg: dict, fmt: torch.memory_format, steps: int = 6) -> tuple[fl
     vol = Volume("b", synth_volume(shape, spheres), AFFINE, np.array(spheres, float))
     ds = DetectionCrops([vol], crop, 64, seed=0)
     bs = int(dcfg["batch_size"])
-    net = build_detector({"variant": dcfg["variant"], "widths": dcfg["widths"]}).to(memory_format=fmt)
-    hspl = ConcentrationLoss(net.feature_channels)
+    net = build_detector({"variant": dcfg["variant"], "widths": dcfg["widths"]}).to(device).to(memory_format=fmt)
+    hspl = ConcentrationLoss(net.feature_channels).to(device)
     opt = torch.optim.SGD(list(net.parameters()) + list(hspl.parameters()), lr=0.01, momentum=0.9)
-    batches = [{k: torch.stack([ds[i + j][k] for j in range(bs)]) for k in ds[0]} for i in range(0, bs * (steps + 1), bs)]
+    batches = [{k: torch.stack([ds[i + j][k] for j in range(bs)]).to(device) for k in ds[0]}
+               for i in range(0, bs * (steps + 1), bs)]
     times = []
     for b in batches:
         t = time.perf_counter()
@@ -95,6 +104,7 @@ def throughput(dcfg: dict, fmt: torch.memory_format, steps: int = 6) -> tuple[fl
         opt.zero_grad()
         loss.backward()
         opt.step()
+        _sync(device)
         times.append(time.perf_counter() - t)
     per_batch = float(np.median(times[1:]))
     flops = 3 * conv_flops(net.eval(), batches[0]["image"].contiguous(memory_format=fmt))
@@ -123,23 +133,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--demo", action="store_true", help="also time a whole demo-config training run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_detector.md"))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--paper", action="store_true",
+                    help="paper-sized training: 128^3 crops, widths 16..256, batch 1 (instead of the demo config)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     d = cfg["detector"]
-    peak = conv_peak()
+    if args.paper:
+        d = {**d, "crop": [128, 128, 128], "widths": [16, 32, 64, 128, 256], "batch_size": 1}
+    peak = conv_peak(device)
     rows = []
     for name, fmt in (("channels_last_3d", torch.channels_last_3d), ("contiguous", torch.contiguous_format)):
-        cps, gflops = throughput(d, fmt)
+        cps, gflops = throughput(d, fmt, device=device)
         rows.append(f"| {name} | {cps:.2f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |")
     lines = [
         "# Detector training throughput", "",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
         f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}",
-        f"- command: `.venv/bin/python benchmarks/bench_train_detector.py --threads {args.threads}"
-        f"{' --demo' if args.demo else ''}`",
-        f"- config: demo `detector` section: variant {d['variant']}, crop {d['crop']}, widths {d['widths']}, "
+        f"torch {torch.__version__}, device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}",
+        f"- command: `.venv/bin/python benchmarks/bench_train_detector.py --threads {args.threads} --device {args.device}"
+        f"{' --paper' if args.paper else ''}{' --demo' if args.demo else ''}`",
+        f"- config: {'paper-sized' if args.paper else 'demo'} `detector`: variant {d['variant']}, crop {d['crop']}, widths {d['widths']}, "
         f"batch {d['batch_size']}",
         f"- 3D-convolution peak (32->32, k3, 64^3, channels_last_3d, forward): {peak:.1f} GFLOP/s", "",
         "| memory format | crops/s (fwd+bwd+step) | conv GFLOP/s (fwd x3) | of peak |",
