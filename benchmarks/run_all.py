@@ -195,6 +195,22 @@ def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path)
     return time.time() - start, code
 
 
+def speed_sections(results_dir: str | Path) -> str:
+    """The speed/resource reports of the other benchmark scripts (``benchmarks/results/*.md``), headings demoted.
+
+    Each file was written by the script it names, with its machine and date; they
+    are gathered here so RESULTS.md is the one page to read.
+    """
+    parts = []
+    for md in sorted(Path(results_dir).glob("*.md")):
+        text = md.read_text().strip()
+        text = "\n".join(("##" + line) if line.startswith("#") else line for line in text.splitlines())
+        parts.append(f"<!-- from benchmarks/results/{md.name} -->\n{text}\n")
+    if not parts:
+        return ""
+    return "\n## Speed and resources (per script)\n\n" + "\n".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="config/benchmark.yaml")
@@ -218,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()})",
             "config": args.config,
             "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
-    text = render_results(collect(snapshot_root), internal, external, meta)
+    text = render_results(collect(snapshot_root), internal, external, meta) + speed_sections(ROOT / "benchmarks" / "results")
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return max(codes.values(), default=0)

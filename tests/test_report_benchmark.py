@@ -46,3 +46,15 @@ def test_render_results(run_all, tmp_path):
     assert "0.800 (0.904)" in text and "0.25 (0.30)" in text and "3/4" in text         # Table 2, internal swi
     assert "0.66 (0.94)" in text                                                          # AUC-PR vs Fig. 9
     assert "- commit: abc" in text
+
+
+def test_speed_sections_gather_script_reports(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run_all", Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "b.md").write_text("# Segmenter speed\n\n| a |\n")
+    (tmp_path / "a.md").write_text("# Simulation\n\ntext\n")
+    out = mod.speed_sections(tmp_path)
+    assert out.index("### Simulation") < out.index("### Segmenter speed") and "| a |" in out
+    assert mod.speed_sections(tmp_path / "none") == ""
