@@ -43,9 +43,12 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=1000)
     args = parser.parse_args()
     seconds, jobs, _ = plan_seconds(args.subjects)
+    import os
+    load = os.getloadavg()[0]
     line = (f"| {args.subjects} | {jobs} | {seconds:.1f} | {platform.node()} ({platform.machine()}, "
-            f"{__import__('os').cpu_count()} cores) | {dt.date.today()} |")
-    text = ("# Dry-run plan of a large cohort\n\n`.venv/bin/python benchmarks/bench_plan.py`\n\n"
+            f"{os.cpu_count()} cores, load {load:.1f}) | {dt.date.today()} |")
+    text = ("# Dry-run plan of a large cohort\n\n`.venv/bin/python benchmarks/bench_plan.py`"
+            " (`snakemake -n` on a simulated cohort of that size; target < 60 s)\n\n"
             "| subjects | jobs planned | seconds | machine | date |\n|---|---|---|---|---|\n" + line + "\n")
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
     (ROOT / "benchmarks" / "results" / "plan.md").write_text(text)
