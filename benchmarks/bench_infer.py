@@ -40,47 +40,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from microbleed.infer import candidates_table, detect_volume, detect_volume_monai, plan_tiles, prune
 from microbleed.nets.detector import build_detector
 from microbleed.nets.segmenter import build_segmenter, coordinate_channels
-from microbleed.runtime import provenance, seed_everything, select_device
+from microbleed.runtime import PeakMemory, provenance, seed_everything, select_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTIONS = {   # name: (SWI shape, voxel mm, detector z slices)
     "demo": ((160, 192, 72), (1.0, 1.0, 2.0), 112),
     "paper": ((512, 448, 72), (0.5, 0.5, 2.0), 224),
 }
-
-
-class PeakMemory:
-    """Peak resident memory (CPU, sampled from /proc every 5 ms) or peak CUDA allocation, in MB."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0.0, threading.Event()
-
-    @staticmethod
-    def _rss_mb() -> float:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * 4096 / 2**20
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss_mb())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
 
 
 def conv_peak_gflops(device: torch.device, repeats: int = 5) -> float:

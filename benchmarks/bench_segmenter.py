@@ -39,45 +39,11 @@ from microbleed.io import load_volume
 from microbleed.metrics import dice_per_class
 from microbleed.nets.segmenter import build_segmenter
 from microbleed.segment import load_segmenter, make_loss, segment_volume
-from microbleed.runtime import select_device
+from microbleed.runtime import PeakMemory, select_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"demo (1x1x2 mm)": (180, 216, 90), "paper (0.5x0.5x2 mm)": (512, 448, 72)}
 TARGET_S = {"cpu": 90.0, "cuda": 10.0}
-
-
-class PeakMemory:
-    """Peak resident memory (CPU: /proc/self/statm sampled every 5 ms) or peak CUDA allocation, MB."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0.0, threading.Event()
-
-    @staticmethod
-    def rss_mb() -> float:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * 4096 / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss_mb())
-            time.sleep(0.005)
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
 
 
 def phantom_image(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -14,6 +14,8 @@ import os
 import platform
 import random
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,7 +27,7 @@ from .io import InputError, atomic_path
 __all__ = [
     "select_device", "seed_everything", "provenance", "sha256_file",
     "save_checkpoint", "load_checkpoint", "write_card", "read_card",
-    "load_model_state", "CsvLog",
+    "load_model_state", "CsvLog", "PeakMemory",
 ]
 
 
@@ -176,3 +178,37 @@ class CsvLog:
     def write(self, **row: Any) -> None:
         with open(self.path, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=self.fields).writerow(row)
+
+
+class PeakMemory:
+    """Peak resident memory (CPU: /proc/self/statm sampled every 5 ms) or peak CUDA allocation, MB."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0.0, threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * 4096 / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss_mb())
+            time.sleep(0.005)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
