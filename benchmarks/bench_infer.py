@@ -26,7 +26,6 @@ import copy
 import datetime as dt
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 

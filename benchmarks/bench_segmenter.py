@@ -25,7 +25,6 @@ import datetime as dt
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
