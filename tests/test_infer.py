@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from microbleed.data import load_detector_input
 from microbleed.infer import (CANDIDATE_COLUMNS, CMB_COLUMNS, candidates_table, default_nms_radius,
-                              detect_volume, detect_volume_monai, load_detector_input, nms_ras,
-                              peak_candidates, plan_tiles, prune)
+                              detect_volume, detect_volume_monai, nms_ras, peak_candidates, plan_tiles, prune)
 from microbleed.io import InputError, save_image, voxel_to_ras
 from test_infer_fakes import DarkCentroidNet, blob_image
 

@@ -273,3 +273,25 @@ def test_deepbet_backend_runs_offline(tmp_path, monkeypatch):
     P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "m.nii.gz", backend="deepbet", subject="01", threads=2)
     mask = load_volume(tmp_path / "m.nii.gz")[0] > 0
     assert mask.sum() > 0.3 * brain.sum() and mask.sum() < 3 * brain.sum()
+
+
+def test_detector_input_is_ras_ordered_whatever_the_acquisition(tmp_path):
+    """A LIA SWI: the 4D detector input is RAS-ordered and every voxel keeps its RAS position."""
+    import nibabel as nib
+    from microbleed.io import load_volume as _load, save_image as _save, to_canonical, voxel_to_ras
+    from microbleed.preprocess import detector_input
+    rng = np.random.default_rng(4)
+    swi = rng.random((10, 6, 12)).astype(np.float32) + 0.1
+    lia = np.array([[-0.9, 0, 0, 50], [0, 0, 2.0, -30], [0, -0.8, 0, 40], [0, 0, 0, 1]])
+    _save(swi, lia, tmp_path / "swi.nii.gz")
+    _save(swi * 0 + 0.5, lia, tmp_path / "phase.nii.gz")
+    out = detector_input(tmp_path / "swi.nii.gz", tmp_path / "phase.nii.gz", tmp_path / "in.nii.gz",
+                         z_slices=6, subject="01")
+    img = nib.load(out)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    data = np.asarray(img.dataobj)
+    np.testing.assert_allclose(data[..., 0], to_canonical(swi, lia)[0], rtol=1e-6)
+    ijk = np.array([[2, 3, 4]])
+    ras = voxel_to_ras(ijk, img.affine)
+    back = np.rint(np.linalg.solve(lia, np.append(ras[0], 1))[:3]).astype(int)
+    assert data[2, 3, 4, 0] == pytest.approx(swi[tuple(back)], rel=1e-6)

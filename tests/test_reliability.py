@@ -240,7 +240,7 @@ def _eval_subject(tmp: Path, labels: Path) -> SubjectFiles:
 
 def _evaluate(files: SubjectFiles) -> pd.DataFrame:
     methods = parse_methods([], "rpn+ffm+hspl", "swi", 0.5, None)
-    return evaluate_cohort([files], methods, EvalOptions())["subjects"].set_index("subject")
+    return evaluate_cohort([files], methods, EvalOptions(allow_missing=True))["subjects"].set_index("subject")
 
 
 def test_evaluation_label_outside_volume_excludes_the_subject_with_reason(tmp_path):
@@ -248,6 +248,9 @@ def test_evaluation_label_outside_volume_excludes_the_subject_with_reason(tmp_pa
     row = _evaluate(_eval_subject(tmp_path, labels)).loc[SUB]
     assert row["status"] == "excluded"
     assert "outside the image grid" in row["reason"] and str(labels) in row["reason"] and SUB in row["reason"]
+    methods = parse_methods([], "rpn+ffm+hspl", "swi", 0.5, None)
+    with pytest.raises(InputError, match="outside the image grid"):                # without allow_missing
+        evaluate_cohort([_eval_subject(tmp_path, labels)], methods, EvalOptions())
 
 
 def test_evaluation_label_outside_brain_is_kept_with_a_warning(tmp_path, caplog):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microbleed.io import save_image, write_tsv
+from microbleed.io import InputError, save_image, write_tsv
 from microbleed.report import EvalOptions, SubjectFiles, build_report, evaluate_cohort, parse_methods
 
 AFF = np.diag([2.0, 2.0, 2.0, 1.0])        # voxel ijk -> RAS mm: x = 2 i
@@ -75,7 +75,8 @@ def test_parse_methods_default_and_errors():
 
 def test_evaluate_cohort_tables(tree):
     _, files = tree
-    t = evaluate_cohort(files, parse_methods([], "rpn+ffm+hspl", "swi", 0.5), EvalOptions(hit_radius_mm=3.0))
+    t = evaluate_cohort(files, parse_methods([], "rpn+ffm+hspl", "swi", 0.5),
+                        EvalOptions(hit_radius_mm=3.0, allow_missing=True))
     det = t["detection"].set_index(["method", "group"])
     assert det.loc[("rpn+ffm+hspl", "cmb"), ["tp", "fp", "fn"]].tolist() == [2, 1, 0]
     assert det.loc[("rpn+ffm+hspl+pruning(swi)", "cmb"), ["tp", "fp", "fn"]].tolist() == [2, 0, 0]
@@ -95,6 +96,33 @@ def test_evaluate_cohort_tables(tree):
     assert froc.loc["rpn+ffm+hspl", "auc_pr"] == 1.0
 
 
+def test_bad_subject_fails_the_cohort_unless_allow_missing(tree):
+    """Without evaluate.allow_missing a missing or corrupt file is an error, not a smaller cohort."""
+    _, files = tree
+    methods = parse_methods([], "rpn+ffm+hspl", "swi", 0.5)
+    Path(files[1].cmb).write_text("x\ty\tz\tscore\tregion\tpruned\n1\tabc\t3\t0.9\tlobar\tfalse\n")
+    ok = files[:2]                                                       # 003 (missing file) left out
+    with pytest.raises(InputError, match="subject 002") as exc:
+        evaluate_cohort(ok, methods, EvalOptions(hit_radius_mm=3.0))
+    assert files[1].cmb in str(exc.value)
+    with pytest.raises(InputError, match="subject 003.*missing file"):
+        evaluate_cohort(files[2:], methods, EvalOptions(hit_radius_mm=3.0))
+    subj = evaluate_cohort(ok, methods, EvalOptions(hit_radius_mm=3.0, allow_missing=True))["subjects"]
+    assert subj.set_index("subject")["status"].to_dict() == {"001": "included", "002": "excluded"}
+
+
+def test_bug_in_a_subject_is_never_an_exclusion(tree, monkeypatch):
+    """A plain ValueError (not an InputError) propagates even with allow_missing."""
+    import microbleed.report as report
+    _, files = tree
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+    monkeypatch.setattr(report, "_load_subject", broken)
+    with pytest.raises(ValueError, match="broadcast"):
+        evaluate_cohort(files[:1], parse_methods([], "rpn+ffm+hspl", "swi", 0.5), EvalOptions(allow_missing=True))
+
+
 def test_report_html_is_self_contained(tree, tmp_path):
     import importlib.util
     root, files = tree
@@ -104,7 +132,8 @@ def test_report_html_is_self_contained(tree, tmp_path):
     names = ["detection", "localization", "framework", "froc", "froc_curve", "subjects", "agreement"]
     outputs = {n: str(root / "metrics" / f"{n}.tsv") for n in names}
     outputs.update(froc_png=str(root / "metrics" / "froc.png"), pr_png=str(root / "metrics" / "pr.png"))
-    script.main("c1", [f.__dict__ for f in files], [], "rpn+ffm+hspl", "swi", 0.5, 3.0, True, None, outputs)
+    script.main("c1", [f.__dict__ for f in files], [], "rpn+ffm+hspl", "swi", 0.5, 3.0, True, None, outputs,
+                allow_missing=True)
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"name": "detector", "sha256": "abc123"}))
     out = build_report("c1", outputs, root, ["001", "002", "003"], {"evaluate": {"hit_radius_mm": 3.0}},

@@ -62,22 +62,21 @@ def test_segment_script_refuses_model_of_other_input(trained, tmp_path):
                                         window=[16, 16, 8], overlap=0.25, sw_batch_size=1, device="cpu")
 
 
-def test_segment_script_writes_in_the_acquired_swi_grid(trained, tmp_path):
-    """A LIA-acquired SWI: the network sees the RAS-ordered image, the map comes back in LIA, voxel for voxel."""
+def test_segment_script_sees_ras_and_writes_in_the_acquired_grid(trained, tmp_path):
+    """A LIA-acquired SWI and the same image stored RAS give the same map, each in its own voxel order."""
     from microbleed.io import to_canonical
     image, _ = phantom((30, 27, 9), seed=6)
     lia = np.array([[-1.0, 0, 0, 90], [0, 0, 2.0, -60], [0, -1.0, 0, 100], [0, 0, 0, 1]])
     save_image(image, lia, tmp_path / "swi_lia.nii.gz")
     ras_img, ras_aff = to_canonical(image, lia)
-    save_image(ras_img, ras_aff, tmp_path / "preproc_ras.nii.gz")
+    save_image(ras_img, ras_aff, tmp_path / "swi_ras.nii.gz")
     common = dict(subject="006", expected_input="swi", window=[16, 16, 8], overlap=0.25, sw_batch_size=2,
                   device="cpu")
-    _script("segment_subject").main(str(tmp_path / "preproc_ras.nii.gz"), str(trained / "model"),
-                                    str(tmp_path / "ras.nii.gz"), **common)
-    _script("segment_subject").main(str(tmp_path / "preproc_ras.nii.gz"), str(trained / "model"),
-                                    str(tmp_path / "lia.nii.gz"), reference=str(tmp_path / "swi_lia.nii.gz"), **common)
-    ras_labels, _ = load_volume(tmp_path / "ras.nii.gz", allow_zero=True, dtype=np.int16)
-    lia_labels, lia_aff = load_volume(tmp_path / "lia.nii.gz", allow_zero=True, dtype=np.int16)
+    for name in ("ras", "lia"):
+        _script("segment_subject").main(str(tmp_path / f"swi_{name}.nii.gz"), str(trained / "model"),
+                                        str(tmp_path / f"out_{name}.nii.gz"), **common)
+    ras_labels, _ = load_volume(tmp_path / "out_ras.nii.gz", allow_zero=True, dtype=np.int16)
+    lia_labels, lia_aff = load_volume(tmp_path / "out_lia.nii.gz", allow_zero=True, dtype=np.int16)
     np.testing.assert_allclose(lia_aff, lia)
     assert lia_labels.shape == image.shape
     np.testing.assert_array_equal(to_canonical(lia_labels, lia)[0], ras_labels)

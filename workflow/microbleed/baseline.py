@@ -33,8 +33,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
+from .infer import CANDIDATE_COLUMNS, nms_ras
 from .io import voxel_sizes, voxel_to_ras
 from .metrics import SubjectData, froc_curve, froc_summary
 
@@ -42,7 +42,6 @@ __all__ = ["FrstParams", "frst_map", "frst_candidates", "TuneSubject", "tune_frs
            "params_to_dict", "params_from_dict"]
 
 log = logging.getLogger(__name__)
-CANDIDATE_COLUMNS = ["cand_id", "x", "y", "z", "i", "j", "k", "score"]
 
 
 @dataclass(frozen=True)
@@ -140,24 +139,6 @@ def frst_map(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, params: Fr
     return np.mean([maps[n] for n in params.radii_mm], axis=0) * (mask > 0)
 
 
-def _greedy_nms(ras: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Indices of points ``(N, 3)`` RAS mm (sorted best first) kept by greedy distance NMS.
-
-    Plateaus of S (e.g. along a tube) give runs of equal local maxima; NMS
-    keeps one per ``radius_mm``.
-    """
-    if len(ras) == 0:
-        return np.zeros(0, int)
-    tree = cKDTree(ras)
-    alive = np.ones(len(ras), bool)
-    keep = []
-    for i in range(len(ras)):
-        if alive[i]:
-            keep.append(i)
-            alive[tree.query_ball_point(ras[i], radius_mm)] = False
-    return np.asarray(keep, int)
-
-
 def _peaks(s: np.ndarray, mask: np.ndarray, affine: np.ndarray, params: FrstParams) -> pd.DataFrame:
     """Local maxima of S inside the mask as a candidates table (RAS mm and voxel ijk)."""
     half = np.maximum(np.rint(params.min_distance_mm / voxel_sizes(affine)), 1).astype(int)
@@ -168,7 +149,9 @@ def _peaks(s: np.ndarray, mask: np.ndarray, affine: np.ndarray, params: FrstPara
     order = np.argsort(-values, kind="stable")[: 50 * params.max_candidates]
     ijk, values = ijk[order].astype(float), values[order]
     ras = voxel_to_ras(ijk, affine) if len(ijk) else np.zeros((0, 3))
-    keep = _greedy_nms(ras, params.min_distance_mm)[: params.max_candidates]
+    # Plateaus of S (e.g. along a tube) give runs of equal local maxima: greedy NMS in RAS mm
+    # (the detector's, ties kept in input order = S order) keeps one per min_distance_mm.
+    keep = nms_ras(ras, values, params.min_distance_mm)[: params.max_candidates]
     ijk, values, ras = ijk[keep], values[keep], ras[keep]
     score = 1.0 - np.exp(-values / params.score_scale)
     return pd.DataFrame({"cand_id": np.arange(1, len(ijk) + 1), "x": ras[:, 0], "y": ras[:, 1],

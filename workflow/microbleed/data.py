@@ -7,8 +7,8 @@ Frames:
   (4D ``(X, Y, Zi, 2)``, channels ``[swi, phase]``); voxel centres at integers.
 - **crop voxel**: detector voxel ijk minus the crop start (may be negative: crops
   near the border are zero-padded).
-- **cell**: index on the 1/4 grid of a crop; cell ``c`` spans crop positions
-  ``[4c, 4c + 4)`` along each axis.
+- **cell**: index on the 1/4 grid of a crop (:data:`microbleed.nets.detector.STRIDE`);
+  cell ``c`` spans crop positions ``[4c, 4c + 4)`` along each axis.
 
 Sampling rule (HSPL, METHOD.md section 3): even crop indices contain a CMB,
 odd ones do not. A CMB crop is placed around one labelled CMB drawn uniformly
@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .io import InputError, ras_to_voxel, read_tsv
+from .nets.detector import STRIDE
 
 __all__ = ["Volume", "label_paths", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
            "encode_targets", "DetectionCrops", "CLEAR_VOXELS"]
@@ -76,24 +77,31 @@ def label_paths(table: pd.DataFrame, cohort: str) -> list[str]:
 
 def load_detector_input(path: str | os.PathLike, subject: str | None = None,
                         channels: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 4D detector input ``(X, Y, Zi, C)``.
+    """Read a 4D detector input ``(X, Y, Zi, C)`` (channels ``[swi, phase]``).
+
+    The one reader of detector inputs (training: :func:`load_volumes`;
+    inference: :func:`microbleed.infer.detect_subject`).
 
     Returns:
         ``(image (C, X, Y, Zi) float32, affine (4, 4) voxel ijk -> RAS mm)``.
     Raises:
-        InputError naming subject and file: unreadable, not 4D with ``channels``
-        volumes, or non-finite voxels.
+        InputError naming subject and file: missing, unreadable (broken header,
+        truncated or corrupt data), not 4D with ``channels`` volumes, or
+        non-finite voxels.
     """
     if not os.path.exists(path):
         raise InputError("detector input does not exist", subject=subject, path=path)
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as exc:
+    except Exception as exc:  # nibabel raises many types for a broken header
         raise InputError(f"cannot be read as an image ({exc})", subject=subject, path=path) from exc
-    if data.ndim != 4 or data.shape[3] != channels:
-        raise InputError(f"expected a 4D detector input (X, Y, Z, {channels}), got shape {data.shape}",
+    if len(img.shape) != 4 or img.shape[3] != channels:
+        raise InputError(f"expected a 4D detector input (X, Y, Z, {channels}) [swi, phase], got shape {img.shape}",
                          subject=subject, path=path)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise InputError(f"data cannot be read, truncated or corrupt ({exc})", subject=subject, path=path) from exc
     if not np.all(np.isfinite(data)):
         raise InputError("detector input has NaN or infinite voxels", subject=subject, path=path)
     return np.ascontiguousarray(np.moveaxis(data, 3, 0)), np.asarray(img.affine, dtype=float)
@@ -146,7 +154,7 @@ def extract_crop(image: np.ndarray, start: Sequence[int], size: Sequence[int]) -
     return out
 
 
-def encode_targets(centres: np.ndarray, crop: Sequence[int], stride: int = 4,
+def encode_targets(centres: np.ndarray, crop: Sequence[int], stride: int = STRIDE,
                    ignore_neighbours: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Cell targets of a crop.
 
@@ -204,7 +212,7 @@ class DetectionCrops(Dataset):
 
     def __init__(self, volumes: Sequence[Volume], crop: Sequence[int], n_crops: int, seed: int,
                  epoch: int = 0, augment: bool = True, margin: int = 4, ignore_neighbours: bool = True,
-                 stride: int = 4):
+                 stride: int = STRIDE):
         if any(int(n) % 16 for n in crop):
             raise ValueError(f"crop must be multiples of 16, got {list(crop)}")
         if not volumes:

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -47,18 +46,19 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from .anatomy import BOMBS_NAMES as _BOMBS
-from .io import InputError, load_image, load_volume, ras_to_voxel, voxel_sizes, voxel_to_ras
+from .data import load_detector_input
+from .io import load_image, load_volume, ras_to_voxel, voxel_sizes, voxel_to_ras
+from .nets.detector import STRIDE
 
 __all__ = [
     "TilePlan", "plan_tiles", "detect_volume", "detect_volume_monai", "peak_candidates",
-    "default_nms_radius", "nms_ras", "candidates_table", "prune", "load_detector_input",
+    "default_nms_radius", "nms_ras", "candidates_table", "prune",
     "DetectParams", "detect_subject", "read_candidates", "load_labels",
     "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
 
-STRIDE = 4          # detector output cell size in input voxels
 MULTIPLE = 16       # detector input sizes must be multiples of this
 BOMBS_NAMES = tuple(_BOMBS[c] for c in range(4))   # index = BOMBS code
 CANDIDATE_COLUMNS = ["cand_id", "x", "y", "z", "i", "j", "k", "score"]
@@ -323,30 +323,6 @@ def candidates_table(cands: np.ndarray, grid_affine: np.ndarray, swi_affine: np.
                        "i": ijk[:, 0], "j": ijk[:, 1], "k": ijk[:, 2],
                        "score": cands[keep, 3]})
     return df[CANDIDATE_COLUMNS]
-
-
-def load_detector_input(path: str | Path, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read the 4D detector input ``(X, Y, Zi, 2)`` as ``(2, X, Y, Zi)`` float32 and its affine.
-
-    Raises:
-        InputError: not 4D with 2 channels, or NaN/infinite voxels.
-    """
-    try:
-        img = nib.load(str(path))
-    except FileNotFoundError:
-        raise InputError("file does not exist", subject=subject, path=path) from None
-    except Exception as exc:  # nibabel raises many types for a broken header
-        raise InputError(f"cannot be read as an image ({exc})", subject=subject, path=path) from exc
-    if len(img.shape) != 4 or img.shape[3] != 2:
-        raise InputError(f"detector input must be 4D (X, Y, Z, 2) [swi, phase], got {img.shape}",
-                         subject=subject, path=path)
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except (EOFError, OSError, ValueError) as exc:
-        raise InputError(f"data cannot be read, truncated or corrupt ({exc})", subject=subject, path=path) from exc
-    if not np.all(np.isfinite(data)):
-        raise InputError("NaN or infinite voxels", subject=subject, path=path)
-    return np.ascontiguousarray(np.moveaxis(data, 3, 0)), np.asarray(img.affine, dtype=float)
 
 
 # --------------------------------------------------------------------------- pruning

@@ -305,8 +305,7 @@ def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *
 def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *, subject=None,
                          phase_mode: str = "raw", phase_units: str = "auto", phase_sign: int = 1,
                          highpass_fwhm_mm: float = 8.0, percentiles=(0.5, 99.5)) -> tuple[Path, Path]:
-    """Normalised SWI and phase (float32, [0, 1] in the mask, 0 outside) in the SWI grid
-    reoriented to RAS (:func:`microbleed.io.to_canonical`: axes permuted/flipped, no interpolation).
+    """Normalised SWI and phase in the SWI grid as acquired (float32, [0, 1] in the mask, 0 outside).
 
     Phase: units -> radians; ``raw`` phase is homodyne high-pass filtered;
     multiplied by ``phase_sign`` so that paramagnetic sources (CMBs) are
@@ -327,20 +326,19 @@ def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *,
     rad = rad * float(phase_sign)
     log.info("subject %s: phase units %s, mode %s, sign %+d", subject, units, phase_mode, phase_sign)
     for data, src, out in ((swi, swi_path, out_swi), (rad, phase_path, out_phase)):
-        ras, ras_aff = to_canonical(robust_minmax(data, mask, percentiles, subject=subject, path=src), aff)
-        save_image(ras, ras_aff, out, dtype=np.float32)
+        save_image(robust_minmax(data, mask, percentiles, subject=subject, path=src), aff, out, dtype=np.float32)
     return Path(out_swi), Path(out_phase)
 
 
 def preprocess_t1(t1_path, swi_path, mask_path, out_t1, *, subject=None, percentiles=(0.5, 99.5)) -> Path:
-    """T1w resampled to the SWI grid (trilinear through the affines), masked, normalised, RAS-ordered."""
+    """T1w resampled to the SWI grid (trilinear through the affines), masked and normalised."""
     t1, t1_aff = load_volume(t1_path, subject)
     swi, aff = load_volume(swi_path, subject)
     mask_data, m_aff = load_volume(mask_path, subject)
     check_same_grid(swi.shape, aff, mask_data.shape, m_aff, subject=subject, path_b=mask_path)
     on_swi = resample_to_grid(t1, t1_aff, swi.shape, aff, order=1)
     out = robust_minmax(on_swi, mask_data > 0, percentiles, subject=subject, path=t1_path)
-    return save_image(*to_canonical(out, aff), out_t1, dtype=np.float32)
+    return save_image(out, aff, out_t1, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- z-interpolation
@@ -398,12 +396,21 @@ def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int) -> tuple[np.
 
 
 def detector_input(swi_path, phase_path, out_path, z_slices: int, subject: str | None = None) -> Path:
-    """Write the 4D detector input ``(X, Y, z_slices, 2)`` [swi, phase], float32, affine updated."""
+    """Write the 4D detector input ``(X, Y, z_slices, 2)`` [swi, phase], float32.
+
+    The volumes are first reordered to RAS (:func:`microbleed.io.to_canonical`,
+    a permutation/flip, no interpolation), so the detector sees every cohort
+    (LAS, LIA, ...) in one orientation with the slice axis third; then the third
+    axis is interpolated to ``z_slices``. The affine follows both steps, so every
+    RAS position is unchanged and detections map back through it.
+    """
     swi, aff = load_volume(swi_path, subject)
     phase, p_aff = load_volume(phase_path, subject, allow_zero=True)
     check_same_grid(swi.shape, aff, phase.shape, p_aff, subject=subject, path_b=phase_path)
-    swi_i, new_aff = interpolate_z(swi, aff, z_slices)
-    phase_i, _ = interpolate_z(phase, aff, z_slices)
+    swi, ras_aff = to_canonical(swi, aff)
+    phase, _ = to_canonical(phase, aff)
+    swi_i, new_aff = interpolate_z(swi, ras_aff, z_slices)
+    phase_i, _ = interpolate_z(phase, ras_aff, z_slices)
     return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)
 
 

@@ -6,9 +6,11 @@ the configured detector at its operating threshold, with predicted region and
 (``work/sub-<id>/sub-<id>_model-<slug>_candidates.tsv``, score >= 0.05, for
 the FROC/PR curves), the labels (``x, y, z`` RAS mm[, ``region``]) and the
 predicted / aseg-derived BOMBS maps (Dice). Metrics are defined in
-:mod:`microbleed.metrics`. A subject with a missing or unreadable file is
-*excluded* from every table and listed with the reason; the cohort tables are
-still written.
+:mod:`microbleed.metrics`. With ``evaluate.allow_missing`` (:class:`EvalOptions`),
+a subject with a missing or unreadable file (:class:`~microbleed.io.InputError`,
+``OSError``) is *excluded* from every table and listed with the reason, and the
+cohort tables are still written; without it, such a subject fails the cohort.
+Any other error (a bug) always propagates.
 
 Anatomical pruning of raw candidates (for the "+pruning" curves and for
 methods other than the configured one) is :func:`microbleed.infer.prune`, the
@@ -113,6 +115,8 @@ class EvalOptions:
         segmenter_input: ``swi`` or ``t1``.
         prune_outside_mask: config ``infer.prune_outside_mask`` (pruning of raw candidates).
         region_radius_mm: config ``infer.region_radius_mm`` (see :func:`microbleed.infer.sample_region`).
+        allow_missing: config ``evaluate.allow_missing``: a subject with a missing or
+            unreadable file is excluded (listed with the reason) instead of failing the cohort.
     """
 
     hit_radius_mm: float = 5.0
@@ -120,6 +124,7 @@ class EvalOptions:
     segmenter_input: str = "swi"
     prune_outside_mask: bool = True
     region_radius_mm: float = 0.0
+    allow_missing: bool = False
 
 
 def _bool(values: pd.Series) -> np.ndarray:
@@ -276,16 +281,22 @@ def evaluate_cohort(files: Sequence[SubjectFiles], methods: Sequence[Method], op
     Returns:
         ``{"detection", "froc", "froc_curve", "localization", "framework",
         "subjects", "agreement"}`` DataFrames (fractions, FP per subject).
-        Excluded subjects (missing or unreadable files) appear in ``subjects``
-        with ``status = excluded`` and the reason, and in every detection row
-        (``n_excluded``, ``excluded``).
+        With ``opts.allow_missing``, excluded subjects (missing or unreadable
+        files) appear in ``subjects`` with ``status = excluded`` and the reason,
+        and in every detection row (``n_excluded``, ``excluded``).
+
+    Raises:
+        InputError or OSError: a missing or unreadable file, unless ``opts.allow_missing``.
+        Any other exception (e.g. a plain ``ValueError``) always propagates.
     """
     sources = sorted({m.source for m in methods})
     loaded, excluded = {}, {}
     for f in files:
         try:
             loaded[f.subject] = _load_subject(f, sources, opts)
-        except (ValueError, OSError) as exc:          # InputError is a ValueError: bad or missing file
+        except (InputError, OSError) as exc:          # bad or missing file; anything else is a bug
+            if not opts.allow_missing:
+                raise
             log.warning("excluded: %s", exc)
             excluded[f.subject] = str(exc)
     ok = [loaded[f.subject] for f in files if f.subject in loaded]

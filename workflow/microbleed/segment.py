@@ -35,7 +35,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from tqdm import tqdm
 
-from .io import InputError, load_image, load_volume, reorient_like, save_image
+from .io import InputError, load_volume, reorient_like, save_image, to_canonical
 from .metrics import dice_per_class
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
 from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save_checkpoint, seed_everything,
@@ -89,7 +89,10 @@ def class_centres(labels: np.ndarray) -> list[np.ndarray]:
 
 
 def load_training_subject(subject: str, image_path: str | Path, bombs_path: str | Path) -> SegSubject:
-    """Read the structural image and its BOMBS map (same grid), validated.
+    """Read the structural image and its BOMBS map (same grid), validated, both reordered to RAS.
+
+    The network always sees RAS-ordered volumes (:func:`microbleed.io.to_canonical`),
+    so the coordinate channels mean the same anatomy for every cohort orientation.
 
     Raises:
         InputError: unreadable files, grids that differ (shape or affine), label values outside 0..3.
@@ -103,7 +106,8 @@ def load_training_subject(subject: str, image_path: str | Path, bombs_path: str 
     if bad.any():
         raise InputError(f"label values must be BOMBS codes 0..3, found {sorted(np.unique(labels[bad]))[:5]}",
                          subject=subject, path=bombs_path)
-    labels = labels.astype(np.uint8)
+    image, _ = to_canonical(image, aff)
+    labels, _ = to_canonical(labels.astype(np.uint8), aff)
     return SegSubject(subject, image.astype(np.float32), labels, class_centres(labels))
 
 
@@ -222,17 +226,23 @@ def _crop_dice(model, crops: tuple[torch.Tensor, torch.Tensor], batch: int, devi
     return dice_per_class(torch.cat(preds).numpy(), y_all[:, 0].numpy())
 
 
-def _resume(ckpt_path: Path, cfg: Mapping[str, Any], model, opt, device) -> tuple[int, dict | None, float]:
-    """Load the per-epoch checkpoint if it was written with the same training config.
+def _fingerprint(cfg: Mapping[str, Any], inputs: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the training config and the training data."""
+    return {"config": {k: v for k, v in cfg.items() if k not in NOT_TRAINING_KEYS},
+            "data": [[str(s), str(i), str(b)] for s, i, b in inputs]}
+
+
+def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device) -> tuple[int, dict | None, float]:
+    """Load the per-epoch checkpoint if it was written with the same config and data.
 
     Returns ``(last finished epoch, best state dict or None, best score)``; ``(0, None, -inf)`` for a fresh start.
     """
     if not ckpt_path.exists():
         return 0, None, -np.inf
     ckpt = load_checkpoint(ckpt_path, device)
-    wanted = {k: v for k, v in cfg.items() if k not in NOT_TRAINING_KEYS}
-    if ckpt.get("train_config") != wanted:
-        log.warning("segmenter checkpoint %s was written with another config: training starts over", ckpt_path)
+    if ckpt.get("fingerprint") != dict(fingerprint):
+        log.warning("segmenter checkpoint %s was written with another config or data: training starts over",
+                    ckpt_path)
         return 0, None, -np.inf
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -283,7 +293,8 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
     val_crops = sample_crops(val, max(4, int(cfg["crops_per_epoch"]) // 4), crop,
                              np.random.default_rng([int(cfg["seed"]), 2**31 - 1])) if val else None
     ckpt_path = out_dir / "checkpoint.pt"
-    start, best_state, best_score = _resume(ckpt_path, cfg, model, opt, device)
+    fingerprint = _fingerprint(cfg, inputs)
+    start, best_state, best_score = _resume(ckpt_path, fingerprint, model, opt, device)
     csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv_log.truncate_after("epoch", start)
     for epoch in tqdm(range(start + 1, int(cfg["epochs"]) + 1), desc="segmenter", initial=start,
@@ -301,7 +312,7 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_model": best_state, "best_score": best_score,
-            "train_config": {k: v for k, v in cfg.items() if k not in NOT_TRAINING_KEYS}})
+            "fingerprint": fingerprint})
         log.info("segmenter epoch %d: loss %.4f, crop Dice %s", epoch, loss, dice)
     return _finish(out_dir, cfg, model, best_state, best_score, (train, val), device)
 
@@ -377,13 +388,12 @@ def segment_volume(model: torch.nn.Module, image: np.ndarray, device: str | torc
 
 def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
                     expected_input: str | None = None, window: Sequence[int] = (128, 128, 32),
-                    overlap: float = 0.25, sw_batch_size: int = 1, device: str = "auto",
-                    reference: str | Path | None = None) -> Path:
-    """Segment one subject and write its BOMBS map (uint8).
+                    overlap: float = 0.25, sw_batch_size: int = 1, device: str = "auto") -> Path:
+    """Segment one subject and write its BOMBS map (uint8) in the image's own grid.
 
-    The map is written in the grid of ``reference`` (the subject's SWI as
-    acquired: LAS, LIA ...) when given, else in the image's own (RAS-ordered) grid;
-    the two differ by an axis permutation/flip only, so no voxel is interpolated.
+    The network sees the image reordered to RAS (:func:`microbleed.io.to_canonical`,
+    as in training); the map is put back in the image's voxel order (LAS, LIA, ...)
+    by the inverse permutation/flip, so no voxel is interpolated.
 
     Args:
         image_path: pre-processed SWI or T1w ``(X, Y, Z)`` in the SWI grid.
@@ -399,12 +409,10 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
         raise InputError(f"segmenter {model_dir} was trained on {trained_on!r} but config segmenter.input "
                          f"is {expected_input!r}", subject=subject, path=image_path)
     image, affine = load_volume(image_path, subject)
+    ras, ras_aff = to_canonical(image, affine)
     t0 = time.time()
-    labels = segment_volume(model, image, next(model.parameters()).device, window, overlap, sw_batch_size)
+    labels = segment_volume(model, ras, next(model.parameters()).device, window, overlap, sw_batch_size)
     log.info("subject %s: segmented %s in %.1f s, voxels per class %s", subject, image.shape, time.time() - t0,
              np.bincount(labels.ravel(), minlength=N_CLASSES).tolist())
-    if reference is not None:
-        ref = load_image(reference, subject)
-        labels = reorient_like(labels, affine, ref.affine, ref.shape[:3])
-        affine = ref.affine
+    labels = reorient_like(labels, ras_aff, affine, image.shape)
     return save_image(labels, affine, out_path, dtype=np.uint8)

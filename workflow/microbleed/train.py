@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .data import DetectionCrops, Volume, load_volumes
 from .io import voxel_to_ras
 from .losses import ConcentrationLoss, detection_loss
-from .nets.detector import build_detector, preferred_memory_format
+from .nets.detector import STRIDE, build_detector, preferred_memory_format
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
 __all__ = ["split_subjects", "validation_score", "train_detector", "load_detector", "LOG_FIELDS"]
@@ -97,7 +97,7 @@ def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: 
 def _network_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     d = cfg["detector"]
     return {"variant": d["variant"], "widths": list(d["widths"]), "in_channels": 2,
-            "box_voxels": int(d["box_voxels"]), "stride": 4, "crop": list(d["crop"]),
+            "box_voxels": int(d["box_voxels"]), "stride": STRIDE, "crop": list(d["crop"]),
             "z_slices": int(cfg["preprocess"]["z_slices"])}
 
 

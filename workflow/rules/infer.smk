@@ -7,7 +7,6 @@ rule segment:
         image=sub_path("{cohort}", "{subject}",
                        "desc-preproc_{}.nii.gz".format("swi" if config["segmenter"]["input"] == "swi" else "T1w"),
                        "preproc/sub-{subject}"),
-        swi=subject_file("swi"),
     output:
         dseg=sub_path("{cohort}", "{subject}", "desc-bombs_dseg.nii.gz"),
     params:

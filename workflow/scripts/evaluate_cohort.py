@@ -12,12 +12,14 @@ TABLES = ("detection", "localization", "framework", "froc", "froc_curve", "subje
 
 def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[str], variant: str,
          segmenter_input: str, infer_threshold: float, hit_radius_mm: float, prune_outside_mask: bool,
-         frst_params: str | None, outputs: Mapping[str, str], region_radius_mm: float = 0.0) -> None:
+         frst_params: str | None, outputs: Mapping[str, str], region_radius_mm: float = 0.0,
+         allow_missing: bool = False) -> None:
     """Evaluate one cohort; ``subjects`` are dicts of :class:`SubjectFiles` fields (expected paths)."""
     frst_threshold = json.loads(Path(frst_params).read_text())["threshold"] if frst_params else None
     parsed = parse_methods(methods, variant, segmenter_input, infer_threshold, frst_threshold)
     files = [SubjectFiles(**s) for s in subjects]
-    opts = EvalOptions(hit_radius_mm, variant, segmenter_input, prune_outside_mask, float(region_radius_mm))
+    opts = EvalOptions(hit_radius_mm, variant, segmenter_input, prune_outside_mask, float(region_radius_mm),
+                       bool(allow_missing))
     tables = evaluate_cohort(files, parsed, opts)
     write_metrics(tables, {k: outputs[k] for k in TABLES})
     plot_froc(tables["froc_curve"], outputs["froc_png"], f"FROC: {cohort}")
@@ -34,4 +36,5 @@ if "snakemake" in globals():
          variant=smk.params.variant, segmenter_input=smk.params.segmenter_input,
          infer_threshold=smk.params.infer_threshold, hit_radius_mm=smk.params.hit_radius_mm,
          prune_outside_mask=smk.params.prune_outside_mask, region_radius_mm=smk.params.region_radius_mm,
-         frst_params=smk.params.frst_params or None, outputs=dict(smk.output.items()))
+         frst_params=smk.params.frst_params or None, outputs=dict(smk.output.items()),
+         allow_missing=smk.params.allow_missing)

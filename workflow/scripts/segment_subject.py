@@ -8,11 +8,11 @@ from microbleed.segment import segment_subject
 
 
 def main(image: str, model_dir: str, out_path: str, *, subject: str, expected_input: str,
-         window: Sequence[int], overlap: float, sw_batch_size: int, device: str, reference: str | None = None) -> None:
+         window: Sequence[int], overlap: float, sw_batch_size: int, device: str) -> None:
     """Run :func:`microbleed.segment.segment_subject` for one subject."""
     segment_subject(Path(image), Path(model_dir), Path(out_path), subject=subject, expected_input=expected_input,
                     window=tuple(int(w) for w in window), overlap=float(overlap),
-                    sw_batch_size=int(sw_batch_size), device=device, reference=reference)
+                    sw_batch_size=int(sw_batch_size), device=device)
 
 
 if "snakemake" in globals():
@@ -21,4 +21,4 @@ if "snakemake" in globals():
     import torch
     torch.set_num_threads(max(1, int(snakemake.threads)))
     main(snakemake.input.image, str(Path(snakemake.input.model).parent), snakemake.output.dseg,
-         subject=snakemake.wildcards.subject, reference=snakemake.input.swi, **snakemake.params)
+         subject=snakemake.wildcards.subject, **snakemake.params)
