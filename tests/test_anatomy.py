@@ -134,6 +134,25 @@ def test_aseg_without_aparc_gives_unspecified_lobes(dk, dk_maps):
     assert np.array_equal(bombs, dk_maps[0])
 
 
+@pytest.mark.parametrize("flip", [False, True], ids=["RAS", "LAS"])
+def test_wm_hypointensities_without_aparc_take_the_side_of_ras_x(flip):
+    """No aparc: WM hypointensities (77) across the midline are left where RAS x < 0, right elsewhere."""
+    aseg = np.zeros((40, 12, 10), np.int64)
+    aseg[4:20, 2:10, 2:8] = 2                      # array half i < 20 ...
+    aseg[20:36, 2:10, 2:8] = 41
+    aseg[10:30, 4:8, 3:7] = 77                     # a lesion band straddling i = 20
+    aff = np.diag([-1.5 if flip else 1.5, 1.0, 2.0, 1.0])
+    aff[0, 3] = 19.5 * 1.5 if flip else -19.5 * 1.5   # RAS x = 0 between voxels i = 19 and 20
+    aff[1, 3], aff[2, 3] = -30.0, 12.0
+    x = voxel_to_ras(np.argwhere(aseg == 77).astype(float), aff)[:, 0]
+    expected = np.where(x < 0, 13, 14)
+    _, mars = A.bombs_from_aseg(aseg, aff, capsule_rule=False)      # labelled box starts at i = 4
+    assert np.array_equal(mars[aseg == 77], expected)
+    assert set(expected) == {13, 14}
+    assert np.array_equal(A.mars_map(aseg, aff)[aseg == 77], expected)
+    assert A.mars_name(int(expected[0])) == ("right" if flip else "left") + " lobar (unspecified)"
+
+
 def _resampled_grid(aff_src, shape_src, orient):
     """An SWI-like grid over the same field: anisotropic voxels in a given orientation."""
     centre = voxel_to_ras((np.array(shape_src) - 1) / 2.0, aff_src)[0]

@@ -64,13 +64,44 @@ def _features(v: torch.Tensor) -> torch.Tensor:
     return f
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.floats(-5, 5), min_size=4, max_size=4), st.booleans(), st.integers(0, 1000))
-def test_concentration_loss_in_0_2(values, is_cmb, seed):
-    torch.manual_seed(seed)
+_coords = st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=4, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_coords, _coords, _coords, st.booleans())
+def test_concentration_loss_below_1_iff_nearer_own_prototype(v, m_cmb, m_mimic, is_cmb):
+    """L_con < 1 when V is nearer its own kind's prototype, > 1 when nearer the other's (the value
+    of the formula), whichever kind V is: a loss that swapped or mixed up the prototypes fails."""
     hspl = ConcentrationLoss(4)
-    loss = hspl(_features(torch.tensor(values)), torch.tensor([[1, 1, 0]]), torch.tensor([is_cmb]))
-    assert 0.0 <= float(loss.detach()) <= 2.0
+    with torch.no_grad():
+        hspl.m_cmb.copy_(torch.tensor(m_cmb))
+        hspl.m_mimic.copy_(torch.tensor(m_mimic))
+    vv, own, other = (np.array(a, dtype=np.float64) for a in (v, *((m_cmb, m_mimic) if is_cmb else (m_mimic, m_cmb))))
+    d_own, d_other = ((vv - own) ** 2).sum(), ((vv - other) ** 2).sum()
+    with torch.no_grad():
+        loss = float(hspl(_features(torch.tensor(v)), torch.tensor([[1, 1, 0]]), torch.tensor([is_cmb])))
+    if d_own + d_other > 1e-3:
+        assert loss == pytest.approx((d_own - d_other) / (d_own + d_other) + 1.0, abs=1e-4)
+    gap = (d_own - d_other) / max(d_own + d_other, 1e-12)
+    if gap < -1e-3:
+        assert loss < 1.0
+    elif gap > 1e-3:
+        assert loss > 1.0
+
+
+def test_concentration_loss_uses_each_samples_own_kind_in_a_batch():
+    hspl = ConcentrationLoss(2)
+    with torch.no_grad():
+        hspl.m_cmb.copy_(torch.tensor([0.0, 0.0]))
+        hspl.m_mimic.copy_(torch.tensor([4.0, 0.0]))
+    f = torch.zeros(2, 2, 2, 2, 2)
+    f[:, :, 1, 1, 0] = torch.tensor([1.0, 0.0])                  # both nearer m_cmb: d = 1 vs 9
+    cells = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    with torch.no_grad():
+        per = [float(hspl(f[b:b + 1], cells[b:b + 1], torch.tensor([k]))) for b, k in ((0, True), (1, False))]
+        both = float(hspl(f, cells, torch.tensor([True, False])))
+    assert per[0] == pytest.approx(1 - 8 / 10) and per[1] == pytest.approx(1 + 8 / 10)
+    assert both == pytest.approx(sum(per) / 2)
 
 
 def test_concentration_loss_extremes_and_kinds():

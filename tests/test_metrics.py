@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microbleed.metrics import (SubjectData, count_agreement, detection_table, dice_per_class,
-                                eliminated_fp, froc_curve, froc_summary, localization_accuracy,
-                                match_detections, pr_auc, rates, region_name, subject_tp_curve)
+from microbleed.metrics import (BOMBS_CODES, REGIONS, SubjectData, bombs_region_tally, count_agreement,
+                                detection_table, dice_per_class, eliminated_fp, froc_curve, froc_summary,
+                                localization_accuracy, match_detections, pr_auc, rates, region_name,
+                                subject_tp_curve)
 
 R = 5.0
 
@@ -154,6 +155,14 @@ def test_count_agreement():
     assert agr.loc["lobar", "spearman_rho"] == pytest.approx(1.0)
     assert math.isnan(agr.loc["deep", "pearson_r"])                  # constant prediction
     assert agr.loc["lobar", "mean_abs_error"] == pytest.approx(2.0)
+
+
+def test_bombs_region_tally_and_tables_follow_anatomy():
+    from microbleed.anatomy import BOMBS_NAMES
+    assert bombs_region_tally(["lobar", "deep", "lobar", "none", ""]) == \
+        {"lobar": 2, "deep": 1, "infratentorial": 0, "total": 3}
+    assert bombs_region_tally([]) == {"lobar": 0, "deep": 0, "infratentorial": 0, "total": 0}
+    assert BOMBS_CODES == {n: c for c, n in BOMBS_NAMES.items()} and REGIONS == ("lobar", "deep", "infratentorial")
 
 
 @pytest.mark.parametrize("value,name", [(1, "lobar"), ("Deep", "deep"), ("3", "infratentorial"),

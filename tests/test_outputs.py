@@ -12,7 +12,7 @@ import torch
 
 from microbleed.infer import CMB_COLUMNS, DetectParams, detect_subject, plan_tiles
 from microbleed.io import load_volume, read_tsv, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras, write_tsv
-from microbleed.outputs import qc_montage, region_counts, sphere_mask
+from microbleed.outputs import qc_montage, qc_patches, region_counts, sphere_mask
 from microbleed.preprocess import interpolation_affine
 from test_infer_fakes import fake_loader, oblique_affine, write_subject
 
@@ -103,3 +103,26 @@ def test_qc_montage_writes_a_png(tmp_path):
     path = qc_montage(vol, vol, np.diag([0.5, 0.5, 2.0, 1.0]), row, tmp_path / "qc.png", "01")
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+
+
+@pytest.mark.parametrize("ijk", [(13, 22, 7), (1, 38, 18)], ids=["inside", "at_the_border"])
+def test_qc_panels_are_centred_on_the_detection(ijk):
+    """The pixel drawn at (0, 0) mm (under the red circle) of every SWI panel is the dark blob's voxel."""
+    shape, aff = (40, 40, 20), np.diag([0.5, 0.7, 2.0, 1.0])
+    rng = np.random.default_rng(1)
+    swi = rng.uniform(0.6, 1.0, shape).astype(np.float32)
+    swi[ijk] = 0.0                                                    # the only dark voxel
+    phase = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+    row = {"i": float(ijk[0]), "j": float(ijk[1]), "k": float(ijk[2])}
+    panels = qc_patches(swi, phase, aff, row, half_width_mm=4.0)
+    assert [(n, t) for n, t, _, _ in panels][:3] == [("SWI", "axial (i-j)"), ("SWI", "coronal (i-k)"),
+                                                     ("SWI", "sagittal (j-k)")]
+    for name, title, patch, (u0, u1, v0, v1) in panels[:3]:
+        pu = int(np.floor(-u0 / (u1 - u0) * patch.shape[0]))         # pixel under x = 0 mm
+        pv = int(np.floor(-v0 / (v1 - v0) * patch.shape[1]))
+        assert patch[pu, pv] == 0.0, (title, patch.shape, (pu, pv))
+        assert (patch == 0.0).sum() == 1 and u0 < 0 < u1 and v0 < 0 < v1
+        sizes = {"axial (i-j)": (0.5, 0.7), "coronal (i-k)": (0.5, 2.0), "sagittal (j-k)": (0.7, 2.0)}[title]
+        assert (u1 - u0) / patch.shape[0] == pytest.approx(sizes[0])          # mm per pixel, not transposed
+        assert (v1 - v0) / patch.shape[1] == pytest.approx(sizes[1])
+

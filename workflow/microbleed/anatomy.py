@@ -281,10 +281,18 @@ def mars_map(aseg: np.ndarray, affine: np.ndarray, capsule: np.ndarray | None = 
 
     Cerebral white matter takes the label of the nearest lobar voxel (in mm) of
     its own hemisphere (WM hypointensities: of either); hippocampus and amygdala are
-    temporal. Without aparc cortical labels they stay ``lobar (unspecified)``.
+    temporal. Without aparc cortical labels they stay ``lobar (unspecified)``; WM
+    hypointensities (77-79, no hemisphere in aseg) then take the side of the RAS
+    ``x`` of each voxel through ``affine`` (``x < 0``: left, else right).
     ``capsule`` (from :func:`capsule_labels`) overrides where non-zero.
     """
     out = _lookup(aseg, _mars_direct)
+    hypo = np.isin(aseg, (77, 78, 79))
+    if hypo.any():
+        ijk = np.argwhere(hypo)
+        x = ijk @ np.asarray(affine, dtype=float)[0, :3] + float(affine[0, 3])
+        out[tuple(ijk.T)] = np.where(x < 0, _MARS_INDEX["left lobar (unspecified)"],
+                                     _MARS_INDEX["right lobar (unspecified)"])
     lobes = (out >= 1) & (out <= 12)
     if lobes.any():
         for ids, idx in (((17, 18), 5), ((53, 54), 6)):
@@ -319,6 +327,8 @@ def bombs_from_aseg(aseg: np.ndarray, affine: np.ndarray, capsule_rule: bool = T
         return bombs_full, mars_full
     box = _bbox(full > 0, np.ones(3, int))            # the labelled field only: same result, less work
     aseg = full[box]
+    affine = np.array(affine, dtype=float)            # voxel ijk of the box -> RAS mm
+    affine[:3, 3] += affine[:3, :3] @ np.array([s.start for s in box], dtype=float)
     bombs = remap_bombs(aseg)
     capsule = capsule_labels(aseg, affine, internal_mm, external_mm) if capsule_rule else None
     if capsule is not None:

@@ -36,16 +36,20 @@ from scipy import stats
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
+from .anatomy import BOMBS_NAMES, NONE
+
 __all__ = [
     "REGIONS", "BOMBS_CODES", "FROC_FP_POINTS", "Match", "SubjectData",
     "match_detections", "rates", "detection_table", "subject_tp_curve",
     "froc_curve", "froc_summary", "pr_auc", "dice_per_class",
-    "localization_accuracy", "eliminated_fp", "region_counts", "count_agreement",
+    "localization_accuracy", "eliminated_fp", "bombs_region_tally", "count_agreement",
     "region_name",
 ]
 
-REGIONS = ("lobar", "deep", "infratentorial")
-BOMBS_CODES = {"none": 0, "lobar": 1, "deep": 2, "infratentorial": 3}
+#: BOMBS class name -> code (from :data:`microbleed.anatomy.BOMBS_NAMES`, the one table).
+BOMBS_CODES = {name: code for code, name in sorted(BOMBS_NAMES.items())}
+#: The CMB regions (every BOMBS class but ``none``).
+REGIONS = tuple(name for code, name in sorted(BOMBS_NAMES.items()) if code != NONE)
 FROC_FP_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -392,8 +396,14 @@ def eliminated_fp(subjects: Sequence[SubjectData], hit_radius_mm: float) -> dict
             "efp_avg": efp / n if n else float("nan"), "n_subjects": n}
 
 
-def region_counts(regions: Iterable[str]) -> dict[str, int]:
-    """Number of CMBs per BOMBS region (lobar, deep, infratentorial) and ``total``."""
+def bombs_region_tally(regions: Iterable[str]) -> dict[str, int]:
+    """Tally of a list of BOMBS region names (one per CMB, detected or labelled).
+
+    Returns:
+        ``{"lobar", "deep", "infratentorial", "total"}`` counts; ``total`` counts
+        only those three (``none`` or unknown names are left out). Not to be confused
+        with :func:`microbleed.outputs.region_counts` (the per-subject counts file).
+    """
     regions = list(regions)
     out = {r: sum(1 for x in regions if x == r) for r in REGIONS}
     out["total"] = sum(out.values())

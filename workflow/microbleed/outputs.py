@@ -28,7 +28,7 @@ import pandas as pd
 from .infer import BOMBS_NAMES, load_labels, prune, read_candidates
 from .io import atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, voxel_sizes, voxel_to_ras, write_tsv
 
-__all__ = ["sphere_mask", "region_counts", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
+__all__ = ["sphere_mask", "region_counts", "qc_patches", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
            "FinaliseParams", "finalise_subject", "read_mars_names"]
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,31 @@ def _plane(vol: np.ndarray, ijk: np.ndarray, axis: int, half: np.ndarray) -> tup
                             lo[1] - ijk[axes[1]] - 0.5, hi[1] - ijk[axes[1]] - 0.5]
 
 
+QC_PLANES = ((2, "axial (i-j)"), (1, "coronal (i-k)"), (0, "sagittal (j-k)"))
+
+
+def qc_patches(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapping,
+               half_width_mm: float = 16.0) -> list[tuple[str, str, np.ndarray, list[float]]]:
+    """The six panels of :func:`qc_montage`: SWI then phase, in the planes of :data:`QC_PLANES`.
+
+    Returns:
+        ``[(image, plane, patch, extent)]``: ``patch`` ``(n_u, n_v)`` is the slice through
+        the detection's voxel ``(i, j, k)`` orthogonal to the plane's axis (array axes
+        ``u < v``, clipped to the volume); ``extent`` ``[u0, u1, v0, v1]`` is its edges in
+        mm from the detection, so the detection lies at ``(0, 0)``.
+    """
+    vox = voxel_sizes(affine)
+    ijk = np.array([row["i"], row["j"], row["k"]], dtype=float)
+    half = np.ceil(half_width_mm / vox)
+    out = []
+    for name, vol in (("SWI", swi), ("phase", phase)):
+        for axis, title in QC_PLANES:
+            patch, ext = _plane(vol, ijk, axis, half)
+            u, v = [a for a in range(3) if a != axis]
+            out.append((name, title, patch, [ext[0] * vox[u], ext[1] * vox[u], ext[2] * vox[v], ext[3] * vox[v]]))
+    return out
+
+
 def qc_montage(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapping, path: str | Path,
                subject: str, half_width_mm: float = 16.0) -> Path:
     """PNG: SWI (top) and phase (bottom) in the three array planes through one detection.
@@ -128,28 +153,21 @@ def qc_montage(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapp
         affine: their affine (for voxel sizes: panels are drawn in mm).
         row: one CMB table row (``cmb_id, i, j, k, x, y, z, score, region``).
         half_width_mm: half the field of view of each panel.
+
+    The panels are :func:`qc_patches`, drawn with the detection at ``(0, 0)`` (red circle).
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
-    vox = voxel_sizes(affine)
-    ijk = np.array([row["i"], row["j"], row["k"]], dtype=float)
-    half = np.ceil(half_width_mm / vox)
     fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), dpi=80)
-    planes = [(2, "axial (i-j)"), (1, "coronal (i-k)"), (0, "sagittal (j-k)")]
-    for r, (name, vol) in enumerate([("SWI", swi), ("phase", phase)]):
-        for col, (axis, title) in enumerate(planes):
-            patch, ext = _plane(vol, ijk, axis, half)
-            other = [a for a in range(3) if a != axis]
-            extent = [ext[0] * vox[other[0]], ext[1] * vox[other[0]], ext[2] * vox[other[1]], ext[3] * vox[other[1]]]
-            ax = axes[r, col]
-            ax.imshow(patch.T, origin="lower", cmap="gray", extent=extent, vmin=0.0, vmax=1.0,
-                      interpolation="nearest")
-            ax.add_patch(Circle((0.0, 0.0), 4.0, fill=False, color="red", lw=1.0))
-            ax.set_title(f"{name} {title}", fontsize=8)
-            ax.tick_params(labelsize=6)
+    for ax, (name, title, patch, extent) in zip(axes.ravel(), qc_patches(swi, phase, affine, row, half_width_mm)):
+        ax.imshow(patch.T, origin="lower", cmap="gray", extent=extent, vmin=0.0, vmax=1.0,
+                  interpolation="nearest")
+        ax.add_patch(Circle((0.0, 0.0), 4.0, fill=False, color="red", lw=1.0))
+        ax.set_title(f"{name} {title}", fontsize=8)
+        ax.tick_params(labelsize=6)
     fig.suptitle(f"sub-{subject} cmb {int(row['cmb_id'])}: score {float(row['score']):.3f}, "
                  f"{row['region']}, RAS ({float(row['x']):.1f}, {float(row['y']):.1f}, "
                  f"{float(row['z']):.1f}) mm", fontsize=9)

@@ -35,9 +35,9 @@ import pandas as pd
 import yaml
 
 from .io import InputError, load_volume, ras_to_voxel, read_tsv, write_tsv
-from .metrics import (FROC_FP_POINTS, REGIONS, SubjectData, count_agreement, detection_table,
-                      dice_per_class, eliminated_fp, froc_curve, froc_summary, localization_accuracy,
-                      pr_auc, region_counts, region_name)
+from .metrics import (FROC_FP_POINTS, REGIONS, SubjectData, bombs_region_tally, count_agreement,
+                      detection_table, dice_per_class, eliminated_fp, froc_curve, froc_summary,
+                      localization_accuracy, pr_auc, region_name)
 
 __all__ = ["Method", "SubjectFiles", "parse_methods", "evaluate_cohort", "write_metrics",
            "plot_froc", "plot_pr", "build_report", "EvalOptions"]
@@ -267,8 +267,8 @@ def _subject_rows(files: Sequence[SubjectFiles], loaded: Mapping[str, dict], exc
             kept = s.select(~s.pruned)
             t = detection_table([kept], radius).set_index("group").loc["all"]
             row.update(group=s.group, tp=int(t["tp"]), fp=int(t["fp"]), fn=int(t["fn"]))
-            row.update({f"pred_{k}": v for k, v in region_counts(kept.det_regions).items()})
-            row.update({f"true_{k}": v for k, v in region_counts(s.label_regions).items()})
+            row.update({f"pred_{k}": v for k, v in bombs_region_tally(kept.det_regions).items()})
+            row.update({f"true_{k}": v for k, v in bombs_region_tally(s.label_regions).items()})
             row["true_total"] = len(s.labels)                 # also when label regions are unknown
         rows.append(row)
     return pd.DataFrame(rows)

@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..anatomy import BOMBS_NAMES
 from .blocks import ConvBlock, UpBlock
 
 __all__ = ["BOMBS_CLASSES", "UNet3D", "build_segmenter", "coordinate_channels"]
 
-BOMBS_CLASSES = ("none", "lobar", "deep", "infratentorial")
+#: Output channel names, index = BOMBS code (from :data:`microbleed.anatomy.BOMBS_NAMES`).
+BOMBS_CLASSES = tuple(BOMBS_NAMES[c] for c in sorted(BOMBS_NAMES))
 
 
 def coordinate_channels(shape: Sequence[int], dtype: np.dtype | type = np.float32) -> np.ndarray:
