@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 LOG_FIELDS = ["epoch", "loss", "cls", "reg", "con", "lr", "val_score", "val_sens_at_1", "seconds"]
 #: Keys of ``detector`` config that do not change what an epoch computes (a run
 #: extended by more epochs resumes from its checkpoint).
-_RESUMABLE = {"epochs", "model"}
+_RESUMABLE = {"epochs", "model", "validate_every"}
 
 
 def split_subjects(volumes: Sequence[Volume], fraction: float, seed: int) -> tuple[list[Volume], list[Volume]]:
@@ -272,9 +272,12 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         lr = run.optimiser.param_groups[0]["lr"]
         terms = _train_epoch(run.model, run.hspl, loader, run.optimiser, device, d, run.epoch)
         run.scheduler.step()
+        every = int(d.get("validate_every", 1))
+        validate = bool(val_vols) and (run.epoch % every == 0 or run.epoch == int(d["epochs"]))
         metrics = (validation_score(run.model, val_vols, device, window, int(d["box_voxels"]),
-                                    float(cfg["evaluate"]["hit_radius_mm"])) if val_vols else {})
-        run.consider(metrics)
+                                    float(cfg["evaluate"]["hit_radius_mm"])) if validate else {})
+        if validate or not val_vols:
+            run.consider(metrics)
         csv.write(epoch=run.epoch, lr=lr, val_score=metrics.get("mean_sensitivity", math.nan),
                   val_sens_at_1=metrics.get("sens_at_1", math.nan), seconds=round(time.perf_counter() - t0, 2),
                   **terms)
