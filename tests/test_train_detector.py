@@ -107,3 +107,12 @@ def test_overfit_finds_the_spheres_and_scores_the_tubes_lower(tmp_path):
     on_tube = (np.hypot(kept[:, 0] - 36, kept[:, 1] - 12) < 3) | (np.hypot(kept[:, 1] - 12, kept[:, 2] - 34) < 3)
     tube = kept[on_tube, 3].max() if on_tube.any() else 0.0
     assert kept[2, 3] > 0.5 and kept[2, 3] > 2 * tube
+
+
+def test_validate_every_skips_validation_between_checkpoints(tmp_path):
+    """validate_every=2 over 3 epochs: epochs 2 and 3 (the last) are scored, epoch 1 is not and is never kept."""
+    import pandas as pd
+    card = train_detector(_inputs(tmp_path), tmp_path / "m", _cfg(epochs=3, validate_every=2), "cpu", cohort="synth")
+    log = pd.read_csv(tmp_path / "m" / "train_log.csv")
+    assert log["val_score"].isna().tolist() == [True, False, False]
+    assert card["selection"]["best_epoch"] in (2, 3)
