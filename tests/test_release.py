@@ -40,3 +40,22 @@ def test_release_refuses_tampered_source_and_release(tmp_path):
     (src / "card.json").write_text(json.dumps(card))
     with pytest.raises(InputError, match="not releasing"):
         release_model(src, tmp_path / "models" / "other")
+
+
+SHIPPED = sorted(p.parent for p in (__import__("pathlib").Path(__file__).resolve().parents[1] / "models").glob("*/card.json"))
+
+
+@pytest.mark.parametrize("model_dir", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_models_load_and_run(model_dir):
+    """Every released model matches its sha256 and rebuilds into a network that runs."""
+    card = json.loads((model_dir / "card.json").read_text())
+    if card.get("task") == "cmb-detection":
+        from microbleed.train import load_detector
+        model, _ = load_detector(model_dir, "cpu")
+        out = model(torch.zeros(1, 2, 32, 32, 32))["logits"]
+        assert out.shape == (1, 5, 8, 8, 8)
+    else:
+        from microbleed.segment import load_segmenter
+        model = load_segmenter(model_dir, "cpu")
+        assert model(torch.zeros(1, 4, 16, 16, 8)).shape == (1, 4, 16, 16, 8)
+    assert card["note"], "a released model says what it is for"

@@ -129,3 +129,17 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
     assert {r: plan.get(r) for r in per_subject} == {r: 1 for r in per_subject}
     assert plan.get("evaluate_cohort") == 1 and plan.get("report") == 1
     assert set(plan) <= per_subject | {"evaluate_cohort", "report", "all"}
+
+
+def test_released_models_on_demo_external_plan_no_training(tmp_path):
+    """Inference with the shipped models on demo-external: the plan holds no training job."""
+    shipped = {p.name for p in (ROOT / "models").glob("*") if (p / "card.json").exists()}
+    if not {"cmb-detector-sim", "bombs-segmenter-sim-swi"} <= shipped:
+        pytest.skip("released models not shipped")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"detector": {"model": "models/cmb-detector-sim"},
+                                   "segmenter": {"model": "models/bombs-segmenter-sim-swi", "input": "swi"},
+                                   "evaluate_cohorts": ["demo-external"]}))
+    plan = planned(smk("-n", "--forceall", "--configfile", str(cfg), "--quiet", "rules", "--", "results/demo-external/report.html"))
+    assert plan.get("finalise") == 3 and plan.get("detect") == 3
+    assert not {"train_detector", "train_segmenter"} & set(plan)
