@@ -158,13 +158,14 @@ def _run_once(kind, det, seg, subject, device, cfg, threshold):
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         if kind == "ours":
-            cands = detect_volume(det, vol, device, cfg["infer"]["window"], cfg["infer"]["overlap"],
+            window = [min(w, c) for w, c in zip(cfg["infer"]["window"], cfg["detector"]["crop"])]  # as detect_subject
+            cands = detect_volume(det, vol, device, window, cfg["infer"]["overlap"],
                                   cfg["infer"]["candidate_floor"], cfg["infer"]["batch_size"])
         else:
             cands = detect_volume_monai(det, vol, device, cfg["detector"]["crop"], cfg["infer"]["candidate_floor"])
         _sync(device)
         out["detect_s"] = time.perf_counter() - t0
-        table = candidates_table(cands, grid_aff, swi_aff)
+        table = candidates_table(cands, grid_aff, swi_aff, cfg["infer"]["nms_radius_mm"])
         t1 = time.perf_counter()
         if kind == "ours":
             bombs = segment_volume(seg, img, device, cfg["segmenter"]["window"], cfg["segmenter"]["overlap"])
