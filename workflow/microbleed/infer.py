@@ -326,7 +326,7 @@ def candidates_table(cands: np.ndarray, grid_affine: np.ndarray, swi_affine: np.
 
 
 # --------------------------------------------------------------------------- pruning
-def _sample_nearest(data: np.ndarray, affine: np.ndarray, ras: np.ndarray, outside: int = 0) -> np.ndarray:
+def sample_nearest(data: np.ndarray, affine: np.ndarray, ras: np.ndarray, outside: int = 0) -> np.ndarray:
     """Values of ``data`` at the nearest voxel of each RAS mm point ``(N, 3)``; ``outside`` off-grid."""
     ijk = np.rint(ras_to_voxel(ras, affine)).astype(int).reshape(-1, 3)
     inside = np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)
@@ -345,7 +345,7 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     radius; ties go to the lowest code. Returns ``(N,)`` int64 codes.
     """
     data = np.asarray(bombs).astype(np.int64)
-    codes = _sample_nearest(data, affine, ras)
+    codes = sample_nearest(data, affine, ras)
     if radius_mm <= 0:
         return codes
     reach = np.ceil(radius_mm / voxel_sizes(affine)).astype(int)
@@ -383,7 +383,7 @@ def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
     if np.any((codes < 0) | (codes > 3)):
         raise ValueError(f"BOMBS map holds codes outside 0..3: {sorted(set(codes.tolist()))}")
     in_mask = (np.ones(len(ras), bool) if mask is None
-               else _sample_nearest(np.asarray(mask[0]) > 0, mask[1], ras, outside=False))
+               else sample_nearest(np.asarray(mask[0]) > 0, mask[1], ras, outside=False))
     reason = np.where(codes == 0, "none_region", "n/a").astype(object)
     if prune_outside_mask:
         reason[~in_mask] = "outside_mask"

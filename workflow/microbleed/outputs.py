@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from .infer import BOMBS_NAMES, load_labels, prune, read_candidates
+from .infer import BOMBS_NAMES, load_labels, prune, read_candidates, sample_nearest
 from .io import atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, voxel_sizes, voxel_to_ras, write_tsv
 
 __all__ = ["sphere_mask", "region_counts", "qc_patches", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
@@ -93,11 +93,8 @@ def region_counts(kept: pd.DataFrame, mars: tuple[np.ndarray, np.ndarray] | None
     if mars is not None:
         names = dict(mars_names or {})
         data, affine = mars
-        ijk = np.rint(ras_to_voxel(kept[["x", "y", "z"]].to_numpy(dtype=float), affine)).astype(int)
-        ijk = ijk.reshape(-1, 3)
-        inside = np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)
-        idx = np.zeros(len(ijk), dtype=np.int64)
-        idx[inside] = data[tuple(ijk[inside].T)]
+        idx = sample_nearest(np.asarray(data).astype(np.int64), affine,
+                             kept[["x", "y", "z"]].to_numpy(dtype=float).reshape(-1, 3))
         hits = [names.get(int(i), "unlabelled") for i in idx]
         for index in sorted(k for k in names if k != 0):
             rows.append(("mars", names[index], hits.count(names[index])))
