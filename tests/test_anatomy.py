@@ -253,7 +253,12 @@ def test_label_source_errors(monkeypatch):
 
 @pytest.mark.slow
 def test_bombs_from_simulated_aseg_matches_truth(tmp_path):
-    """On a simulated subject the aseg-derived BOMBS map equals the truth away from class borders."""
+    """On the demo cohort in results/ the aseg-derived BOMBS map matches the truth.
+
+    Equal voxel for voxel for a cohort simulated since issue 3 (checked in-process by
+    tests/test_simulate.py::test_labels_step_reproduces_truth_bombs); the bounds here
+    also hold for a cohort in results/ simulated before that (truth then sampled apart).
+    """
     from scipy import ndimage
 
     from microbleed.cohort import bids_paths, simulated_root
@@ -263,7 +268,7 @@ def test_bombs_from_simulated_aseg_matches_truth(tmp_path):
     if not Path(truth["bombs"]).exists() or not Path(paths["aseg"]).exists():
         pytest.skip("results/cohorts/demo-train is not simulated yet")
     A.write_labels(paths["aseg"], paths["swi"], tmp_path / "b.nii.gz", tmp_path / "m.nii.gz", tmp_path / "m.tsv",
-                   subject="001", capsule_rule=False)
+                   subject="001", capsule_rule=True)
     ours = load_volume(tmp_path / "b.nii.gz", dtype=np.uint8)[0]
     ref = load_volume(truth["bombs"], dtype=np.uint8, allow_zero=True)[0]
     interior = (ref > 0) & (ndimage.grey_erosion(ref, size=3) == ndimage.grey_dilation(ref, size=3))

@@ -45,7 +45,8 @@ from .preprocess import resample_to_grid
 __all__ = [
     "NONE", "LOBAR", "DEEP", "INFRATENTORIAL", "BOMBS_NAMES", "bombs_name", "bombs_class",
     "EXTRA_IDS", "remap_bombs", "capsule_mask", "MARS", "mars_table", "mars_name", "mars_map",
-    "capsule_labels", "bombs_from_aseg", "resolve_label_source", "run_synthseg", "run_recon_all", "write_labels",
+    "capsule_labels", "bombs_from_aseg", "labels_in_grid", "resolve_label_source", "run_synthseg",
+    "run_recon_all", "write_labels",
     "CAPSULE_MIN_ANGLE_DEG", "KNOWN_NONE_IDS",
 ]
 
@@ -338,6 +339,28 @@ def bombs_from_aseg(aseg: np.ndarray, affine: np.ndarray, capsule_rule: bool = T
     return bombs_full, mars_full
 
 
+def labels_in_grid(aseg: np.ndarray, aseg_affine: np.ndarray, ref_shape, ref_affine: np.ndarray, *,
+                   capsule_rule: bool = True, internal_mm: float = 6.0,
+                   external_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """BOMBS and MARS maps of an aseg, resampled (nearest neighbour) into a reference grid.
+
+    :func:`bombs_from_aseg` in the aseg's own grid, then
+    :func:`microbleed.preprocess.resample_to_grid` (``order=0``) through the two
+    affines. This is the labels step (:func:`write_labels`) and, on the aseg it
+    writes, the simulator's truth (:mod:`microbleed.simulate`): one code path,
+    so the two are equal voxel for voxel.
+
+    Args:
+        aseg: ``(X, Y, Z)`` FreeSurfer IDs; ``aseg_affine`` its voxel ijk -> RAS mm.
+        ref_shape, ref_affine: the reference (SWI) grid.
+    Returns:
+        ``(bombs, mars)``, uint8 ``ref_shape`` each.
+    """
+    bombs, mars = bombs_from_aseg(aseg, aseg_affine, capsule_rule, internal_mm, external_mm)
+    return (resample_to_grid(bombs, aseg_affine, tuple(ref_shape), ref_affine, order=0),
+            resample_to_grid(mars, aseg_affine, tuple(ref_shape), ref_affine, order=0))
+
+
 # --------------------------------------------------------------------------- sources and outputs
 def resolve_label_source(source: str, has_aseg: bool, has_t1: bool, subject: str | None = None) -> str:
     """Which labels source a subject uses: ``aseg``, ``synthseg`` or ``recon-all``.
@@ -412,11 +435,11 @@ def write_labels(aseg_path, ref_path, out_bombs, out_mars, out_tsv, *, subject: 
     if unknown:
         log.warning("subject %s, file %s: label IDs %s are not FreeSurfer IDs known to the BOMBS table: "
                     "labelled none", subject, aseg_path, unknown[:20])
-    bombs, mars = bombs_from_aseg(aseg, aseg_aff, capsule_rule, internal_mm, external_mm)
-    bombs_ref = resample_to_grid(bombs, aseg_aff, ref.shape, ref_aff, order=0)
+    bombs_ref, mars_ref = labels_in_grid(aseg, aseg_aff, ref.shape, ref_aff, capsule_rule=capsule_rule,
+                                         internal_mm=internal_mm, external_mm=external_mm)
     if not bombs_ref.any():
         raise InputError("no labelled tissue of the aseg falls inside the SWI field of view "
                          "(wrong affine or wrong subject?)", subject=subject, path=aseg_path)
     save_image(bombs_ref, ref_aff, out_bombs, dtype=np.uint8)
-    save_image(resample_to_grid(mars, aseg_aff, ref.shape, ref_aff, order=0), ref_aff, out_mars, dtype=np.uint8)
+    save_image(mars_ref, ref_aff, out_mars, dtype=np.uint8)
     write_tsv(mars_table(), out_tsv)

@@ -202,6 +202,9 @@ class DetectionCrops(Dataset):
         seed, epoch: with the crop index, seed the crop's own generator.
         augment: random flips (labels flipped along) and per-channel intensity
             scale in [0.9, 1.1] and shift in [-0.05, 0.05].
+        augment_contrast: acquisition augmentation, for cohorts from other
+            scanners (see :meth:`_augment_contrast`): SWI gamma, phase contrast
+            gain, blur (coarser voxels) and noise, each drawn per crop.
         margin: a CMB crop keeps its CMB at least this many voxels from the crop border.
         ignore_neighbours: see :func:`encode_targets`.
 
@@ -212,7 +215,7 @@ class DetectionCrops(Dataset):
 
     def __init__(self, volumes: Sequence[Volume], crop: Sequence[int], n_crops: int, seed: int,
                  epoch: int = 0, augment: bool = True, margin: int = 4, ignore_neighbours: bool = True,
-                 stride: int = STRIDE):
+                 stride: int = STRIDE, augment_contrast: bool = False):
         if any(int(n) % 16 for n in crop):
             raise ValueError(f"crop must be multiples of 16, got {list(crop)}")
         if not volumes:
@@ -220,6 +223,7 @@ class DetectionCrops(Dataset):
         self.volumes, self.crop = list(volumes), tuple(int(n) for n in crop)
         self.n_crops, self.seed, self.epoch = int(n_crops), int(seed), int(epoch)
         self.augment, self.ignore_neighbours, self.stride = augment, ignore_neighbours, stride
+        self.augment_contrast = bool(augment_contrast)
         self.margin = int(min(margin, min(self.crop) // 2 - 1))
         self.cmbs = [(v, k) for v, vol in enumerate(self.volumes) for k in range(len(vol.centres))]
         self.fg = [_foreground(vol.image) for vol in self.volumes]
@@ -264,6 +268,8 @@ class DetectionCrops(Dataset):
             target_k = int(np.flatnonzero(inside)[0])
         if self.augment:
             image, p = self._augment(rng, image, p)
+        if self.augment_contrast:
+            image = self._augment_contrast(rng, image)
         cls, offset = encode_targets(p[inside], self.crop, self.stride, self.ignore_neighbours)
         cmb_cell = np.full(3, -1, dtype=np.int64)
         if target_k >= 0:
@@ -284,3 +290,32 @@ class DetectionCrops(Dataset):
         scale = rng.uniform(0.9, 1.1, size=(image.shape[0], 1, 1, 1))
         shift = rng.uniform(-0.05, 0.05, size=(image.shape[0], 1, 1, 1))
         return np.ascontiguousarray(image * scale + shift, dtype=np.float32), p
+
+    @staticmethod
+    def _augment_contrast(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+        """What changes between scanners and protocols, drawn per crop (channels [swi, phase]).
+
+        - SWI gamma ``g`` log-uniform in [0.7, 1.4] (contrast of veins and CMBs to tissue);
+        - phase contrast gain ``s`` log-uniform in [0.5, 2]: the phase of a
+          source scales with field strength x echo time, so around the brain's
+          median the normalised phase is ``m + s (phase - m)``;
+        - with probability 1/2 a Gaussian blur with sigma uniform in [0, 0.8]
+          voxel per axis (coarser voxels, more partial volume);
+        - Gaussian noise with sigma uniform in [0, 0.03] (lower SNR).
+        Applied inside the brain (SWI > 0); outside stays as it was.
+        """
+        from scipy import ndimage
+        image = np.array(image, dtype=np.float32, copy=True)
+        brain = image[0] > 0
+        if not brain.any():
+            return image
+        image[0] = np.clip(image[0], 0.0, 1.0) ** np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
+        m = float(np.median(image[1][brain]))
+        gain = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+        image[1] = np.where(brain, m + gain * (image[1] - m), image[1])
+        if rng.random() < 0.5:
+            sigma = [0.0, *rng.uniform(0.0, 0.8, size=3)]
+            image = ndimage.gaussian_filter(image, sigma, mode="nearest")
+        noise = rng.normal(0.0, rng.uniform(0.0, 0.03), size=image.shape).astype(np.float32)
+        image = np.where(brain[None], image + noise, image)
+        return np.ascontiguousarray(image, dtype=np.float32)

@@ -27,6 +27,7 @@ __all__ = [
     "load_image",
     "load_volume",
     "save_image",
+    "stored_affine",
     "read_tsv",
     "write_tsv",
     "ras_to_voxel",
@@ -97,13 +98,29 @@ def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
         arr = arr.astype(np.uint8)
     if dtype is not None:
         arr = arr.astype(dtype)
+    img = _nifti(arr, affine, header)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return Path(path)
+
+
+def _nifti(arr: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
+    """The NIfTI-1 image :func:`save_image` writes: sform = qform = ``affine`` (code 1)."""
     img = nib.Nifti1Image(arr, np.asarray(affine, dtype=float), header=header)
     img.set_qform(np.asarray(affine, dtype=float), code=1)
     img.set_sform(np.asarray(affine, dtype=float), code=1)
     img.header.set_data_dtype(arr.dtype)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return Path(path)
+    return img
+
+
+def stored_affine(affine: np.ndarray) -> np.ndarray:
+    """The affine :func:`load_volume` reads back from a file that :func:`save_image` wrote with ``affine``.
+
+    NIfTI keeps the affine in float32: code that must match, voxel for voxel,
+    what a later step computes from the file uses this affine, not ``affine``.
+    """
+    img = _nifti(np.zeros((1, 1, 1), np.uint8), affine)
+    return np.asarray(nib.Nifti1Image.from_bytes(img.to_bytes()).affine, dtype=float)
 
 
 # --------------------------------------------------------------------------- reads

@@ -435,7 +435,7 @@ class Sphere:
     pd: float
     r2s: float              # 1/s at the acquisition's B0
     kind: str               # cmb | calcification | none_spot
-    region: str             # BOMBS name at the centre
+    region: str             # BOMBS name at the centre (the truth map's, see place_spheres)
 
     @property
     def radius(self) -> float:
@@ -458,7 +458,8 @@ def _fits(anat: Anatomy, centre: np.ndarray, radius: float, allowed: np.ndarray,
 
 
 def place_spheres(rng: np.random.Generator, anat: Anatomy, placed: list[Sphere], n: int,
-                  kind: str, ids, diameters, chi_range, pd_r2s, avoid_ids=None) -> list[Sphere]:
+                  kind: str, ids, diameters, chi_range, pd_r2s, avoid_ids=None, region_of=None,
+                  regions=None) -> list[Sphere]:
     """Place ``n`` spheres of ``kind`` with centres inside labels ``ids`` (rejection sampling).
 
     Args:
@@ -468,8 +469,13 @@ def place_spheres(rng: np.random.Generator, anat: Anatomy, placed: list[Sphere],
         pd_r2s: ``(PD, R2* in 1/s)`` inside the sphere.
         avoid_ids: labels that must lie > 6 mm from the surface (keeps lobar
             CMBs out of the capsules next to the deep nuclei).
+        region_of: callable ``centre (3,) RAS mm -> BOMBS code or None`` (the
+            truth map at the centre's voxel; None rejects the centre). Default:
+            the BOMBS class of the fine-grid label at the centre (no capsule rule).
+        regions: BOMBS codes the centre's ``region_of`` must be in (None: any).
     Returns:
-        The new spheres (fewer than ``n`` if the region is too small).
+        The new spheres (fewer than ``n`` if the region is too small); each
+        records ``region_of(centre)`` as its ``region``.
     """
     allowed = np.zeros(N_IDS, bool)
     allowed[list(ids)] = True
@@ -478,7 +484,12 @@ def place_spheres(rng: np.random.Generator, anat: Anatomy, placed: list[Sphere],
         avoid = np.zeros(N_IDS, bool)
         avoid[list(avoid_ids)] = True
     cand = np.flatnonzero(allowed[anat.labels])
-    lut, new = bombs_lut(), []
+    if region_of is None:
+        lut = bombs_lut()
+
+        def region_of(centre: np.ndarray) -> int:
+            return int(lut[label_at(anat, centre[None])[0]])
+    new = []
     for _ in range(n):
         for _attempt in range(200):
             if cand.size == 0:
@@ -487,8 +498,11 @@ def place_spheres(rng: np.random.Generator, anat: Anatomy, placed: list[Sphere],
             ijk = np.array(np.unravel_index(rng.choice(cand), anat.grid.shape))
             centre = anat.grid.origin + (ijk + rng.uniform(-0.5, 0.5, 3)) * anat.grid.voxel
             if _fits(anat, centre, d / 2, allowed, avoid, placed):
-                region = BOMBS_NAMES[int(lut[label_at(anat, centre[None])[0]])]
-                s = Sphere(centre, d, float(rng.uniform(*chi_range)), pd_r2s[0], pd_r2s[1], kind, region)
+                code = region_of(centre)
+                if code is None or (regions is not None and code not in regions):
+                    continue
+                s = Sphere(centre, d, float(rng.uniform(*chi_range)), pd_r2s[0], pd_r2s[1], kind,
+                           BOMBS_NAMES[int(code)])
                 placed.append(s)
                 new.append(s)
                 break

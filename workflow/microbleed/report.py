@@ -73,7 +73,8 @@ def parse_methods(specs: Sequence[str], variant: str, segmenter_input: str, infe
         specs: entries ``<rpn|rpn+ffm|rpn+ffm+hspl|frst>[+pruning]``.
         variant: the configured detector variant (its operating point is the final cmb.tsv).
         segmenter_input: ``swi`` or ``t1`` (shown in the pruning method name).
-        infer_threshold: detector operating threshold (probability).
+        infer_threshold: detector operating threshold (probability), the same for
+            every variant (as in the paper's ablation).
         frst_threshold: tuned FRST operating threshold (needed when ``frst`` is listed).
     """
     specs = list(specs) or [variant, f"{variant}+pruning"]

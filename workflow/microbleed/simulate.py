@@ -25,6 +25,13 @@ Pipeline of :func:`simulate_subject` (seeded, byte-identical for a seed):
    -4096..4095), SWI = magnitude x (negative-phase mask of the in-plane
    homodyne-filtered phase)^4, and a T1-weighted image in the same grid.
 
+Truth labels: the truth BOMBS map is the labels step's own code path
+(:func:`microbleed.anatomy.labels_in_grid`, with the config defaults: capsule
+rule on, 6 / 3 mm) run on the aseg this module writes, in the SWI's grid as
+written; so on a simulated cohort the labels step reproduces it voxel for
+voxel. Every CMB is placed where that map has its region at the centre voxel,
+and the ``region`` of ``cmb.tsv`` is the map's value there.
+
 Sign convention (see :mod:`microbleed.physics`): ``phase = -gamma B0 TE dB``;
 a CMB (paramagnetic) has NEGATIVE phase at its centre, a calcification
 POSITIVE; veins (mostly within 53 deg of B0) are negative like CMBs.
@@ -46,11 +53,11 @@ import pandas as pd
 from scipy import fft as sfft
 from scipy import ndimage
 
-from .anatomy import bombs_from_aseg
+from .anatomy import DEEP, INFRATENTORIAL, LOBAR, NONE, labels_in_grid
 from . import phantom as ph
 from . import physics
 from .cohort import bids_paths, simulated_subjects
-from .io import InputError, atomic_path, save_image, write_tsv
+from .io import InputError, atomic_path, ras_to_voxel, save_image, stored_affine, write_tsv
 
 matplotlib.use("Agg")
 
@@ -256,8 +263,13 @@ def _smooth_field(rng: np.random.Generator, grid: ph.Grid, amplitude: float, spa
     return np.exp(out).astype(np.float32)
 
 
-def _place_sources(rng: np.random.Generator, anat: ph.Anatomy, group: str, b0: float) -> list[ph.Sphere]:
-    """CMBs (group ``cmb`` only), calcifications and CMB-like spots in `none` regions."""
+def _place_sources(rng: np.random.Generator, anat: ph.Anatomy, group: str, b0: float,
+                   region_of) -> list[ph.Sphere]:
+    """CMBs (group ``cmb`` only), calcifications and CMB-like spots in `none` regions.
+
+    ``region_of``: RAS mm centre -> truth BOMBS code (:func:`_region_lookup`); a
+    CMB's centre must lie in its region there, a none-spot's in ``none``.
+    """
     spheres: list[ph.Sphere] = []
     cmb_props, calc_props = (0.6, CMB_R2S_3T * b0 / 3), (0.25, CALC_R2S_3T * b0 / 3)
 
@@ -265,19 +277,20 @@ def _place_sources(rng: np.random.Generator, anat: ph.Anatomy, group: str, b0: f
         return r.uniform(2, 5) if r.random() < 0.8 else r.uniform(5, 10)
 
     if group == "cmb":
-        regions = {"lobar": (ph.LOBAR_IDS, ph.DEEP_IDS), "deep": (ph.DEEP_IDS, None),
-                   "infratentorial": (ph.INFRA_IDS, None)}
+        regions = {"lobar": (ph.LOBAR_IDS, ph.DEEP_IDS, LOBAR), "deep": (ph.DEEP_IDS, None, DEEP),
+                   "infratentorial": (ph.INFRA_IDS, None, INFRATENTORIAL)}
         for _ in range(min(1 + int(rng.poisson(3)), 12)):
             name = rng.choice(list(regions), p=[0.6, 0.25, 0.15])
-            ids, avoid = regions[name]
-            ph.place_spheres(rng, anat, spheres, 1, "cmb", ids, cmb_diameter, (0.6, 1.6), cmb_props, avoid)
+            ids, avoid, code = regions[name]
+            ph.place_spheres(rng, anat, spheres, 1, "cmb", ids, cmb_diameter, (0.6, 1.6), cmb_props, avoid,
+                             region_of, (code,))
     calc_sites = [(13, 52), (31, 63), (*ph.CORTEX_IDS, 2, 41)]
     for _ in range(int(rng.integers(0, 3))):
         ids = calc_sites[int(rng.choice(3, p=[0.4, 0.3, 0.3]))]
         ph.place_spheres(rng, anat, spheres, 1, "calcification", ids, lambda r: r.uniform(2, 5),
-                         (-1.5, -0.6), calc_props)
+                         (-1.5, -0.6), calc_props, region_of=region_of)
     ph.place_spheres(rng, anat, spheres, int(rng.integers(1, 3)), "none_spot", (31, 63, 4, 43, 5, 44),
-                     lambda r: r.uniform(2, 4), (0.6, 1.6), cmb_props)
+                     lambda r: r.uniform(2, 4), (0.6, 1.6), cmb_props, region_of=region_of, regions=(NONE,))
     return spheres
 
 
@@ -291,7 +304,7 @@ class Images:
     phase_hp: np.ndarray        # homodyne-filtered phase, radians (QC only)
     t1w: np.ndarray
     brain: np.ndarray           # uint8 truth brain mask
-    bombs: np.ndarray           # uint8 truth BOMBS map
+    bombs: np.ndarray           # uint8 truth BOMBS map (Truth.bombs in RAS order; QC montage)
 
 
 def _t1w(rng: np.random.Generator, anat: ph.Anatomy, spheres: list[ph.Sphere], grid: ph.Grid,
@@ -310,8 +323,8 @@ def _t1w(rng: np.random.Generator, anat: ph.Anatomy, spheres: list[ph.Sphere], g
 
 
 def _images(rng: np.random.Generator, anat: ph.Anatomy, spheres: list[ph.Sphere], defo: ph.Deformation,
-            grid: ph.Grid, acq: Acquisition, acq_labels: np.ndarray) -> Images:
-    """Signal, background, bias and noise -> SWI, raw phase, T1w and the truth maps."""
+            grid: ph.Grid, acq: Acquisition, acq_labels: np.ndarray, truth: "Truth") -> Images:
+    """Signal, background, bias and noise -> SWI, raw phase, T1w and the truth brain mask."""
     factors = np.asarray(anat.grid.shape) // np.asarray(grid.shape)
     sig = acquire(anat, spheres, grid, acq)
     bg = physics.field_to_phase(background_field(grid, defo, rng), acq.b0_t, acq.te_s)
@@ -325,9 +338,8 @@ def _images(rng: np.random.Generator, anat: ph.Anatomy, spheres: list[ph.Sphere]
     phase_hp = homodyne(sig, grid.voxel)
     magnitude = np.abs(sig).astype(np.float32)
     brain = physics.block_mean(anat.brain.astype(np.float32), factors) >= 0.5
-    bombs, _ = bombs_from_aseg(ph.aseg_ids(acq_labels), grid.affine, capsule_rule=True)  # as the labels rule
     return Images(grid, physics.swi(magnitude, phase_hp, SWI_POWER), np.angle(sig).astype(np.float32),
-                  phase_hp, _t1w(rng, anat, spheres, grid, factors), brain.astype(np.uint8), bombs)
+                  phase_hp, _t1w(rng, anat, spheres, grid, factors), brain.astype(np.uint8), truth.bombs_ras)
 
 
 def _phase_on_disk(phase: np.ndarray, units: str) -> tuple[np.ndarray, type]:
@@ -350,6 +362,51 @@ def _aseg_image(tmpl: ph.Template, defo: ph.Deformation, anat: ph.Anatomy, acq_g
     return nib.MGHImage(data, aff)
 
 
+@dataclass
+class Truth:
+    """Truth labels in the SWI's grid as written (``acq.orientation``) and, for placement and QC, in RAS."""
+
+    bombs: np.ndarray           # uint8, SWI voxel order on disk
+    mars: np.ndarray            # uint8, SWI voxel order on disk
+    affine: np.ndarray          # the SWI's affine as read back from its file
+    bombs_ras: np.ndarray       # uint8, RAS voxel order (the acquisition grid)
+
+
+def _truth_labels(aseg: nib.MGHImage, grid: ph.Grid, orientation: str) -> Truth:
+    """The labels step on the aseg as written, into the SWI grid as written.
+
+    The aseg goes through its file format in memory (what ``load_volume`` reads
+    from the ``.mgz``) and the SWI affine through NIfTI's float32
+    (:func:`microbleed.io.stored_affine`), so that
+    :func:`microbleed.anatomy.labels_in_grid` sees exactly what
+    :func:`microbleed.anatomy.write_labels` will see: same arrays, same affines,
+    same voxel order, hence the same maps, ties at half voxels included.
+    """
+    stored = nib.MGHImage.from_bytes(aseg.to_bytes())
+    data, aseg_aff = np.asarray(stored.dataobj, dtype=np.int32), np.asarray(stored.affine, dtype=float)
+    shape_probe, swi_aff = reorient(np.zeros(grid.shape, np.uint8), grid.affine, orientation)
+    swi_aff = stored_affine(swi_aff)
+    bombs, mars = labels_in_grid(data, aseg_aff, shape_probe.shape, swi_aff)
+    bombs_ras, ras_aff = reorient(bombs, swi_aff, "RAS")
+    if not np.allclose(ras_aff, grid.affine, atol=1e-4):
+        raise AssertionError("truth map does not map back onto the acquisition grid")
+    return Truth(bombs, mars, swi_aff, bombs_ras)
+
+
+def _region_lookup(truth: Truth):
+    """``centre (3,) RAS mm -> truth BOMBS code`` at the SWI voxel holding it (``None``: outside, or
+    within 1e-3 voxel of a voxel face, where the rounding of the written coordinates could move it)."""
+    def region_of(centre: np.ndarray) -> int | None:
+        v = ras_to_voxel(np.asarray(centre, float)[None], truth.affine)[0]
+        if np.any(np.abs(v - np.floor(v) - 0.5) < 1e-3):
+            return None
+        ijk = np.rint(v).astype(int)
+        if np.any(ijk < 0) or np.any(ijk >= truth.bombs.shape):
+            return None
+        return int(truth.bombs[tuple(ijk)])
+    return region_of
+
+
 def _tables(spheres: list[ph.Sphere], vein_points: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``cmb.tsv`` (x, y, z RAS mm, diameter_mm, region) and ``mimics.tsv`` (x, y, z, kind)."""
     cmb = pd.DataFrame([{"x": s.centre[0], "y": s.centre[1], "z": s.centre[2],
@@ -361,15 +418,16 @@ def _tables(spheres: list[ph.Sphere], vein_points: np.ndarray) -> tuple[pd.DataF
     return cmb, pd.DataFrame(rows, columns=["x", "y", "z", "kind"])
 
 
-def _write(paths: dict[str, str], img: Images, acq: Acquisition, aseg: nib.MGHImage,
+def _write(paths: dict[str, str], img: Images, acq: Acquisition, aseg: nib.MGHImage, truth: Truth,
            cmb: pd.DataFrame, mimics: pd.DataFrame) -> None:
     """Write every file of one subject atomically, images in ``acq.orientation``."""
     aff = img.grid.affine
     phase, dtype = _phase_on_disk(img.phase, acq.phase_units)
     for key, data, dt in (("swi", img.swi, np.float32), ("phase", phase, dtype), ("t1", img.t1w, np.float32),
-                          ("brain_mask", img.brain, np.uint8), ("bombs", img.bombs, np.uint8)):
+                          ("brain_mask", img.brain, np.uint8)):
         out, out_aff = reorient(data, aff, acq.orientation)
         save_image(out, out_aff, paths[key], dtype=dt)
+    save_image(truth.bombs, truth.affine, paths["bombs"], dtype=np.uint8)   # already in the SWI's grid
     with atomic_path(paths["aseg"]) as tmp:
         nib.save(aseg, tmp)
     write_tsv(cmb, paths["cmb"])
@@ -379,8 +437,6 @@ def _write(paths: dict[str, str], img: Images, acq: Acquisition, aseg: nib.MGHIm
 def _qc_montage(path: str, img: Images, cmb: pd.DataFrame, mimics: pd.DataFrame, subject: str) -> None:
     """PNG: axial slices (rows) of SWI, filtered phase, T1w, BOMBS; CMBs red, mimics marked."""
     import matplotlib.pyplot as plt
-
-    from .io import ras_to_voxel
 
     aff = img.grid.affine
     ks = [int(round(ras_to_voxel(cmb[["x", "y", "z"]].to_numpy()[:1], aff)[0, 2]))] if len(cmb) else []
@@ -437,16 +493,17 @@ def simulate_subject(out_root: str | Path, subject: str, group: str, seed: int,
     fine = grid.refine(fine_factors(acq))
     defo = ph.random_deformation(rng, grid)
     anat = ph.sample_anatomy(tmpl, defo, fine, rng, acq.b0_t)
+    aseg = _aseg_image(tmpl, defo, anat, grid)
+    truth = _truth_labels(aseg, grid, acq.orientation)
     veins = ph.make_veins(rng, anat, acq.b0_t)
-    spheres = _place_sources(rng, anat, group, acq.b0_t)
+    spheres = _place_sources(rng, anat, group, acq.b0_t, _region_lookup(truth))
     acq_labels = ph.sample_labels(tmpl, defo, grid)
     with sfft.set_workers(max(1, int(threads))):
-        img = _images(rng, anat, spheres, defo, grid, acq, acq_labels)
-    aseg = _aseg_image(tmpl, defo, anat, grid)
+        img = _images(rng, anat, spheres, defo, grid, acq, acq_labels, truth)
     del anat
     cmb, mimics = _tables(spheres, veins)
     paths = subject_paths(out_root, subject)
-    _write(paths, img, acq, aseg, cmb, mimics)
+    _write(paths, img, acq, aseg, truth, cmb, mimics)
     _qc_montage(paths["qc"], img, cmb, mimics, subject)
     log.info("sub-%s: %d CMB, %d mimics, grid %s (fine %s)", subject, len(cmb), len(mimics), grid.shape, fine.shape)
     return paths
@@ -464,7 +521,8 @@ def cohort_simulation(config: Mapping[str, Any], cohort: str) -> Mapping[str, An
 
 def subject_job(config: Mapping[str, Any], cohort: str, subject: str) -> dict[str, Any]:
     """Parameters of one simulated subject: ``group``, ``seed`` (cohort seed * 1000 + index),
-    ``acquisition`` (the config mapping), ``mem_mb`` (measured peak memory + margin).
+    ``acquisition`` (the config mapping; when the cohort names a list of protocols,
+    subject ``i`` gets entry ``(i - 1) % len(list)``), ``acquisition_name``, ``mem_mb`` (measured peak memory + margin).
 
     Raises:
         InputError: cohort not simulated, subject not in it, acquisition not defined.
@@ -475,12 +533,16 @@ def subject_job(config: Mapping[str, Any], cohort: str, subject: str) -> dict[st
     if index is None:
         raise InputError(f"subject {subject!r} is not in simulated cohort {cohort!r} (config key "
                          f"cohorts.{cohort}.simulate.subjects: ids 001..{len(listed):03d})")
-    name = sim["acquisition"]
-    if name not in config.get("acquisitions", {}):
-        raise InputError(f"config key cohorts.{cohort}.simulate.acquisition: {name!r} is not under `acquisitions`")
+    names = sim["acquisition"]
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in config.get("acquisitions", {}):
+            raise InputError(f"config key cohorts.{cohort}.simulate.acquisition: {name!r} is not under "
+                             "`acquisitions`")
+    name = names[(index - 1) % len(names)]   # a list: subjects cycle through the protocols (multi-site cohort)
     acq = config["acquisitions"][name]
     return {"group": listed[index - 1][1], "seed": int(sim["seed"]) * 1000 + index, "acquisition": dict(acq),
-            "mem_mb": memory_mb(Acquisition.from_config(acq))}
+            "acquisition_name": name, "mem_mb": memory_mb(Acquisition.from_config(acq))}
 
 
 def memory_mb(acq: Acquisition) -> int:

@@ -22,8 +22,10 @@ and thread count).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -35,12 +37,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import DetectionCrops, Volume, load_volumes
-from .io import voxel_to_ras
+from .io import InputError, voxel_to_ras
 from .losses import ConcentrationLoss, detection_loss
 from .nets.detector import STRIDE, build_detector, preferred_memory_format
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
-__all__ = ["split_subjects", "validation_score", "train_detector", "load_detector", "LOG_FIELDS"]
+__all__ = ["split_subjects", "validation_score", "train_detector", "load_detector", "operating_threshold",
+           "LOG_FIELDS"]
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +263,8 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     csv = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv.truncate_after("epoch", run.epoch)
     crops = DetectionCrops(train_vols, d["crop"], int(d["crops_per_epoch"]), int(d["seed"]),
-                           augment=bool(d["augment"]), ignore_neighbours=bool(d.get("ignore_neighbours", True)))
+                           augment=bool(d["augment"]), ignore_neighbours=bool(d.get("ignore_neighbours", True)),
+                           augment_contrast=bool(d.get("augment_contrast", False)))
     window = [int(c) for c in d["crop"]]
     log.info("training %s on %d subjects (validation %d), %d crops/epoch, device %s",
              d["variant"], len(train_vols), len(val_vols), len(crops), device)
@@ -305,3 +309,37 @@ def load_detector(model_dir: str | Path, device: str | torch.device = "cpu") -> 
     if ck.get("prototypes") is not None:
         card = {**card, "prototypes": ck["prototypes"].tolist()}
     return model, card
+
+
+def operating_threshold(setting: float | str, card: Mapping[str, Any] | str | os.PathLike,
+                        fp_avg: float = 0.5, floor: float = 0.0) -> float:
+    """The detector's operating threshold (CMB probability) from config ``infer.threshold``.
+
+    Args:
+        setting: a probability in [0, 1] (used as is), or ``"validation"``: the
+            score threshold at which the detector reached ``fp_avg`` false
+            positives per subject on its held-out validation split (the card's
+            ``validation.threshold_at_<fp_avg>``, written by :func:`train_detector`
+            from :func:`microbleed.metrics.froc_summary`).
+        card: the model card (dict) or the path of its ``card.json``.
+        fp_avg: config ``infer.operating_fp_avg``, one of the FROC points 0.125 ... 8.
+        floor: lowest threshold returned (config ``infer.candidate_floor``).
+    Raises:
+        InputError: the card has no validation FROC at ``fp_avg`` (trained without
+            a validation split, or an older card), naming the card.
+    """
+    if not isinstance(setting, str):
+        return float(setting)
+    if setting != "validation":
+        raise InputError(f"config key infer.threshold: {setting!r} is neither a probability nor 'validation'")
+    path = None
+    if not isinstance(card, Mapping):
+        path = Path(card)
+        card = json.loads(path.read_text())
+    key = f"threshold_at_{float(fp_avg):g}"
+    value = (card.get("validation") or {}).get(key)
+    if value is None or not np.isfinite(float(value)):
+        raise InputError(f"infer.threshold is 'validation' but the model card has no finite validation.{key} "
+                         f"(train with detector.validation_fraction > 0, or set infer.threshold to a number)",
+                         path=path)
+    return max(float(value), float(floor))

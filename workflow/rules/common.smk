@@ -34,9 +34,11 @@ def _check_cohort_refs():
                              f"(defined: {sorted(names)})")
     for name, entry in config["cohorts"].items():
         sim = entry.get("simulate")
-        if sim and sim["acquisition"] not in config["acquisitions"]:
-            raise InputError(f"config key cohorts.{name}.simulate.acquisition: "
-                             f"{sim['acquisition']!r} is not defined under `acquisitions`")
+        acqs = [] if not sim else [sim["acquisition"]] if isinstance(sim["acquisition"], str) else sim["acquisition"]
+        for acq in acqs:
+            if acq not in config["acquisitions"]:
+                raise InputError(f"config key cohorts.{name}.simulate.acquisition: "
+                                 f"{acq!r} is not defined under `acquisitions`")
 
 
 _check_cohort_refs()

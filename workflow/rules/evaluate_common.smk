@@ -15,6 +15,12 @@ def eval_sources():
     return sorted({slug(re.sub(r"\+pruning$", "", m)) for m in eval_methods()})
 
 
+def detector_card():
+    """Model card of the configured detector: its validation sets the operating threshold of
+    every variant in the evaluation (config infer.threshold `validation`)."""
+    return os.path.join(detector_dir(), "card.json")
+
+
 def uses_frst():
     return "frst" in eval_sources()
 
@@ -50,7 +56,7 @@ def evaluate_inputs(wildcards):
         files += list(row["candidates"].values())
     if config["evaluate"]["allow_missing"]:
         files = [f for f in files if os.path.exists(f)]
-    inputs = {"files": files}
+    inputs = {"files": files, "card": detector_card()}
     if uses_frst():
         inputs["frst"] = rules.tune_baseline.output.params
     return inputs

@@ -71,6 +71,7 @@ rule finalise:
         mask=sub_path("{cohort}", "{subject}", "desc-brain_mask.nii.gz"),
         swi=sub_path("{cohort}", "{subject}", "desc-preproc_swi.nii.gz", "preproc/sub-{subject}"),
         phase=sub_path("{cohort}", "{subject}", "desc-preproc_phase.nii.gz", "preproc/sub-{subject}"),
+        card=os.path.join(detector_dir(), "card.json"),
         mars=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.nii.gz", "labels")
                          if has_file(wc.cohort, wc.subject, "aseg") else []),
         mars_tsv=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.tsv", "labels")
@@ -82,6 +83,8 @@ rule finalise:
         qc=directory(f"{RESULTS}/{{cohort}}/sub-{{subject}}/qc"),
     params:
         threshold=config["infer"]["threshold"],
+        operating_fp_avg=config["infer"]["operating_fp_avg"],
+        floor=config["infer"]["candidate_floor"],
         prune_outside_mask=config["infer"]["prune_outside_mask"],
         region_radius_mm=config["infer"]["region_radius_mm"],
         sphere_radius_mm=config["infer"]["sphere_radius_mm"],

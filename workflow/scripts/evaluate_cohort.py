@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from microbleed.report import EvalOptions, SubjectFiles, evaluate_cohort, parse_methods, plot_froc, plot_pr, write_metrics
+from microbleed.train import operating_threshold
 
 TABLES = ("detection", "localization", "framework", "froc", "froc_curve", "subjects", "agreement")
 
@@ -13,10 +14,16 @@ TABLES = ("detection", "localization", "framework", "froc", "froc_curve", "subje
 def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[str], variant: str,
          segmenter_input: str, infer_threshold: float, hit_radius_mm: float, prune_outside_mask: bool,
          frst_params: str | None, outputs: Mapping[str, str], region_radius_mm: float = 0.0,
-         allow_missing: bool = False) -> None:
-    """Evaluate one cohort; ``subjects`` are dicts of :class:`SubjectFiles` fields (expected paths)."""
+         allow_missing: bool = False, detector_card: str | None = None,
+         operating_fp_avg: float = 0.5, candidate_floor: float = 0.0) -> None:
+    """Evaluate one cohort; ``subjects`` are dicts of :class:`SubjectFiles` fields (expected paths).
+
+    ``infer_threshold`` ``"validation"``: the operating threshold of the configured
+    detector (its ``detector_card``), used for every variant as in the paper's ablation."""
     frst_threshold = json.loads(Path(frst_params).read_text())["threshold"] if frst_params else None
-    parsed = parse_methods(methods, variant, segmenter_input, infer_threshold, frst_threshold)
+    threshold = operating_threshold(infer_threshold, detector_card or {}, operating_fp_avg, candidate_floor)
+    logging.info("operating threshold %.4f (config infer.threshold %r)", threshold, infer_threshold)
+    parsed = parse_methods(methods, variant, segmenter_input, threshold, frst_threshold)
     files = [SubjectFiles(**s) for s in subjects]
     opts = EvalOptions(hit_radius_mm, variant, segmenter_input, prune_outside_mask, float(region_radius_mm),
                        bool(allow_missing))
@@ -37,4 +44,5 @@ if "snakemake" in globals():
          infer_threshold=smk.params.infer_threshold, hit_radius_mm=smk.params.hit_radius_mm,
          prune_outside_mask=smk.params.prune_outside_mask, region_radius_mm=smk.params.region_radius_mm,
          frst_params=smk.params.frst_params or None, outputs=dict(smk.output.items()),
-         allow_missing=smk.params.allow_missing)
+         allow_missing=smk.params.allow_missing, detector_card=smk.params.detector_card,
+         operating_fp_avg=smk.params.operating_fp_avg, candidate_floor=smk.params.candidate_floor)
