@@ -1,8 +1,16 @@
 """Per-subject inference speed: our engine against MONAI sliding_window_inference at its defaults.
 
-Measures, at demo resolution (SWI 160x192x72 at 1x1x2 mm, detector grid z=112)
-and at paper resolution (SWI 512x448x72 at 0.5x0.5x2 mm, detector grid z=224):
-detection (ours: :func:`microbleed.infer.detect_volume`; baseline:
+Subjects: ``demo`` and ``paper`` are synthetic smooth noise filling the whole
+grid (SWI 160x192x72 at 1x1x2 mm, detector grid z=112; SWI 512x448x72 at
+0.5x0.5x2 mm, detector grid z=224): no brain mask, so every tile runs (the
+worst case). ``paper-head`` is one head simulated by the project's simulator
+at the paper acquisition (config ``acquisitions.paper``, 0.5x0.5x2 mm),
+pre-processed as the workflow does (truth brain mask instead of skull
+stripping, normalisation, phase high-pass, RAS reordering, z-interpolation to
+224 slices); our engine skips the tiles far from the brain mask
+(``infer.skip_outside_mask``) and both engines' FINAL detections (score >=
+threshold, after pruning with the same mask and their own BOMBS map) are
+compared. Measured per subject: detection (ours: :func:`microbleed.infer.detect_volume`; baseline:
 :func:`microbleed.infer.detect_volume_monai`), NMS + mapping, segmentation
 (:func:`microbleed.segment.segment_volume` vs MONAI defaults on the same
 segmenter) and pruning. Reports seconds, peak memory, the detector's achieved
@@ -10,7 +18,7 @@ GFLOP/s as a fraction of this machine's measured 3D-conv peak (32->32 channels,
 64^3, channels_last_3d), and the number of detections of both (>= floor and
 >= threshold after NMS) with how many match within 2 voxels.
 
-Trained models in ``results/models/`` are used when present; otherwise
+Trained models in ``--models`` (default ``results/models/``) are used when present; otherwise
 randomly initialised networks with the demo widths (config/config.yaml) and
 the paper-scale widths (``--paper-widths``) are used, and the class-logit bias
 of the random detector is set to 0 so that it produces candidates at all (the
@@ -36,7 +44,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from torch.utils.flop_counter import FlopCounterMode
 
-from microbleed.infer import candidates_table, detect_volume, detect_volume_monai, plan_tiles, prune
+from microbleed.infer import (_window_for, candidates_table, detect_volume, detect_volume_monai, plan_tiles,
+                              prune, tiles_to_run)
 from microbleed.nets.detector import build_detector
 from microbleed.nets.segmenter import build_segmenter, coordinate_channels
 from microbleed.runtime import PeakMemory, provenance, seed_everything, select_device
@@ -91,21 +100,56 @@ def make_subject(res: str, seed: int = 0):
     return img, np.stack([zi, 1.0 - zi]), swi_aff, grid_aff
 
 
-def networks(widths_det, widths_seg, device):
-    """Trained networks when results/models has them, else random ones (bias set to 0)."""
-    det_dir = ROOT / "results/models/detector_rpn-ffm-hspl"
-    seg_dir = ROOT / "results/models/segmenter_swi"
+def make_head(cache: Path, cfg: dict, seed: int = 2026) -> dict:
+    """One head simulated at the paper acquisition and pre-processed as the workflow does.
+
+    Cached in ``cache`` (simulation ~40 s on 2 cores). The truth brain mask stands in
+    for skull stripping. Returns the arrays both engines need (RAS-reordered SWI grid).
+    """
+    import pandas as pd
+    from microbleed.io import load_volume, to_canonical
+    from microbleed.preprocess import detector_input, preprocess_swi_phase
+    from microbleed.simulate import simulate_subject, subject_paths
+    sub = "paper01"
+    paths = subject_paths(cache, sub)
+    if not Path(paths["brain_mask"]).exists():
+        simulate_subject(cache, sub, "cmb", seed, cfg["acquisitions"]["paper"], threads=2)
+    pre = {k: cache / f"sub-{sub}_desc-{k}.nii.gz" for k in ("preproc_swi", "preproc_phase", "detector_input")}
+    p = cfg["preprocess"]
+    if not pre["detector_input"].exists():
+        preprocess_swi_phase(paths["swi"], paths["phase"], paths["brain_mask"], pre["preproc_swi"],
+                             pre["preproc_phase"], subject=sub, phase_mode=p["phase"], phase_units=p["phase_units"],
+                             phase_sign=int(p["phase_sign"]), highpass_fwhm_mm=float(p["highpass_fwhm_mm"]),
+                             percentiles=tuple(p["percentiles"]))
+        detector_input(pre["preproc_swi"], pre["preproc_phase"], pre["detector_input"], 224, sub)
+    swi, aff = load_volume(pre["preproc_swi"], sub)
+    img, swi_aff = to_canonical(swi, aff)
+    truth = pd.read_csv(paths["cmb"], sep="\t")[["x", "y", "z"]].to_numpy(float)
+    return {"image": np.ascontiguousarray(img, dtype=np.float32), "swi_affine": swi_aff,
+            "detector_input": pre["detector_input"], "mask_path": Path(paths["brain_mask"]),
+            "mask": load_volume(paths["brain_mask"], sub, allow_zero=True), "truth": truth, "swi_shape": swi.shape}
+
+
+def networks(widths_det, widths_seg, device, models: Path):
+    """Trained networks when ``models`` has them, else random ones (bias set to 0).
+
+    Returns ``(detector, segmenter, origin, card)``; ``card`` is the detector's card
+    (``{}`` for random networks; its ``config.crop`` caps our tiles, as in the workflow).
+    """
+    det_dir = models / "detector_rpn-ffm-hspl"
+    seg_dir = models / "segmenter_swi"
     if (det_dir / "model.pt").exists() and (seg_dir / "model.pt").exists():
         from microbleed.segment import load_segmenter
         from microbleed.train import load_detector
-        return load_detector(det_dir, device)[0], load_segmenter(seg_dir, device), "trained"
+        det, card = load_detector(det_dir, device)
+        return det, load_segmenter(seg_dir, device), f"trained ({models})", card
     seed_everything(0)
     det = build_detector({"variant": "rpn+ffm+hspl", "widths": widths_det, "in_channels": 2})
     last = [m for m in det.modules() if isinstance(m, torch.nn.Conv3d)][-1]
     torch.nn.init.normal_(last.weight, std=0.5)
     torch.nn.init.zeros_(last.bias)
     seg = build_segmenter({"widths": widths_seg, "in_channels": 4, "n_classes": 4})
-    return det.to(device).eval(), seg.to(device).eval(), "random (class bias 0, head std 0.5)"
+    return det.to(device).eval(), seg.to(device).eval(), "random (class bias 0, head std 0.5)", {}
 
 
 def segment_monai(model, image, device, roi):
@@ -116,15 +160,15 @@ def segment_monai(model, image, device, roi):
                                         model).argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
-def run_pipeline(kind, det, seg, subject, device, cfg, threshold):
+def run_pipeline(kind, det, seg, subject, device, cfg, threshold, window):
     """One subject: detection, NMS + mapping, segmentation, pruning. Returns timings and counts.
 
     On CUDA the pipeline runs twice and the second run is reported (the first
     pays for cuDNN algorithm selection and allocator warm-up).
     """
     if device.type == "cuda":
-        _run_once(kind, det, seg, subject, device, cfg, threshold)
-    return _run_once(kind, det, seg, subject, device, cfg, threshold)
+        _run_once(kind, det, seg, subject, device, cfg, threshold, window)
+    return _run_once(kind, det, seg, subject, device, cfg, threshold, window)
 
 
 def engine_check(device) -> str:
@@ -151,16 +195,23 @@ def engine_check(device) -> str:
     return "- engine check (analytic blob detector, 24 planted blobs): " + "; ".join(found.values())
 
 
-def _run_once(kind, det, seg, subject, device, cfg, threshold):
+def _run_once(kind, det, seg, subject, device, cfg, threshold, window):
+    """``subject``: dict with ``image, volume, swi_affine, grid_affine`` and optionally
+    ``mask_path`` (SWI-grid brain mask file: ours maps it onto the detector grid and
+    skips tiles, timed) and ``mask`` (``(data, affine)``, used by the pruning of both)."""
+    from microbleed.preprocess import detector_grid_mask
     from microbleed.segment import segment_volume
-    img, vol, swi_aff, grid_aff = subject
+    img, vol, swi_aff, grid_aff = (subject[k] for k in ("image", "volume", "swi_affine", "grid_affine"))
     out = {}
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         if kind == "ours":
-            window = [min(w, c) for w, c in zip(cfg["infer"]["window"], cfg["detector"]["crop"])]  # as detect_subject
+            grid_mask = (detector_grid_mask(subject["mask_path"], vol.shape[3])[0]
+                         if subject.get("mask_path") and cfg["infer"].get("skip_outside_mask", True) else None)
             cands = detect_volume(det, vol, device, window, cfg["infer"]["overlap"],
-                                  cfg["infer"]["candidate_floor"], cfg["infer"]["batch_size"])
+                                  cfg["infer"]["candidate_floor"], cfg["infer"]["batch_size"], mask=grid_mask)
+            out["tiles_run"] = len(tiles_to_run(plan_tiles(vol.shape[1:], window, cfg["infer"]["overlap"]),
+                                                grid_mask))
         else:
             cands = detect_volume_monai(det, vol, device, cfg["detector"]["crop"], cfg["infer"]["candidate_floor"])
         _sync(device)
@@ -173,50 +224,96 @@ def _run_once(kind, det, seg, subject, device, cfg, threshold):
             bombs = segment_monai(seg, img, device, cfg["segmenter"]["crop"])
         _sync(device)
         out["segment_s"] = time.perf_counter() - t1
-        final = prune(table, (bombs, swi_aff), None, threshold)
+        final = prune(table, (bombs, swi_aff), subject.get("mask"), threshold,
+                      cfg["infer"]["prune_outside_mask"], cfg["infer"]["region_radius_mm"])
         out["total_s"] = time.perf_counter() - t0
     out["peak_mb"] = mem.peak
-    out["n_floor"], out["n_threshold"] = len(table), len(final)
+    kept = final[final["pruned"] == "false"]
+    out["n_floor"], out["n_threshold"], out["n_final"] = len(table), len(final), len(kept)
     out["points"] = table[["x", "y", "z"]].to_numpy()
+    out["final_points"] = kept[["x", "y", "z"]].to_numpy()
     return out
 
 
 def _row(res: str, name: str, r: dict, peak: float) -> str:
     frac = r["flops"] / r["detect_s"] / 1e9 / peak
     return (f"| {res} | {name} | {r['detect_s']:.1f} | {r['segment_s']:.1f} | {r['total_s']:.1f} | "
-            f"{r['peak_mb']:.0f} | {frac:.2f} | {r['n_floor']} | {r['n_threshold']} |")
+            f"{r['peak_mb']:.0f} | {frac:.2f} | {r['n_floor']} | {r['n_threshold']} | {r['n_final']} |")
 
 
-def bench_resolution(res, det, seg, device, cfg, peak, threshold, with_monai=True):
-    """Both engines on one synthetic subject: table rows and a one-line summary."""
-    subject = make_subject(res)
-    vol_shape = subject[1].shape[1:]
-    plan = plan_tiles(vol_shape, cfg["infer"]["window"], cfg["infer"]["overlap"])
-    ours = run_pipeline("ours", det, seg, subject, device, cfg, threshold)
-    ours["flops"] = forward_flops(det, (1, 2, *plan.window)) * plan.n_tiles
+def _matched(a: np.ndarray, b: np.ndarray, radius_mm: float) -> int:
+    """How many points of ``a`` (RAS mm) lie within ``radius_mm`` of a point of ``b``."""
+    if len(a) == 0 or len(b) == 0:
+        return 0
+    d, _ = cKDTree(b).query(a)
+    return int((d <= radius_mm).sum())
+
+
+def bench_resolution(res, det, seg, device, cfg, peak, threshold, window, with_monai=True, head=None):
+    """Both engines on one subject (synthetic, or the simulated ``head``): table rows and a summary."""
+    if res == "paper-head":
+        from microbleed.data import load_detector_input
+        vol, grid_aff = load_detector_input(head["detector_input"])
+        subject = {"image": head["image"], "volume": vol, "swi_affine": head["swi_affine"],
+                   "grid_affine": grid_aff, "mask_path": head["mask_path"], "mask": head["mask"]}
+        voxel = min(cfg["acquisitions"]["paper"]["voxel_mm"])
+        what = (f"simulated head, SWI {head['swi_shape']} at {cfg['acquisitions']['paper']['voxel_mm']} mm, "
+                f"{len(head['truth'])} true CMBs")
+    else:
+        img, vol, swi_aff, grid_aff = make_subject(res)
+        subject = {"image": img, "volume": vol, "swi_affine": swi_aff, "grid_affine": grid_aff}
+        voxel = min(RESOLUTIONS[res][1])
+        what = "synthetic noise filling the grid, no mask (every tile runs)"
+    vol_shape = subject["volume"].shape[1:]
+    plan = plan_tiles(vol_shape, window, cfg["infer"]["overlap"])
+    ours = run_pipeline("ours", det, seg, subject, device, cfg, threshold, window)
+    ours["flops"] = forward_flops(det, (1, 2, *plan.window)) * ours["tiles_run"]
+    tiles = (f"ours {ours['tiles_run']} of {plan.n_tiles} tiles of {plan.window} (batch "
+             f"{cfg['infer']['batch_size']}, BatchNorm folded)")
     if not with_monai:
-        return [_row(res, "ours", ours, peak)], (f"- {res}: grid {vol_shape}, {plan.n_tiles} tiles of "
-                                                  f"{plan.window}; MONAI baseline not run (--no-monai)")
-    base = run_pipeline("monai", det, seg, subject, device, cfg, threshold)
+        return [_row(res, "ours", ours, peak)], (f"- {res} ({what}): grid {vol_shape}, {tiles}; "
+                                                  "MONAI baseline not run (--no-monai)")
+    base = run_pipeline("monai", det, seg, subject, device, cfg, threshold, window)
     roi = cfg["detector"]["crop"]
     padded = [-(-n // 16) * 16 for n in vol_shape]
     n_monai = int(np.prod([max(1, -(-(p - r) // max(1, int(r * 0.75))) + 1) for p, r in zip(padded, roi)]))
     base["flops"] = forward_flops(det, (1, 2, *roi)) * n_monai
-    matched = 0
-    if len(ours["points"]) and len(base["points"]):
-        d, _ = cKDTree(base["points"]).query(ours["points"])
-        matched = int((d < 2.0 * min(RESOLUTIONS[res][1])).sum())
-    summary = (f"- {res}: grid {vol_shape}, ours {plan.n_tiles} tiles of {plan.window}; MONAI "
-               f"{n_monai} windows of {tuple(roi)}. Speed-up {base['total_s'] / ours['total_s']:.2f}x "
-               f"(detection {base['detect_s'] / ours['detect_s']:.2f}x); detections >= floor: ours "
-               f"{ours['n_floor']}, MONAI {base['n_floor']}, {matched} of ours within 2 voxels of a MONAI one.")
-    return [_row(res, "ours", ours, peak), _row(res, "MONAI defaults", base, peak)], summary
+    radius = 2.0 * voxel
+    summary = (f"- {res} ({what}): grid {vol_shape}, {tiles}; MONAI {n_monai} windows of {tuple(roi)}. "
+               f"Speed-up {base['total_s'] / ours['total_s']:.2f}x (detection "
+               f"{base['detect_s'] / ours['detect_s']:.2f}x). Detections >= floor after NMS: ours "
+               f"{ours['n_floor']}, MONAI {base['n_floor']}, {_matched(ours['points'], base['points'], radius)} "
+               f"of ours within 2 voxels ({radius:g} mm) of a MONAI one. Final detections (>= threshold "
+               f"{threshold:.3f}, not pruned): ours {ours['n_final']}, MONAI {base['n_final']}, "
+               f"{_matched(ours['final_points'], base['final_points'], radius)} of ours within 2 voxels of a MONAI one")
+    if head is not None and res == "paper-head":
+        summary += (f"; true CMBs within 5 mm of a final detection: ours "
+                    f"{_matched(head['truth'], ours['final_points'], 5.0)}, MONAI "
+                    f"{_matched(head['truth'], base['final_points'], 5.0)} of {len(head['truth'])}")
+    return [_row(res, "ours", ours, peak), _row(res, "MONAI defaults", base, peak)], summary + "."
+
+
+def _threshold(cfg: dict, card: dict) -> tuple[float, str]:
+    """Operating threshold as the finalise rule reads it (config ``infer.threshold``), 0.5 when the
+    card cannot give it (random networks, or a card without a validation FROC)."""
+    from microbleed.io import InputError
+    from microbleed.train import operating_threshold
+    setting = cfg["infer"]["threshold"]
+    try:
+        return (operating_threshold(setting, card, cfg["infer"].get("operating_fp_avg", 0.5),
+                                    cfg["infer"]["candidate_floor"]), f"config infer.threshold {setting!r}")
+    except InputError:
+        return 0.5, f"config infer.threshold {setting!r} not available from this card: 0.5"
 
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--resolutions", nargs="+", default=["demo", "paper"], choices=list(RESOLUTIONS))
+    ap.add_argument("--resolutions", nargs="+", default=["demo", "paper", "paper-head"],
+                    choices=[*RESOLUTIONS, "paper-head"])
+    ap.add_argument("--models", default=str(ROOT / "results/models"),
+                    help="folder with detector_rpn-ffm-hspl/ and segmenter_swi/ (random networks if absent)")
+    ap.add_argument("--head-cache", default="/tmp/bench_head", help="cache of the simulated paper-resolution head")
     ap.add_argument("--paper-widths", nargs=5, type=int, default=[16, 32, 64, 128, 128],
                     help="detector widths at paper resolution; 0 0 0 0 0: the config's widths")
     ap.add_argument("--threads", type=int, default=2)
@@ -227,27 +324,37 @@ def main(argv=None) -> Path:
     device = select_device(args.device)
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     peak = conv_peak_gflops(device)
+    load_start = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     lines = ["# Inference benchmark (detector + segmenter + pruning per subject)", "",
              f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; machine: {platform.node()} "
              f"{platform.machine()}, {args.threads} threads, device {device}"
              f"{' (' + torch.cuda.get_device_name(0) + ')' if device.type == 'cuda' else ''}; "
              f"torch {torch.__version__}; git {provenance()['git_commit']}",
+             f"- load average (1, 5, 15 min) at start: {' '.join(load_start)} (shared machine)",
              f"- measured 3D-conv peak (32->32 ch, 64^3, channels_last_3d): {peak:.1f} GFLOP/s",
              f"- command: python benchmarks/bench_infer.py {' '.join(argv if argv is not None else sys.argv[1:])}",
              ""]
-    table = ["| resolution | engine | detect s | segment s | total s | peak MB | conv-peak fraction "
-             "| detections >= floor | >= threshold |", "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| subject | engine | detect s | segment s | total s | peak MB | conv-peak fraction "
+             "| detections >= floor | >= threshold | final (not pruned) |", "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for res in args.resolutions:
         widths = cfg["detector"]["widths"] if res == "demo" or args.paper_widths == [0] * 5 else args.paper_widths
-        det, seg, origin = networks(widths, cfg["segmenter"]["widths"], device)
-        notes.append(f"- {res}: detector widths {widths}, networks {origin}")
-        rows, summary = bench_resolution(res, det, seg, device, cfg, peak, cfg["infer"]["threshold"],
-                                         not args.no_monai)
+        det, seg, origin, card = networks(widths, cfg["segmenter"]["widths"], device, Path(args.models))
+        window = _window_for(cfg["infer"]["window"], card or {"config": {"crop": cfg["detector"]["crop"]}})
+        widths = card.get("config", {}).get("widths", widths)
+        notes.append(f"- {res}: detector widths {list(widths)}, networks {origin}; our tile window {window} "
+                     f"(infer.window {cfg['infer']['window']} capped by the detector's training crop)")
+        threshold, how = _threshold(cfg, card)
+        notes.append(f"- {res}: operating threshold {threshold:.3f} ({how})")
+        head = make_head(Path(args.head_cache), cfg) if res == "paper-head" else None
+        rows, summary = bench_resolution(res, det, seg, device, cfg, peak, threshold, window,
+                                         not args.no_monai, head)
         table += rows
         notes.append(summary)
         print("\n".join(rows + [summary]), flush=True)
     notes.append(engine_check(device))
+    load_end = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    notes.append(f"- load average (1, 5, 15 min) at end: {' '.join(load_end)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines + table + [""] + notes) + "\n")

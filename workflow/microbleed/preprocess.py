@@ -37,7 +37,7 @@ __all__ = [
     "check_same_grid", "detect_phase_units", "phase_to_radians", "homodyne_highpass",
     "robust_minmax", "preprocess_swi_phase", "preprocess_t1",
     "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
-    "interpolate_z", "detector_input", "given_mask_path",
+    "interpolate_z", "to_detector_grid", "detector_input", "detector_grid_mask", "given_mask_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -378,8 +378,9 @@ def original_to_interpolated(ijk: np.ndarray, n_in: int, n_out: int) -> np.ndarr
     return out
 
 
-def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Linear interpolation of ``(X, Y, Z)`` to ``(X, Y, n_out)`` along the third voxel axis.
+def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Linear (``order=1``) or nearest-neighbour (``order=0``, for masks) interpolation of
+    ``(X, Y, Z)`` to ``(X, Y, n_out)`` along the third voxel axis.
 
     Sampling follows :func:`interpolation_affine` (``scipy.ndimage.zoom`` with
     ``grid_mode=True``; edge slices repeat beyond the slab).
@@ -388,7 +389,7 @@ def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int) -> tuple[np.
         ``(data (X, Y, n_out) float32, affine (4, 4))``.
     """
     n_in = data.shape[2]
-    out = ndimage.zoom(np.asarray(data, dtype=np.float32), (1.0, 1.0, n_out / n_in), order=1,
+    out = ndimage.zoom(np.asarray(data, dtype=np.float32), (1.0, 1.0, n_out / n_in), order=int(order),
                        grid_mode=True, mode="nearest")
     if out.shape[2] != n_out:
         raise RuntimeError(f"zoom returned {out.shape[2]} slices, expected {n_out}")
@@ -407,11 +408,36 @@ def detector_input(swi_path, phase_path, out_path, z_slices: int, subject: str |
     swi, aff = load_volume(swi_path, subject)
     phase, p_aff = load_volume(phase_path, subject, allow_zero=True)
     check_same_grid(swi.shape, aff, phase.shape, p_aff, subject=subject, path_b=phase_path)
-    swi, ras_aff = to_canonical(swi, aff)
-    phase, _ = to_canonical(phase, aff)
-    swi_i, new_aff = interpolate_z(swi, ras_aff, z_slices)
-    phase_i, _ = interpolate_z(phase, ras_aff, z_slices)
+    swi_i, new_aff = to_detector_grid(swi, aff, z_slices)
+    phase_i, _ = to_detector_grid(phase, aff, z_slices)
     return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)
+
+
+def to_detector_grid(data: np.ndarray, affine: np.ndarray, z_slices: int,
+                     order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """An ``(X, Y, Z)`` image of the SWI grid on the detector grid: reordered to RAS
+    (:func:`microbleed.io.to_canonical`), then its third axis interpolated to ``z_slices``
+    (:func:`interpolate_z`; ``order=0``: nearest neighbour, for masks).
+
+    The one mapping of :func:`detector_input` (SWI, phase) and :func:`detector_grid_mask`.
+
+    Returns:
+        ``(data (X', Y', z_slices) float32, affine (4, 4) grid voxel ijk -> RAS mm)``.
+    """
+    ras, ras_aff = to_canonical(data, affine)
+    return interpolate_z(ras, ras_aff, z_slices, order=order)
+
+
+def detector_grid_mask(mask_path, z_slices: int, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The brain mask (SWI grid) mapped onto the detector grid exactly as :func:`detector_input`
+    maps the SWI (RAS reordering, then nearest-neighbour z-interpolation).
+
+    Returns:
+        ``(mask (X', Y', z_slices) bool, affine (4, 4))``.
+    """
+    data, affine = load_volume(mask_path, subject, allow_zero=True)
+    grid, grid_aff = to_detector_grid((data > 0).astype(np.float32), affine, z_slices, order=0)
+    return grid > 0.5, grid_aff
 
 
 def given_mask_path(backend: str, pattern: str | None, cohort: str, subject: str,

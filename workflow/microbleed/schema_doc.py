@@ -34,6 +34,10 @@ def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
 def _type(node: dict[str, Any]) -> str:
     if "enum" in node:
         return " \\| ".join(json.dumps(v) for v in node["enum"])
+    if "const" in node:
+        return json.dumps(node["const"])
+    if "oneOf" in node or "anyOf" in node:
+        return " \\| ".join(_type(alt) for alt in node.get("oneOf", node.get("anyOf")))
     t = node.get("type", "")
     return " \\| ".join(t) if isinstance(t, list) else str(t)
 

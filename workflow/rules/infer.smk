@@ -37,6 +37,8 @@ rule detect:
         model=lambda wc: os.path.join(
             detector_dir() if wc.variant == slug(config["detector"]["variant"]) else detector_dir(wc.variant),
             "model.pt"),
+        mask=sub_path("{cohort}", "{subject}", "desc-brain_mask.nii.gz")
+        if config["infer"]["skip_outside_mask"] else [],
     output:
         candidates=sub_path("{cohort}", "{subject}", "model-{variant}_candidates.tsv", "work/sub-{subject}"),
     params:

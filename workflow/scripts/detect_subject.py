@@ -9,11 +9,13 @@ from microbleed.infer import DetectParams, detect_subject
 
 def main(volume: str, swi: str, model_dir: str, out_tsv: str, *, subject: str,
          window: Sequence[int], overlap: float, batch: int, floor: float,
-         nms_radius_mm: float | None, box: int, device: str) -> None:
-    """Run :func:`microbleed.infer.detect_subject` for one subject and one detector variant."""
+         nms_radius_mm: float | None, box: int, device: str, mask: str | None = None) -> None:
+    """Run :func:`microbleed.infer.detect_subject` for one subject and one detector variant
+    (``mask``: brain mask in the SWI grid; tiles far from it are skipped)."""
     params = DetectParams(window=tuple(int(w) for w in window), overlap=float(overlap), batch=int(batch),
                           floor=float(floor), nms_radius_mm=nms_radius_mm, box=int(box), device=device)
-    detect_subject(Path(volume), Path(swi), Path(model_dir), Path(out_tsv), params, subject=subject)
+    detect_subject(Path(volume), Path(swi), Path(model_dir), Path(out_tsv), params, subject=subject,
+                   mask_path=Path(mask) if mask else None)
 
 
 if "snakemake" in globals():
@@ -22,4 +24,5 @@ if "snakemake" in globals():
     import torch
     torch.set_num_threads(max(1, int(snakemake.threads)))
     main(snakemake.input.volume, snakemake.input.swi, str(Path(snakemake.input.model).parent),
-         snakemake.output.candidates, subject=snakemake.wildcards.subject, **snakemake.params)
+         snakemake.output.candidates, subject=snakemake.wildcards.subject,
+         mask=snakemake.input.get("mask") or None, **snakemake.params)
