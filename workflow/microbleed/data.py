@@ -302,7 +302,8 @@ class DetectionCrops(Dataset):
         - with probability 1/2 a Gaussian blur with sigma uniform in [0, 0.8]
           voxel per axis (coarser voxels, more partial volume);
         - Gaussian noise with sigma uniform in [0, 0.03] (lower SNR).
-        Applied inside the brain (SWI > 0); outside stays as it was.
+        Gamma, gain and noise change the brain (SWI > 0) only; the blur also smears
+        the brain's edge a few voxels outward.
         """
         from scipy import ndimage
         image = np.array(image, dtype=np.float32, copy=True)

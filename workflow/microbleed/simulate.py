@@ -367,7 +367,6 @@ class Truth:
     """Truth labels in the SWI's grid as written (``acq.orientation``) and, for placement and QC, in RAS."""
 
     bombs: np.ndarray           # uint8, SWI voxel order on disk
-    mars: np.ndarray            # uint8, SWI voxel order on disk
     affine: np.ndarray          # the SWI's affine as read back from its file
     bombs_ras: np.ndarray       # uint8, RAS voxel order (the acquisition grid)
 
@@ -386,11 +385,11 @@ def _truth_labels(aseg: nib.MGHImage, grid: ph.Grid, orientation: str) -> Truth:
     data, aseg_aff = np.asarray(stored.dataobj, dtype=np.int32), np.asarray(stored.affine, dtype=float)
     shape_probe, swi_aff = reorient(np.zeros(grid.shape, np.uint8), grid.affine, orientation)
     swi_aff = stored_affine(swi_aff)
-    bombs, mars = labels_in_grid(data, aseg_aff, shape_probe.shape, swi_aff)
+    bombs, _ = labels_in_grid(data, aseg_aff, shape_probe.shape, swi_aff)   # MARS: not a truth file
     bombs_ras, ras_aff = reorient(bombs, swi_aff, "RAS")
     if not np.allclose(ras_aff, grid.affine, atol=1e-4):
-        raise AssertionError("truth map does not map back onto the acquisition grid")
-    return Truth(bombs, mars, swi_aff, bombs_ras)
+        raise RuntimeError("truth map does not map back onto the acquisition grid")
+    return Truth(bombs, swi_aff, bombs_ras)
 
 
 def _region_lookup(truth: Truth):
