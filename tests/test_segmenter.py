@@ -181,13 +181,35 @@ def test_train_writes_model_card_and_log(tmp_path):
     assert out.shape == (32, 36, 16) and out.dtype == np.uint8 and out.max() <= 3
 
 
+def test_cosine_schedule_decays_from_lr_to_one_percent():
+    cfg = {"lr": 0.003, "epochs": 40, "lr_schedule": "cosine"}
+    lrs = [segment.epoch_lr(cfg, e) for e in range(1, 41)]
+    assert lrs[0] == pytest.approx(0.003)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert 0.00003 < lrs[-1] < 0.0001                  # last epoch: just above the 1 % floor
+    assert segment.epoch_lr({**cfg, "lr_schedule": "constant"}, 40) == 0.003
+    with pytest.raises(ValueError, match="lr_schedule"):
+        segment.epoch_lr({**cfg, "lr_schedule": "step"}, 1)
+
+
+def test_training_log_records_the_scheduled_lr(tmp_path):
+    cfg = {**TINY, "epochs": 3, "lr_schedule": "cosine"}
+    train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model", cfg, "cpu")
+    import pandas as pd
+    log = pd.read_csv(tmp_path / "model" / "train_log.csv")
+    assert log["lr"].tolist() == pytest.approx([segment.epoch_lr(cfg, e) for e in (1, 2, 3)], abs=1e-7)
+    assert log["lr"].iloc[0] > log["lr"].iloc[1] > log["lr"].iloc[2]
+
+
 class _Killed(Exception):
     pass
 
 
-def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedule):
+    cfg = {**TINY, "lr_schedule": schedule}
     inputs = write_cohort(tmp_path / "data")
-    train_segmenter(inputs, tmp_path / "straight", TINY, "cpu")
+    train_segmenter(inputs, tmp_path / "straight", cfg, "cpu")
 
     real_save = segment.save_checkpoint
 
@@ -197,9 +219,9 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(segment, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        train_segmenter(inputs, tmp_path / "killed", TINY, "cpu")
+        train_segmenter(inputs, tmp_path / "killed", cfg, "cpu")
     monkeypatch.setattr(segment, "save_checkpoint", real_save)
-    train_segmenter(inputs, tmp_path / "killed", TINY, "cpu")
+    train_segmenter(inputs, tmp_path / "killed", cfg, "cpu")
 
     for name, key in [("model.pt", "model"), ("checkpoint.pt", "model"), ("checkpoint.pt", "optimizer")]:
         a = torch.load(tmp_path / "straight" / name, weights_only=True)[key]

@@ -24,6 +24,7 @@ whole volume and each window takes its slice of them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,13 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
                       select_device, write_card)
 
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
-           "sample_crops", "make_loss", "split_subjects",
+           "sample_crops", "make_loss", "split_subjects", "epoch_lr",
            "train_segmenter", "load_segmenter", "segment_volume", "segment_subject"]
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(BOMBS_CLASSES)
 CHANNELS_LAST = torch.channels_last_3d
-LOG_FIELDS = ["epoch", "loss", "seconds"] + [f"val_dice_{c}" for c in (*BOMBS_CLASSES, "total")]
+LOG_FIELDS = ["epoch", "lr", "loss", "seconds"] + [f"val_dice_{c}" for c in (*BOMBS_CLASSES, "total")]
 
 
 @dataclass
@@ -201,9 +202,32 @@ def _make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.opt
     raise ValueError(f"segmenter optimizer must be adam|sgd, got {kind!r}")
 
 
+def epoch_lr(cfg: Mapping[str, Any], epoch: int) -> float:
+    """Learning rate of ``epoch`` (1-based) under ``cfg["lr_schedule"]``.
+
+    ``constant``: ``lr`` throughout. ``cosine``: ``lr * (0.01 + 0.99 * (1 + cos(pi * (epoch - 1) / epochs)) / 2)``,
+    from ``lr`` at the first epoch down to about 1 % of it at the last (Loshchilov & Hutter 2017, no restarts).
+    A pure function of the epoch, so a resumed run follows the same schedule without scheduler state.
+
+    Example:
+        >>> round(epoch_lr({"lr": 0.01, "epochs": 3, "lr_schedule": "cosine"}, 2), 6)
+        0.007525
+    """
+    lr, kind = float(cfg["lr"]), cfg.get("lr_schedule", "constant")
+    if kind == "constant":
+        return lr
+    if kind == "cosine":
+        frac = (epoch - 1) / max(int(cfg["epochs"]), 1)
+        return lr * (0.01 + 0.99 * (1.0 + math.cos(math.pi * frac)) / 2.0)
+    raise ValueError(f"segmenter lr_schedule must be constant|cosine, got {kind!r}")
+
+
 def _train_epoch(model, opt, loss_fn, subjects, crop, cfg, epoch: int, device) -> float:
-    """One epoch of ``crops_per_epoch`` crops from a generator seeded with ``(seed, epoch)``; mean loss."""
+    """One epoch of ``crops_per_epoch`` crops from a generator seeded with ``(seed, epoch)``, at
+    :func:`epoch_lr`; mean loss."""
     rng = np.random.default_rng([int(cfg["seed"]), epoch])
+    for group in opt.param_groups:
+        group["lr"] = epoch_lr(cfg, epoch)
     model.train()
     n, bs = int(cfg["crops_per_epoch"]), int(cfg["batch_size"])
     losses = []
@@ -229,7 +253,9 @@ def _crop_dice(model, crops: tuple[torch.Tensor, torch.Tensor], batch: int, devi
 
 def _fingerprint(cfg: Mapping[str, Any], inputs: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the training config and the training data."""
-    return {"config": {k: v for k, v in cfg.items() if k not in NOT_TRAINING_KEYS},
+    skip = NOT_TRAINING_KEYS if cfg.get("lr_schedule", "constant") == "constant" else \
+        tuple(k for k in NOT_TRAINING_KEYS if k != "epochs")     # a cosine schedule depends on the epoch count
+    return {"config": {k: v for k, v in cfg.items() if k not in skip},
             "data": [[str(s), str(i), str(b)] for s, i, b in inputs]}
 
 
@@ -308,7 +334,7 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
         if score >= best_score or best_state is None:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best_score = score
-        csv_log.write(epoch=epoch, loss=round(loss, 5), seconds=round(time.time() - t0, 2),
+        csv_log.write(epoch=epoch, lr=round(epoch_lr(cfg, epoch), 7), loss=round(loss, 5), seconds=round(time.time() - t0, 2),
                       **{f"val_dice_{c}": round(v, 4) for c, v in dice.items()})
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
