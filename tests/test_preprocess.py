@@ -295,3 +295,28 @@ def test_detector_input_is_ras_ordered_whatever_the_acquisition(tmp_path):
     ras = voxel_to_ras(ijk, img.affine)
     back = np.rint(np.linalg.solve(lia, np.append(ras[0], 1))[:3]).astype(int)
     assert data[2, 3, 4, 0] == pytest.approx(swi[tuple(back)], rel=1e-6)
+
+
+def test_resolve_phase_sign_rules(caplog):
+    assert P.resolve_phase_sign("auto", -4.0) == 1
+    assert P.resolve_phase_sign("auto", 3.0) == -1
+    with caplog.at_level("WARNING"):
+        assert P.resolve_phase_sign("auto", 0.3, subject="07", path="p.nii.gz") == 1
+    assert "subject 07" in caplog.text and "too weak" in caplog.text
+    assert P.resolve_phase_sign(-1, 4.0) == -1 and P.resolve_phase_sign(1, -4.0) == 1
+    with pytest.raises(ValueError, match="phase_sign"):
+        P.resolve_phase_sign(2, 0.0)
+
+
+def test_phase_sign_evidence_sees_dark_paramagnetic_spots():
+    """Dark SWI spots with negative filtered phase -> negative evidence; flipping the phase flips it."""
+    rng = np.random.default_rng(0)
+    shape, aff = (40, 40, 20), np.diag([1.0, 1.0, 2.0, 1.0])
+    swi = 0.6 + rng.normal(0, 0.02, shape).astype(np.float32)
+    phase = rng.normal(0, 0.05, shape).astype(np.float32)
+    spots = rng.random(shape) < 0.01
+    swi[spots], phase[spots] = 0.1, -0.4
+    mask = np.ones(shape, bool)
+    ev = P.phase_sign_evidence(swi, phase, mask, aff, inset_mm=0.0)
+    assert ev < -3 and P.phase_sign_evidence(swi, -phase, mask, aff, inset_mm=0.0) == pytest.approx(-ev)
+    assert P.phase_sign_evidence(swi, phase, np.zeros(shape, bool), aff) == 0.0

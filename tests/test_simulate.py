@@ -173,3 +173,35 @@ def test_normal_subject_has_mimics_but_no_cmb(tmp_path):
     assert len(_cmb(paths)) == 0
     mimics = read_tsv(paths["mimics"], required=["kind"])
     assert {"vein", "none_spot"} <= set(mimics["kind"])
+
+
+@pytest.mark.parametrize("which", ["ras", "lia"])
+def test_phase_sign_auto_undoes_the_other_handedness(which, ras_subject, lia_subject, tmp_path, caplog):
+    """`preprocess.phase_sign: auto`: the simulated phase (right-handed) keeps its sign, the same phase
+    of the other handedness is flipped back, so both give the same pre-processed phase."""
+    from microbleed import preprocess as P
+    from microbleed.io import save_image
+    caplog.set_level("INFO", logger="microbleed.preprocess")
+    _, paths = ras_subject if which == "ras" else lia_subject
+    phase, aff = load_volume(paths["phase"], allow_zero=True)
+    flipped = tmp_path / "phase_flipped.nii.gz"
+    save_image(-phase if which == "ras" else -phase - 1, aff, flipped)  # scanner units: -4096..4095 -> -4095..4096
+    swi, _ = load_volume(paths["swi"])
+    mask = load_volume(paths["brain_mask"], allow_zero=True)[0] > 0
+    rad = P.homodyne_highpass(P.phase_to_radians(phase, P.detect_phase_units(phase)), aff, 8.0, mask)
+    evidence = P.phase_sign_evidence(swi, rad, mask, aff)
+    assert evidence < -P.PHASE_SIGN_MIN_EVIDENCE
+    outs = {}
+    for name, src in (("as_written", paths["phase"]), ("flipped", flipped)):
+        out = tmp_path / f"{name}_phase.nii.gz"
+        P.preprocess_swi_phase(paths["swi"], src, paths["brain_mask"], tmp_path / f"{name}_swi.nii.gz", out,
+                               subject="001", phase_sign="auto")
+        outs[name] = load_volume(out, allow_zero=True)[0]
+    assert "sign -1" in caplog.text and "sign +1" in caplog.text
+    inside = outs["as_written"][mask]
+    assert np.corrcoef(inside, outs["flipped"][mask])[0, 1] > 0.99
+    # a given sign that the data contradict is kept, with a warning naming the subject
+    caplog.clear()
+    P.preprocess_swi_phase(paths["swi"], flipped, paths["brain_mask"], tmp_path / "s.nii.gz",
+                           tmp_path / "p.nii.gz", subject="001", phase_sign=1)
+    assert "subject 001" in caplog.text and "other handedness" in caplog.text
