@@ -99,6 +99,38 @@ def test_sampled_crop_knows_its_position():
         np.testing.assert_array_equal(y[b, 0].numpy(), labels[box])
 
 
+@pytest.mark.parametrize("zoom", [(1.25, 0.8, 1.1), (0.8, 0.8, 0.8), (1.0, 1.0, 1.0)])
+def test_scaled_crop_samples_image_labels_and_coordinates_at_the_same_positions(zoom):
+    """Image = 2 x + 3 y + 5 z (trilinear exact), labels = a function of the voxel: every channel of a
+    rescaled crop agrees with the positions its coordinate channels name."""
+    shape, crop = (40, 36, 20), (16, 16, 8)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    image = (2 * ijk[0] + 3 * ijk[1] + 5 * ijk[2]).astype(np.float32)
+    labels = ((ijk[0] // 3 + ijk[1] // 5 + ijk[2]) % 4).astype(np.uint8)
+    sub = segment.SegSubject("001", image, labels, class_centres(labels))
+    img, coords, lab = segment.scaled_crop(sub, (20, 18, 10), crop, zoom)
+    assert img.shape == lab.shape == crop and coords.shape == (3, *crop)
+    pos = coords * (np.array(shape)[:, None, None, None] - 1)           # voxel positions sampled
+    np.testing.assert_allclose(img, 2 * pos[0] + 3 * pos[1] + 5 * pos[2], atol=1e-3)
+    near = np.rint(pos).astype(int)
+    np.testing.assert_array_equal(lab, labels[tuple(near)])
+    spans = pos[:, -1, -1, -1] - pos[:, 0, 0, 0]                        # extent covered per axis, in voxels
+    np.testing.assert_allclose(spans, [(k - 1) * round(k * z) / k for k, z in zip(crop, zoom)], atol=1e-4)
+
+
+def test_scale_augmentation_draws_zooms_within_range():
+    shape, crop = (48, 48, 24), (16, 16, 8)
+    image, labels = phantom(shape)
+    sub = segment.SegSubject("001", image, labels, class_centres(labels))
+    x, _ = sample_crops([sub], 12, crop, np.random.default_rng(5), augment=True, scale=0.25)
+    steps = (x[:, 1:, -1, -1, -1] - x[:, 1:, 0, 0, 0]).numpy() * (np.array(shape) - 1) / (np.array(crop) - 1)
+    assert steps.min() >= 0.8 - 0.07 and steps.max() <= 1.25 + 0.07   # voxels of the volume per crop voxel
+    assert steps.std() > 0.05                                           # zooms do vary
+    x0, _ = sample_crops([sub], 12, crop, np.random.default_rng(5), augment=True, scale=0.0)
+    steps0 = (x0[:, 1:, -1, -1, -1] - x0[:, 1:, 0, 0, 0]).numpy() * (np.array(shape) - 1) / (np.array(crop) - 1)
+    np.testing.assert_allclose(steps0, 1.0, atol=1e-5)
+
+
 def test_crop_start_stays_inside():
     assert crop_start((0, 0, 0), (8, 8, 4), (20, 20, 10)) == (0, 0, 0)
     assert crop_start((19, 10, 9), (8, 8, 4), (20, 20, 10)) == (12, 6, 6)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
+from scipy import ndimage
 from tqdm import tqdm
 
 from .io import InputError, load_volume, reorient_like, save_image, to_canonical
@@ -44,7 +45,7 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
                       select_device, write_card)
 
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
-           "sample_crops", "make_loss", "split_subjects", "epoch_lr",
+           "sample_crops", "scaled_crop", "make_loss", "split_subjects", "epoch_lr",
            "train_segmenter", "load_segmenter", "segment_volume", "segment_subject"]
 
 log = logging.getLogger(__name__)
@@ -133,14 +134,47 @@ def _augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (np.clip(image, 0, None) ** gamma * rng.uniform(0.9, 1.1)).astype(np.float32)
 
 
+def scaled_crop(sub: SegSubject, centre: Sequence[int], crop: Sequence[int], zoom: Sequence[float]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A crop of ``crop`` voxels that covers ``zoom`` times as many voxels of the volume per axis.
+
+    The source box (``round(crop * zoom)`` voxels, at most the volume) is placed
+    around ``centre`` like :func:`crop_start`, and sampled at ``crop`` evenly spaced
+    positions ``start + (i + 0.5) * src / crop - 0.5``: the image trilinearly, the
+    labels at the nearest voxel, the coordinate channels at the very same positions
+    (``position / (shape - 1)``, as :func:`coordinate_channels`). ``zoom > 1``: the
+    anatomy looks as if acquired with coarser voxels. ``zoom == 1`` is the plain crop.
+
+    Returns:
+        ``(image (cx, cy, cz) float32, coordinates (3, cx, cy, cz) float32, labels (cx, cy, cz) uint8)``.
+    """
+    shape = sub.labels.shape
+    src = [int(min(max(round(k * z), 1), s)) for k, z, s in zip(crop, zoom, shape)]
+    start = crop_start(centre, src, shape)
+    if list(src) == [int(k) for k in crop]:
+        box = tuple(slice(a, a + k) for a, k in zip(start, crop))
+        return sub.image[box], crop_coordinates(start, crop, shape), sub.labels[box]
+    axes = [a + (np.arange(k) + 0.5) * (m / k) - 0.5 for a, k, m in zip(start, crop, src)]
+    axes = [np.clip(ax, 0, s - 1) for ax, s in zip(axes, shape)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"))
+    image = ndimage.map_coordinates(sub.image, grid, order=1, mode="nearest").astype(np.float32)
+    labels = sub.labels[tuple(np.rint(g).astype(np.intp) for g in grid)]
+    coords = np.stack([g / max(s - 1, 1) for g, s in zip(grid, shape)]).astype(np.float32)
+    return image, coords, labels
+
+
 def sample_crops(subjects: Sequence[SegSubject], n: int, crop: Sequence[int], rng: np.random.Generator,
-                 augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 augment: bool = False, scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``n`` class-balanced crops.
 
     Args:
         subjects: training subjects; each volume at least ``crop`` along every axis.
         crop: ``(cx, cy, cz)`` voxels.
         rng: source of every random choice (subject, class, centre voxel, augmentation).
+        augment: random gamma and gain of the image (:func:`_augment`).
+        scale: with ``augment``, each axis of a crop covers ``zoom`` times its voxels,
+            ``zoom`` log-uniform in ``[1 / (1 + scale), 1 + scale]`` (:func:`scaled_crop`):
+            the voxel sizes of other protocols. 0: no rescaling.
     Returns:
         ``x (n, 4, cx, cy, cz)`` float32 [image, coord_x, coord_y, coord_z] and
         ``y (n, 1, cx, cy, cz)`` int64 BOMBS codes.
@@ -151,11 +185,13 @@ def sample_crops(subjects: Sequence[SegSubject], n: int, crop: Sequence[int], rn
         present = [c for c in range(len(sub.centres)) if sub.centres[c].size]
         cls = present[int(rng.integers(len(present)))]
         centre = np.unravel_index(int(rng.choice(sub.centres[cls])), sub.labels.shape)
-        start = crop_start(centre, crop, sub.labels.shape)
-        box = tuple(slice(a, a + k) for a, k in zip(start, crop))
-        image = _augment(sub.image[box], rng) if augment else sub.image[box]
-        xs.append(np.concatenate([image[None], crop_coordinates(start, crop, sub.labels.shape)]))
-        ys.append(sub.labels[box][None].astype(np.int64))
+        zoom = np.ones(3)
+        if augment and scale > 0:
+            zoom = np.exp(rng.uniform(-1.0, 1.0, 3) * np.log1p(scale))
+        image, coords, labels = scaled_crop(sub, centre, crop, zoom)
+        image = _augment(image, rng) if augment else image
+        xs.append(np.concatenate([image[None], coords]))
+        ys.append(labels[None].astype(np.int64))
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
@@ -232,7 +268,8 @@ def _train_epoch(model, opt, loss_fn, subjects, crop, cfg, epoch: int, device) -
     n, bs = int(cfg["crops_per_epoch"]), int(cfg["batch_size"])
     losses = []
     for b in tqdm(range(0, n, bs), desc=f"segmenter epoch {epoch}", leave=False):
-        x, y = sample_crops(subjects, min(bs, n - b), crop, rng, bool(cfg.get("augment", True)))
+        x, y = sample_crops(subjects, min(bs, n - b), crop, rng, bool(cfg.get("augment", True)),
+                            float(cfg.get("augment_scale", 0.0)))
         loss = loss_fn(model(x.to(device).contiguous(memory_format=CHANNELS_LAST)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
