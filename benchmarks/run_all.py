@@ -175,15 +175,17 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path) -> tuple[float, int]:
-    """Run Snakemake with ``segmenter.input = segin``; snapshot the metric tables. Returns (seconds, exit code)."""
+def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path,
+                 extra_args: Sequence[str] = ()) -> tuple[float, int]:
+    """Run Snakemake with ``segmenter.input = segin`` (plus ``extra_args``); snapshot the metric tables.
+    Returns (seconds, exit code)."""
     cfg = yaml.safe_load(config_path.read_text())
     cfg.setdefault("segmenter", {})["input"] = segin
     merged = snapshot_root / f"config_{segin}.yaml"
     merged.parent.mkdir(parents=True, exist_ok=True)
     merged.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [str(Path(sys.executable).parent / "snakemake"), "--profile", "workflow/profiles/default",
-           "--configfile", str(merged), "--cores", str(cores), "--keep-going"]
+           "--configfile", str(merged), "--cores", str(cores), "--keep-going", *extra_args]
     start = time.time()
     code = subprocess.run(cmd, cwd=ROOT).returncode
     for cohort in cfg.get("evaluate_cohorts", []):
@@ -219,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--internal", help="internal test cohort (default: first of evaluate_cohorts)")
     ap.add_argument("--external", nargs="*", help="external cohorts (default: the other evaluate_cohorts)")
     ap.add_argument("--collect-only", action="store_true", help="do not run Snakemake, only assemble tables")
+    ap.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[],
+                    help="passed on to Snakemake (last option), e.g. --rerun-triggers mtime to keep "
+                         "outputs of an earlier run whose code or parameters changed without effect")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = ap.parse_args(argv)
     config_path = (ROOT / args.config) if not Path(args.config).is_absolute() else Path(args.config)
@@ -229,10 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     walls, codes = {}, {}
     if not args.collect_only:
         for segin in args.segmenter_inputs:
-            walls[segin], codes[segin] = run_workflow(config_path, segin, args.cores, snapshot_root)
+            walls[segin], codes[segin] = run_workflow(config_path, segin, args.cores, snapshot_root,
+                                                      args.snakemake_args)
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit(),
             "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()})",
-            "config": args.config,
+            "config": args.config + (f" (Snakemake {' '.join(args.snakemake_args)})" if args.snakemake_args else ""),
             "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
     text = render_results(collect(snapshot_root), internal, external, meta) + speed_sections(ROOT / "benchmarks" / "results")
     Path(args.out).write_text(text)
