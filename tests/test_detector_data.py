@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
-from microbleed.data import DetectionCrops, Volume, encode_targets, extract_crop, load_volumes
+from microbleed.data import (DetectionCrops, Volume, encode_targets, extract_crop, load_volumes, resample_crop,
+                             scaled_positions)
 from microbleed.io import InputError
 from microbleed.train import split_subjects
 from test_detector_synth import AFFINE, make_subject, synth_volume
@@ -75,6 +77,39 @@ def test_crops_are_half_with_cmb_deterministic_and_labels_follow_flips():
             assert (it["cls_target"] == 1).sum() == 0 and it["cmb_cell"].tolist() == [-1, -1, -1]
     ds.set_epoch(1)
     assert not torch.equal(ds[3]["image"], items[3]["image"])
+
+
+def test_resample_crop_samples_where_scaled_positions_say():
+    """Image linear in the voxel index: trilinear resampling is exact, and a point maps to the crop
+    position whose sample equals the point's own value; equal sizes = extract_crop."""
+    shape = (40, 36, 30)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float32)
+    img = np.stack([2 * ijk[0] + 3 * ijk[1] + 5 * ijk[2], ijk[0] - ijk[2]])
+    start, source, size = (5, 3, 4), (20, 12, 16), (16, 16, 16)
+    crop = resample_crop(img, start, source, size)
+    assert crop.shape == (2, 16, 16, 16)
+    q = np.array([[14.0, 9.5, 11.0], [6.2, 4.0, 18.3]])
+    p = scaled_positions(q, start, source, size)
+    for point, pos in zip(q, p):
+        # a trilinear read of the crop at the mapped position equals the volume's value at the point
+        val = ndimage.map_coordinates(crop[0], pos[:, None], order=1)[0]
+        assert val == pytest.approx(2 * point[0] + 3 * point[1] + 5 * point[2], abs=1e-3)
+    np.testing.assert_array_equal(resample_crop(img, (-2, 1, 2), (8, 8, 8), (8, 8, 8)),
+                                  extract_crop(img, (-2, 1, 2), (8, 8, 8)))
+    assert np.array_equal(scaled_positions(q, start, size, size), q - np.array(start))
+
+
+def test_scale_augmented_crops_keep_the_label_on_the_sphere():
+    ds = DetectionCrops(_volumes(), (32, 32, 32), n_crops=16, seed=2, augment=False, augment_scale=0.25)
+    sizes = []
+    for i in range(0, 16, 2):
+        it = ds[i]
+        assert it["has_cmb"] and it["image"].shape == (2, 32, 32, 32)
+        cell = it["cmb_cell"]
+        centre = ((cell + it["offset_target"][(slice(None), *cell)]) * 4).round().long()
+        assert float(it["image"][0][tuple(centre)]) < 0.3               # the dark sphere is at the label
+        sizes.append(float((it["image"][0] < 0.3).sum()))
+    assert max(sizes) > 1.3 * min(sizes)                                  # spheres drawn at several scales
 
 
 def test_split_subjects_holds_out_cmb_and_normal_in_proportion():

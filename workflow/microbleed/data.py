@@ -37,7 +37,7 @@ from .io import InputError, ras_to_voxel, read_tsv
 from .nets.detector import STRIDE
 
 __all__ = ["Volume", "label_paths", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
-           "encode_targets", "DetectionCrops", "CLEAR_VOXELS"]
+           "encode_targets", "resample_crop", "scaled_positions", "DetectionCrops", "CLEAR_VOXELS"]
 
 #: Margin (detector voxels) around a CMB-free crop that must also be free of CMB centres.
 CLEAR_VOXELS = 4
@@ -154,6 +154,36 @@ def extract_crop(image: np.ndarray, start: Sequence[int], size: Sequence[int]) -
     return out
 
 
+def resample_crop(image: np.ndarray, start: Sequence[int], source: Sequence[int],
+                  size: Sequence[int]) -> np.ndarray:
+    """The box ``image[:, start:start+source]`` resampled to ``size`` voxels (trilinear, zeros outside).
+
+    Output voxel ``i`` samples the volume at ``start + (i + 0.5) * source / size - 0.5`` along each
+    axis, so a point at volume position ``q`` lands at ``(q - start + 0.5) * size / source - 0.5``
+    (:func:`scaled_positions`). With ``source == size`` it equals :func:`extract_crop`.
+
+    Returns:
+        ``(C, *size)`` float32.
+    """
+    if [int(a) for a in source] == [int(a) for a in size]:
+        return extract_crop(image, start, size)
+    from scipy import ndimage
+    axes = [a + (np.arange(n) + 0.5) * (m / n) - 0.5 for a, m, n in zip(start, source, size)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"))
+    return np.stack([ndimage.map_coordinates(np.asarray(c, np.float32), grid, order=1, mode="constant", cval=0.0)
+                     for c in image]).astype(np.float32)
+
+
+def scaled_positions(points: np.ndarray, start: Sequence[int], source: Sequence[int],
+                     size: Sequence[int]) -> np.ndarray:
+    """Volume voxel positions ``(K, 3)`` -> positions in a crop made by :func:`resample_crop`."""
+    points = np.asarray(points, float).reshape(-1, 3)
+    if [int(a) for a in source] == [int(a) for a in size]:
+        return points - np.asarray(start)
+    scale = np.asarray(size, float) / np.asarray(source, float)
+    return (np.asarray(points, float).reshape(-1, 3) - np.asarray(start) + 0.5) * scale - 0.5
+
+
 def encode_targets(centres: np.ndarray, crop: Sequence[int], stride: int = STRIDE,
                    ignore_neighbours: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Cell targets of a crop.
@@ -207,6 +237,10 @@ class DetectionCrops(Dataset):
             gain, blur (coarser voxels) and noise, each drawn per crop.
         margin: a CMB crop keeps its CMB at least this many voxels from the crop border.
         ignore_neighbours: see :func:`encode_targets`.
+        augment_scale: ``s > 0``: each crop covers ``round(crop * z)`` voxels of the volume,
+            ``z`` log-uniform in ``[1 / (1 + s), 1 + s]`` per axis, resampled to ``crop``
+            (:func:`resample_crop`; CMB centres by :func:`scaled_positions`): lesions and
+            veins at the voxel sizes of other protocols. 0: plain crops.
 
     Items: ``{"image" (C, D, H, W) float32, "cls_target" (d, h, w) int64,
     "offset_target" (3, d, h, w) float32, "cmb_cell" (3,) int64 (-1 when the crop
@@ -215,7 +249,7 @@ class DetectionCrops(Dataset):
 
     def __init__(self, volumes: Sequence[Volume], crop: Sequence[int], n_crops: int, seed: int,
                  epoch: int = 0, augment: bool = True, margin: int = 4, ignore_neighbours: bool = True,
-                 stride: int = STRIDE, augment_contrast: bool = False):
+                 stride: int = STRIDE, augment_contrast: bool = False, augment_scale: float = 0.0):
         if any(int(n) % 16 for n in crop):
             raise ValueError(f"crop must be multiples of 16, got {list(crop)}")
         if not volumes:
@@ -224,6 +258,7 @@ class DetectionCrops(Dataset):
         self.n_crops, self.seed, self.epoch = int(n_crops), int(seed), int(epoch)
         self.augment, self.ignore_neighbours, self.stride = augment, ignore_neighbours, stride
         self.augment_contrast = bool(augment_contrast)
+        self.augment_scale = float(augment_scale)
         self.margin = int(min(margin, min(self.crop) // 2 - 1))
         self.cmbs = [(v, k) for v, vol in enumerate(self.volumes) for k in range(len(vol.centres))]
         self.fg = [_foreground(vol.image) for vol in self.volumes]
@@ -234,15 +269,14 @@ class DetectionCrops(Dataset):
     def __len__(self) -> int:
         return self.n_crops
 
-    def _start_positive(self, rng: np.random.Generator) -> tuple[int, np.ndarray, int]:
+    def _start_positive(self, rng: np.random.Generator, size: np.ndarray) -> tuple[int, np.ndarray, int]:
         v, k = self.cmbs[rng.integers(len(self.cmbs))]
         centre = self.volumes[v].centres[k]
-        size = np.array(self.crop)
-        pos = rng.integers(self.margin, size - self.margin)
+        margin = int(min(self.margin, size.min() // 2 - 1))
+        pos = rng.integers(margin, size - margin)
         return v, np.round(centre).astype(int) - pos, k
 
-    def _start_negative(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
-        size = np.array(self.crop)
+    def _start_negative(self, rng: np.random.Generator, size: np.ndarray) -> tuple[int, np.ndarray]:
         for _ in range(NEG_TRIES):
             v = int(rng.integers(len(self.volumes)))
             fg = self.fg[v]
@@ -255,14 +289,18 @@ class DetectionCrops(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         size = np.array(self.crop)
+        source = size
+        if self.augment_scale > 0:
+            zoom = np.exp(rng.uniform(-1.0, 1.0, 3) * np.log1p(self.augment_scale))
+            source = np.maximum(np.rint(size * zoom).astype(int), 8)
         target_k = -1
         if index % 2 == 0 and self.cmbs:
-            v, start, target_k = self._start_positive(rng)
+            v, start, target_k = self._start_positive(rng, source)
         else:
-            v, start = self._start_negative(rng)
+            v, start = self._start_negative(rng, source)
         vol = self.volumes[v]
-        image = extract_crop(vol.image, start, self.crop)
-        p = vol.centres - start
+        image = resample_crop(vol.image, start, source, self.crop)
+        p = scaled_positions(vol.centres, start, source, self.crop)
         inside = np.all((p >= 0) & (p < size), axis=1)
         if target_k < 0 and inside.any():
             target_k = int(np.flatnonzero(inside)[0])

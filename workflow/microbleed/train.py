@@ -264,7 +264,8 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     csv.truncate_after("epoch", run.epoch)
     crops = DetectionCrops(train_vols, d["crop"], int(d["crops_per_epoch"]), int(d["seed"]),
                            augment=bool(d["augment"]), ignore_neighbours=bool(d.get("ignore_neighbours", True)),
-                           augment_contrast=bool(d.get("augment_contrast", False)))
+                           augment_contrast=bool(d.get("augment_contrast", False)),
+                           augment_scale=float(d.get("augment_scale", 0.0)))
     window = [int(c) for c in d["crop"]]
     log.info("training %s on %d subjects (validation %d), %d crops/epoch, device %s",
              d["variant"], len(train_vols), len(val_vols), len(crops), device)
