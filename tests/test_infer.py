@@ -162,3 +162,21 @@ def test_sample_region_looks_around_a_none_centre():
     np.testing.assert_array_equal(sample_region(bombs, aff, pts, 0.0), [0, 0, 1])   # the paper's centre rule
     np.testing.assert_array_equal(sample_region(bombs, aff, pts, 1.5), [0, 0, 1])
     np.testing.assert_array_equal(sample_region(bombs, aff, pts, 2.0), [1, 3, 1])
+
+
+def test_sample_region_ball_majority_decides_none():
+    """A brain spot inside a `none` ventricle is `none` by the ball's majority, a `none` spot (a large lesion
+    the map calls none) inside lobar tissue is lobar; none_fraction 1 keeps any ball with brain in it."""
+    from microbleed.infer import sample_region
+    bombs = np.ones((30, 30, 30), np.int64)            # lobar, 1 mm voxels
+    bombs[:15] = 0                                     # a ventricle: i < 15
+    bombs[6:9, 14:17, 14:17] = 2                       # a 3-voxel "deep" blob inside it (a spot the map calls brain)
+    bombs[21:24, 14:17, 14:17] = 0                     # a 3-voxel "none" blob in lobar tissue (a large CMB)
+    aff = np.eye(4)
+    pts = np.array([[7.0, 15.0, 15.0], [22.0, 15.0, 15.0], [16.0, 15.0, 15.0]])
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 0.0), [2, 0, 1])          # centre voxel
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 4.0, 0.5), [0, 1, 1])     # ball majority
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 4.0, 1.0), [2, 1, 1])     # any brain keeps it
+    # the border point (i = 16): 59 of its ball's 257 voxels (23 %) are none: pruned at 0.2, kept at 0.25
+    assert sample_region(bombs, aff, pts[2:], 4.0, 0.2)[0] == 0
+    assert sample_region(bombs, aff, pts[2:], 4.0, 0.25)[0] == 1

@@ -208,6 +208,7 @@ class FinaliseParams:
     qc_max: int = 50
     qc_half_width_mm: float = 16.0
     region_radius_mm: float = 0.0
+    none_fraction: float = 1.0
 
 
 def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: FinaliseParams,
@@ -220,7 +221,8 @@ def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: Finalise
     cands = read_candidates(inp.candidates, subject)
     bombs = load_labels(inp.bombs, subject)
     mask = load_labels(inp.mask, subject)
-    table = prune(cands, bombs, mask, params.threshold, params.prune_outside_mask, params.region_radius_mm)
+    table = prune(cands, bombs, mask, params.threshold, params.prune_outside_mask, params.region_radius_mm,
+                  params.none_fraction)
     write_tsv(table, out.cmb_tsv, float_format="%.6g")
     kept = table[table["pruned"] == "false"]
     swi, swi_aff = load_volume(inp.swi, subject)

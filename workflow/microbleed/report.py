@@ -115,7 +115,8 @@ class EvalOptions:
         variant: configured detector variant (``rpn+ffm+hspl``...).
         segmenter_input: ``swi`` or ``t1``.
         prune_outside_mask: config ``infer.prune_outside_mask`` (pruning of raw candidates).
-        region_radius_mm: config ``infer.region_radius_mm`` (see :func:`microbleed.infer.sample_region`).
+        region_radius_mm, none_fraction: config ``infer.region_radius_mm`` and ``infer.none_fraction``
+            (see :func:`microbleed.infer.sample_region`).
         allow_missing: config ``evaluate.allow_missing``: a subject with a missing or
             unreadable file is excluded (listed with the reason) instead of failing the cohort.
     """
@@ -126,6 +127,7 @@ class EvalOptions:
     prune_outside_mask: bool = True
     region_radius_mm: float = 0.0
     allow_missing: bool = False
+    none_fraction: float = 1.0
 
 
 def _bool(values: pd.Series) -> np.ndarray:
@@ -178,7 +180,7 @@ def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions
     for src in sources:
         c = read_tsv(files.candidates[src], required=["x", "y", "z", "i", "j", "k", "score"],
                      numeric=["x", "y", "z", "i", "j", "k", "score"], subject=sid)
-        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm)
+        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm, opts.none_fraction)
         raw[src] = SubjectData(sid, group, labels, t[["x", "y", "z"]].to_numpy(), t["score"].to_numpy(),
                                lab_regions, list(t["region"]), _bool(t["pruned"]))
     dice = {}

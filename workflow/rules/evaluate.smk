@@ -81,6 +81,7 @@ rule evaluate_cohort:
         hit_radius_mm=config["evaluate"]["hit_radius_mm"],
         prune_outside_mask=config["infer"]["prune_outside_mask"],
         region_radius_mm=config["infer"]["region_radius_mm"],
+        none_fraction=config["infer"]["none_fraction"],
         allow_missing=config["evaluate"]["allow_missing"],
         frst_params=f"{FRST_DIR}/params.json" if uses_frst() else "",
     log:

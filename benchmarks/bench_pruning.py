@@ -1,0 +1,92 @@
+"""Choice of the pruning rule on held-out validation subjects of the training cohort.
+
+The trained segmenter (``--model``, default ``results/models/segmenter_swi``)
+segments its own *validation* subjects (``card.json`` ``validation_subjects``:
+held out from its training, and not part of any test cohort). For every labelled
+CMB (``derivatives/cmb``) and every CMB-like spot the simulator put in a ``none``
+region (ventricles, choroid plexus; ``derivatives/truth/*_mimics.tsv``,
+kind ``none_spot``) the rule of :func:`microbleed.infer.sample_region` is applied
+for a grid of ball radii and ``none`` fractions: a good rule prunes the spots and
+keeps the CMBs. Labels only (no detector), so the choice does not depend on a
+detector's scores, and no test cohort is looked at.
+
+Run: ``.venv/bin/python benchmarks/bench_pruning.py [--cohort bench-train] [--model results/models/segmenter_swi]
+[--results results]``
+Writes ``benchmarks/results/pruning.tsv`` and ``pruning.md`` (machine, date).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from microbleed.cohort import simulated_root
+from microbleed.infer import sample_region
+from microbleed.io import load_volume, read_tsv
+from microbleed.segment import segment_subject
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+RADII = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+FRACTIONS = (0.3, 0.5, 0.7, 1.0)
+
+
+def points(root: Path, subject: str) -> dict[str, pd.DataFrame]:
+    """RAS mm of the subject's CMBs and of its CMB-like spots in `none` regions."""
+    cmb_tsv = root / "derivatives" / "cmb" / f"sub-{subject}" / f"sub-{subject}_cmb.tsv"
+    mimics = read_tsv(root / "derivatives" / "truth" / f"sub-{subject}" / f"sub-{subject}_mimics.tsv",
+                      required=["x", "y", "z", "kind"])
+    cmb = read_tsv(cmb_tsv, required=["x", "y", "z"]) if cmb_tsv.exists() else mimics.iloc[:0]
+    return {"cmb": cmb, "none_spot": mimics[mimics["kind"] == "none_spot"]}
+
+
+def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kind: str = "swi") -> pd.DataFrame:
+    card = json.loads((model / "card.json").read_text())
+    root = simulated_root(cohort, results)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sub in card["validation_subjects"]:
+            image = results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_{preproc_kind}.nii.gz"
+            out = Path(tmp) / f"sub-{sub}_dseg.nii.gz"
+            segment_subject(image, model, out, subject=sub)
+            pred, aff = load_volume(out, sub, allow_zero=True)
+            for kind, table in points(root, sub).items():
+                xyz = table[["x", "y", "z"]].to_numpy(float)
+                for radius in RADII:
+                    for frac in FRACTIONS if radius > 0 else (1.0,):
+                        codes = sample_region(pred, aff, xyz, radius, frac)
+                        rows += [{"subject": sub, "kind": kind, "radius_mm": radius, "none_fraction": frac,
+                                  "pruned": bool(c == 0)} for c in codes]
+    df = pd.DataFrame(rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    df.to_csv(OUT / "pruning.tsv", sep="\t", index=False)
+    table = (df.groupby(["radius_mm", "none_fraction", "kind"])["pruned"].agg(["sum", "size"])
+             .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
+             .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
+    stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
+    text = (f"# Pruning rule on validation subjects ({cohort}, segmenter {model.name})\n\n{stamp}\n\n"
+            f"Command: `.venv/bin/python benchmarks/bench_pruning.py --cohort {cohort} --model {model} "
+            f"--results {results}`\n\n"
+            f"Subjects: {', '.join(card['validation_subjects'])} (the segmenter's held-out validation split). "
+            f"A point is pruned when at least `none_fraction` of the predicted BOMBS voxels within "
+            f"`radius_mm` are `none` (radius 0: the centre voxel).\n\n{table.to_markdown()}\n")
+    (OUT / "pruning.md").write_text(text)
+    print(text)
+    return df
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cohort", default="bench-train")
+    ap.add_argument("--model", default=str(ROOT / "results" / "models" / "segmenter_swi"))
+    ap.add_argument("--results", default=str(ROOT / "results"), help="the workflow's results folder")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    main(args.cohort, Path(args.model), Path(args.results))
