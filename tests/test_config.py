@@ -20,7 +20,7 @@ def test_schemas_declare_2020_12(schema):
     assert yaml.safe_load(schema.read_text())["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "benchmark.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "benchmark.yaml", "benchmark_scale.yaml"])
 def test_shipped_configs_are_valid(name):
     if not (ROOT / "config" / name).exists():
         pytest.skip(f"{name} not written yet")
