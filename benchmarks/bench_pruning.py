@@ -46,12 +46,15 @@ def points(root: Path, subject: str) -> dict[str, pd.DataFrame]:
     return {"cmb": cmb, "none_spot": mimics[mimics["kind"] == "none_spot"]}
 
 
-def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kind: str = "swi") -> pd.DataFrame:
+def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kind: str = "swi",
+         all_subjects: bool = False, stem: str = "pruning") -> pd.DataFrame:
     card = json.loads((model / "card.json").read_text())
     root = simulated_root(cohort, results)
+    subjects = (sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*")) if all_subjects
+                else card["validation_subjects"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for sub in card["validation_subjects"]:
+        for sub in subjects:
             image = results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_{preproc_kind}.nii.gz"
             out = Path(tmp) / f"sub-{sub}_dseg.nii.gz"
             segment_subject(image, model, out, subject=sub)
@@ -65,18 +68,20 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
                                   "pruned": bool(c == 0)} for c in codes]
     df = pd.DataFrame(rows)
     OUT.mkdir(parents=True, exist_ok=True)
-    df.to_csv(OUT / "pruning.tsv", sep="\t", index=False)
+    df.to_csv(OUT / f"{stem}.tsv", sep="\t", index=False)
     table = (df.groupby(["radius_mm", "none_fraction", "kind"])["pruned"].agg(["sum", "size"])
              .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
              .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
     stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
-    text = (f"# Pruning rule on validation subjects ({cohort}, segmenter {model.name})\n\n{stamp}\n\n"
+    which = "all subjects" if all_subjects else "validation subjects"
+    text = (f"# Pruning rule on {which} ({cohort}, segmenter {model.name})\n\n{stamp}\n\n"
             f"Command: `.venv/bin/python benchmarks/bench_pruning.py --cohort {cohort} --model {model} "
-            f"--results {results}`\n\n"
-            f"Subjects: {', '.join(card['validation_subjects'])} (the segmenter's held-out validation split). "
+            f"--results {results}{' --all-subjects --stem ' + stem if all_subjects else ''}`\n\n"
+            f"Subjects: {', '.join(subjects)}"
+            f"{'' if all_subjects else ' (the segmenter' + chr(39) + 's held-out validation split)'}. "
             f"A point is pruned when at least `none_fraction` of the predicted BOMBS voxels within "
             f"`radius_mm` are `none` (radius 0: the centre voxel).\n\n{table.to_markdown()}\n")
-    (OUT / "pruning.md").write_text(text)
+    (OUT / f"{stem}.md").write_text(text)
     print(text)
     return df
 
@@ -86,7 +91,10 @@ if __name__ == "__main__":
     ap.add_argument("--cohort", default="bench-train")
     ap.add_argument("--model", default=str(ROOT / "results" / "models" / "segmenter_swi"))
     ap.add_argument("--results", default=str(ROOT / "results"), help="the workflow's results folder")
+    ap.add_argument("--all-subjects", action="store_true",
+                    help="every subject of the cohort (a diagnostic on a test cohort, not for choosing the rule)")
+    ap.add_argument("--stem", default="pruning", help="output file name stem under benchmarks/results")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    main(args.cohort, Path(args.model), Path(args.results))
+    main(args.cohort, Path(args.model), Path(args.results), all_subjects=args.all_subjects, stem=args.stem)
