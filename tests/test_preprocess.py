@@ -286,7 +286,7 @@ def test_detector_input_is_ras_ordered_whatever_the_acquisition(tmp_path):
     _save(swi, lia, tmp_path / "swi.nii.gz")
     _save(swi * 0 + 0.5, lia, tmp_path / "phase.nii.gz")
     out = detector_input(tmp_path / "swi.nii.gz", tmp_path / "phase.nii.gz", tmp_path / "in.nii.gz",
-                         z_slices=6, subject="01")
+                         6, subject="01")
     img = nib.load(out)
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     data = np.asarray(img.dataobj)

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_outputs_card_and_load(tmp_path):
     assert on_disk["sha256"] and on_disk["data"] == card["data"]
     assert card["data"]["cohort"] == "synth" and len(card["data"]["val"]) == 1
     assert sorted(card["data"]["train"] + card["data"]["val"]) == ["01", "02", "03"]
-    assert card["config"]["variant"] == "rpn+ffm+hspl" and card["config"]["z_slices"] == 112
+    assert card["config"]["variant"] == "rpn+ffm+hspl" and card["config"]["grid"] == {"spacing_mm": [1.0, 1.0, 1.5]}
     assert "mean_sensitivity" in card["validation"] and card["seed"] == 3
     model, card2 = load_detector(tmp_path / "m", "cpu")
     assert len(card2["prototypes"]) == 2 and not model.training
@@ -116,3 +117,19 @@ def test_validate_every_skips_validation_between_checkpoints(tmp_path):
     log = pd.read_csv(tmp_path / "m" / "train_log.csv")
     assert log["val_score"].isna().tolist() == [True, False, False]
     assert card["selection"]["best_epoch"] in (2, 3)
+
+
+def test_inputs_off_the_configured_grid_are_rejected(tmp_path):
+    """A detector input of another voxel size than preprocess.detector_spacing_mm stops training
+    with an error naming the subject and the file, before any epoch."""
+    from microbleed.io import InputError, save_image
+    inputs = _inputs(tmp_path)
+    sub, path, tsv = inputs[1]
+    img = nib.load(path)
+    other = img.affine.copy()
+    other[2, 2] = 2.0  # 2 mm slices where the config says 1.5
+    save_image(np.asarray(img.dataobj), other, path)
+    with pytest.raises(InputError, match=rf"sub-{sub}|{sub}") as err:
+        train_detector(inputs, tmp_path / "m", _cfg(epochs=1), "cpu", cohort="synth")
+    assert "1.5" in str(err.value) and path in str(err.value)
+    assert not (tmp_path / "m" / "model.pt").exists()

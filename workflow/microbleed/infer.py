@@ -3,7 +3,8 @@
 Frames (said every time):
 
 - **grid voxel ijk**: array indices of the detector input, i.e. the
-  pre-processed SWI/phase pair interpolated along z (``preprocess.z_slices``);
+  pre-processed SWI/phase pair resampled to the detector grid (``preprocess.detector_spacing_mm``,
+  or ``preprocess.z_slices`` along z only);
   voxel centres at integers.
 - **RAS mm**: world coordinates, through the detector input's affine.
 - **SWI voxel ijk**: array indices of the original SWI, through its affine.
@@ -501,25 +502,36 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
     grid (config ``infer.skip_outside_mask``); it is mapped onto the detector grid
     like the SWI (:func:`microbleed.preprocess.detector_grid_mask`) and tiles far
     from it are skipped (:func:`tiles_to_run`).
+
+    Raises:
+        InputError naming the subject and the file: the detector input is not on
+        the grid the model was trained on (card ``config.grid``).
     """
     from .io import write_tsv
     from .runtime import select_device
     if loader is None:
         from .train import load_detector as loader
     device = select_device(params.device)
+    from .preprocess import card_grid, check_detector_grid
     volume, grid_affine = load_detector_input(volume_path, subject)
     swi_affine = np.asarray(load_image(swi_path, subject).affine, dtype=float)
+    model, card = loader(model_dir, device)
+    net_cfg = card.get("config") or {}
+    if net_cfg.get("grid") or net_cfg.get("z_slices"):
+        grid = card_grid(net_cfg)
+        check_detector_grid(volume.shape[1:], grid_affine, grid, subject=subject, path=volume_path)
+    else:  # a card without its grid: take the input's slice count as the paper's grid
+        grid = {"z_slices": volume.shape[3]}
     mask = None
     if mask_path is not None:
         from .io import InputError
         from .preprocess import detector_grid_mask
-        mask, mask_aff = detector_grid_mask(mask_path, volume.shape[3], subject)
+        mask, mask_aff = detector_grid_mask(mask_path, grid, subject)
         if mask.shape != volume.shape[1:] or not np.allclose(mask_aff, grid_affine, atol=1e-3):
             raise InputError(f"brain mask mapped onto the detector grid (shape {mask.shape}) does not match "
                              f"the detector input (shape {volume.shape[1:]}, affine\n{grid_affine}\nvs mask "
                              f"\n{mask_aff}): the mask must be in the SWI grid the input was built from",
                              subject=subject, path=mask_path)
-    model, card = loader(model_dir, device)
     window = _window_for(params.window, card)
     cands = detect_volume(model, volume, device, window, params.overlap, params.floor, params.batch,
                           params.box, params.channels_last, mask=mask, fold_bn=params.fold_bn)

@@ -1,4 +1,4 @@
-"""Pre-processing: skull stripping, resampling, phase handling, normalisation, z-interpolation.
+"""Pre-processing: skull stripping, resampling, phase handling, normalisation, the detector grid.
 
 Frames: every array is in the voxel order of its affine (voxel ijk -> RAS mm);
 "the SWI grid" is the voxel grid of the subject's SWI magnitude. Voxel centres
@@ -37,8 +37,9 @@ __all__ = [
     "check_same_grid", "detect_phase_units", "phase_to_radians", "homodyne_highpass",
     "phase_sign_evidence", "resolve_phase_sign",
     "robust_minmax", "preprocess_swi_phase", "preprocess_t1",
-    "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
-    "interpolate_z", "to_detector_grid", "detector_input", "detector_grid_mask", "given_mask_path",
+    "resampling_affine", "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
+    "resample_axes", "interpolate_z", "grid_spec", "card_grid", "detector_grid_shape", "to_detector_grid",
+    "check_detector_grid", "detector_input", "detector_grid_mask", "given_mask_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -408,25 +409,35 @@ def preprocess_t1(t1_path, swi_path, mask_path, out_t1, *, subject=None, percent
     return save_image(out, aff, out_t1, dtype=np.float32)
 
 
-# --------------------------------------------------------------------------- z-interpolation
-def interpolation_affine(affine: np.ndarray, n_in: int, n_out: int) -> np.ndarray:
-    """Affine of a grid resampled from ``n_in`` to ``n_out`` slices along the third voxel axis.
+# --------------------------------------------------------------------------- detector grid
+def resampling_affine(affine: np.ndarray, shape_in, shape_out) -> np.ndarray:
+    """Affine of a grid resampled from ``shape_in`` to ``shape_out`` voxels, axis by axis,
+    keeping the slab.
 
-    Voxel-centre convention: the slab ``[-0.5, n_in - 0.5]`` (input voxel units)
-    is kept; new slice ``k'`` has its centre at input ``k = (k' + 0.5) * s - 0.5``
-    with ``s = n_in / n_out``. Hence ``A' = A @ T``, ``T`` scaling axis 2 by
-    ``s`` and shifting it by ``0.5 * s - 0.5``; every RAS point keeps its place.
+    Voxel-centre convention: along every axis the slab ``[-0.5, n_in - 0.5]``
+    (input voxel units) is kept; new voxel ``k'`` has its centre at input
+    ``k = (k' + 0.5) * s - 0.5`` with ``s = n_in / n_out``. Hence ``A' = A @ T``,
+    ``T`` scaling each axis by its ``s`` and shifting it by ``0.5 * s - 0.5``;
+    every RAS point keeps its place.
+    """
+    t = np.eye(4)
+    for ax, (n_in, n_out) in enumerate(zip(shape_in, shape_out)):
+        s = float(n_in) / float(n_out)
+        t[ax, ax] = s
+        t[ax, 3] = 0.5 * s - 0.5
+    return np.asarray(affine, dtype=float) @ t
+
+
+def interpolation_affine(affine: np.ndarray, n_in: int, n_out: int) -> np.ndarray:
+    """Affine of a grid resampled from ``n_in`` to ``n_out`` slices along the third voxel axis
+    (:func:`resampling_affine` with the first two axes unchanged).
 
     Example:
         >>> a = interpolation_affine(np.diag([1., 1., 2., 1.]), 10, 20)
-        >>> a[2, 2], a[2, 3]
+        >>> float(a[2, 2]), float(a[2, 3])
         (1.0, -0.5)
     """
-    s = n_in / n_out
-    t = np.eye(4)
-    t[2, 2] = s
-    t[2, 3] = 0.5 * s - 0.5
-    return np.asarray(affine, dtype=float) @ t
+    return resampling_affine(affine, (1, 1, n_in), (1, 1, n_out))
 
 
 def interpolated_to_original(ijk: np.ndarray, n_in: int, n_out: int) -> np.ndarray:
@@ -445,66 +456,139 @@ def original_to_interpolated(ijk: np.ndarray, n_in: int, n_out: int) -> np.ndarr
     return out
 
 
-def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Linear (``order=1``) or nearest-neighbour (``order=0``, for masks) interpolation of
-    ``(X, Y, Z)`` to ``(X, Y, n_out)`` along the third voxel axis.
+def resample_axes(data: np.ndarray, affine: np.ndarray, shape_out, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Linear (``order=1``) or nearest-neighbour (``order=0``, for masks) resampling of
+    ``(X, Y, Z)`` to ``shape_out`` along the voxel axes, slab kept (:func:`resampling_affine`;
+    ``scipy.ndimage.zoom`` with ``grid_mode=True``, edge voxels repeat beyond the slab).
 
-    Sampling follows :func:`interpolation_affine` (``scipy.ndimage.zoom`` with
-    ``grid_mode=True``; edge slices repeat beyond the slab).
+    Returns:
+        ``(data shape_out float32, affine (4, 4))``.
+    """
+    shape_in = np.asarray(data).shape[:3]
+    shape_out = tuple(int(n) for n in shape_out)
+    if shape_out == tuple(shape_in):
+        return np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=float)
+    zoom = [o / i for o, i in zip(shape_out, shape_in)]
+    out = ndimage.zoom(np.asarray(data, dtype=np.float32), zoom, order=int(order), grid_mode=True, mode="nearest")
+    if out.shape != shape_out:
+        raise RuntimeError(f"zoom returned {out.shape}, expected {shape_out}")
+    return out, resampling_affine(affine, shape_in, shape_out)
+
+
+def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Resample ``(X, Y, Z)`` to ``(X, Y, n_out)`` along the third voxel axis (:func:`resample_axes`).
 
     Returns:
         ``(data (X, Y, n_out) float32, affine (4, 4))``.
     """
-    n_in = data.shape[2]
-    out = ndimage.zoom(np.asarray(data, dtype=np.float32), (1.0, 1.0, n_out / n_in), order=int(order),
-                       grid_mode=True, mode="nearest")
-    if out.shape[2] != n_out:
-        raise RuntimeError(f"zoom returned {out.shape[2]} slices, expected {n_out}")
-    return out, interpolation_affine(affine, n_in, n_out)
+    shape = np.asarray(data).shape
+    return resample_axes(data, affine, (shape[0], shape[1], int(n_out)), order=order)
 
 
-def detector_input(swi_path, phase_path, out_path, z_slices: int, subject: str | None = None) -> Path:
-    """Write the 4D detector input ``(X, Y, z_slices, 2)`` [swi, phase], float32.
+def grid_spec(preprocess_cfg) -> dict:
+    """The detector grid of a config's ``preprocess`` section, as stored in model cards.
 
-    The volumes are first reordered to RAS (:func:`microbleed.io.to_canonical`,
-    a permutation/flip, no interpolation), so the detector sees every cohort
-    (LAS, LIA, ...) in one orientation with the slice axis third; then the third
-    axis is interpolated to ``z_slices``. The affine follows both steps, so every
-    RAS position is unchanged and detections map back through it.
+    ``{"spacing_mm": [x, y, z]}`` when ``detector_spacing_mm`` is set (every
+    cohort resampled to that voxel size, so a CMB has the same size in voxels
+    whatever the scanner's resolution), else ``{"z_slices": n}`` (the paper: the
+    slice axis interpolated to ``n`` slices, the in-plane grid as acquired).
     """
-    swi, aff = load_volume(swi_path, subject)
-    phase, p_aff = load_volume(phase_path, subject, allow_zero=True)
-    check_same_grid(swi.shape, aff, phase.shape, p_aff, subject=subject, path_b=phase_path)
-    swi_i, new_aff = to_detector_grid(swi, aff, z_slices)
-    phase_i, _ = to_detector_grid(phase, aff, z_slices)
-    return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)
+    spacing = preprocess_cfg.get("detector_spacing_mm")
+    if spacing:
+        return {"spacing_mm": [float(v) for v in spacing]}
+    return {"z_slices": int(preprocess_cfg["z_slices"])}
 
 
-def to_detector_grid(data: np.ndarray, affine: np.ndarray, z_slices: int,
-                     order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def card_grid(card_config) -> dict:
+    """The detector grid a model was trained on (its card's ``config``); cards written
+    before spacing grids existed hold ``z_slices`` only."""
+    grid = card_config.get("grid")
+    if grid:
+        return dict(grid)
+    return {"z_slices": int(card_config["z_slices"])}
+
+
+def _as_grid(grid) -> dict:
+    if isinstance(grid, (int, np.integer)):
+        return {"z_slices": int(grid)}
+    if "spacing_mm" in grid or "z_slices" in grid:
+        return dict(grid)
+    raise ValueError(f"detector grid {grid!r}: expected {{'spacing_mm': [x, y, z]}} or {{'z_slices': n}}")
+
+
+def detector_grid_shape(shape, affine: np.ndarray, grid) -> tuple[int, int, int]:
+    """Shape of the detector grid for a RAS-reordered ``shape``/``affine`` (see :func:`grid_spec`)."""
+    grid = _as_grid(grid)
+    shape = tuple(int(n) for n in shape[:3])
+    if "z_slices" in grid:
+        return shape[0], shape[1], int(grid["z_slices"])
+    extent = np.asarray(shape, float) * voxel_sizes(affine)
+    return tuple(max(1, int(round(e / float(t)))) for e, t in zip(extent, grid["spacing_mm"]))
+
+
+def to_detector_grid(data: np.ndarray, affine: np.ndarray, grid, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """An ``(X, Y, Z)`` image of the SWI grid on the detector grid: reordered to RAS
-    (:func:`microbleed.io.to_canonical`), then its third axis interpolated to ``z_slices``
-    (:func:`interpolate_z`; ``order=0``: nearest neighbour, for masks).
+    (:func:`microbleed.io.to_canonical`), then resampled (:func:`resample_axes`; ``order=0``:
+    nearest neighbour, for masks) to the grid ``{"spacing_mm": [x, y, z]}`` (each axis to
+    the voxel size nearest that spacing that keeps the slab) or ``{"z_slices": n}`` (third
+    axis only; an ``int`` means the same).
 
     The one mapping of :func:`detector_input` (SWI, phase) and :func:`detector_grid_mask`.
 
     Returns:
-        ``(data (X', Y', z_slices) float32, affine (4, 4) grid voxel ijk -> RAS mm)``.
+        ``(data float32, affine (4, 4) grid voxel ijk -> RAS mm)``.
     """
     ras, ras_aff = to_canonical(data, affine)
-    return interpolate_z(ras, ras_aff, z_slices, order=order)
+    return resample_axes(ras, ras_aff, detector_grid_shape(ras.shape, ras_aff, grid), order=order)
 
 
-def detector_grid_mask(mask_path, z_slices: int, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def check_detector_grid(shape, affine: np.ndarray, grid, *, subject: str | None = None, path=None,
+                        rel_tol: float = 0.05) -> None:
+    """Raise :class:`InputError` when a detector input is not on ``grid`` (the model's):
+    other slice count (``z_slices``), or voxel sizes more than ``rel_tol`` from ``spacing_mm``
+    (rounding the slab to whole voxels moves them by well under 5 % on a head)."""
+    grid = _as_grid(grid)
+    if "z_slices" in grid:
+        if int(shape[2]) != int(grid["z_slices"]):
+            raise InputError(f"detector input has {shape[2]} slices but the detector was trained on a grid of "
+                             f"{grid['z_slices']} (model card): rebuild the input with preprocess.z_slices "
+                             f"{grid['z_slices']}", subject=subject, path=path)
+        return
+    have, want = voxel_sizes(affine), np.asarray(grid["spacing_mm"], float)
+    if np.any(np.abs(have - want) > rel_tol * want):
+        raise InputError(f"detector input voxels are {np.round(have, 3).tolist()} mm but the detector was trained "
+                         f"on a {want.tolist()} mm grid (model card): rebuild the input with "
+                         f"preprocess.detector_spacing_mm {want.tolist()}", subject=subject, path=path)
+
+
+def detector_input(swi_path, phase_path, out_path, grid, subject: str | None = None) -> Path:
+    """Write the 4D detector input ``(X', Y', Z', 2)`` [swi, phase], float32.
+
+    The volumes are first reordered to RAS (:func:`microbleed.io.to_canonical`,
+    a permutation/flip, no interpolation), so the detector sees every cohort
+    (LAS, LIA, ...) in one orientation with the slice axis third; then resampled
+    to the detector grid ``grid`` (:func:`to_detector_grid`, :func:`grid_spec`).
+    The affine follows both steps, so every RAS position is unchanged and
+    detections map back through it.
+    """
+    swi, aff = load_volume(swi_path, subject)
+    phase, p_aff = load_volume(phase_path, subject, allow_zero=True)
+    check_same_grid(swi.shape, aff, phase.shape, p_aff, subject=subject, path_b=phase_path)
+    swi_i, new_aff = to_detector_grid(swi, aff, grid)
+    phase_i, _ = to_detector_grid(phase, aff, grid)
+    return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)
+
+
+def detector_grid_mask(mask_path, grid, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The brain mask (SWI grid) mapped onto the detector grid exactly as :func:`detector_input`
-    maps the SWI (RAS reordering, then nearest-neighbour z-interpolation).
+    maps the SWI (RAS reordering, then nearest-neighbour resampling).
 
     Returns:
-        ``(mask (X', Y', z_slices) bool, affine (4, 4))``.
+        ``(mask bool, affine (4, 4))``.
     """
     data, affine = load_volume(mask_path, subject, allow_zero=True)
-    grid, grid_aff = to_detector_grid((data > 0).astype(np.float32), affine, z_slices, order=0)
-    return grid > 0.5, grid_aff
+    mapped, grid_aff = to_detector_grid((data > 0).astype(np.float32), affine, grid, order=0)
+    return mapped > 0.5, grid_aff
 
 
 def given_mask_path(backend: str, pattern: str | None, cohort: str, subject: str,

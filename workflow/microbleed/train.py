@@ -40,6 +40,7 @@ from .data import DetectionCrops, Volume, load_volumes
 from .io import InputError, voxel_to_ras
 from .losses import ConcentrationLoss, detection_loss
 from .nets.detector import STRIDE, build_detector, preferred_memory_format
+from .preprocess import check_detector_grid, grid_spec
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
 __all__ = ["split_subjects", "validation_score", "train_detector", "load_detector", "operating_threshold",
@@ -101,13 +102,20 @@ def _network_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     d = cfg["detector"]
     return {"variant": d["variant"], "widths": list(d["widths"]), "in_channels": 2,
             "box_voxels": int(d["box_voxels"]), "stride": STRIDE, "crop": list(d["crop"]),
-            "z_slices": int(cfg["preprocess"]["z_slices"])}
+            **_grid_entries(cfg)}
+
+
+def _grid_entries(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Card entries of the detector grid: ``grid`` (:func:`microbleed.preprocess.grid_spec`), and
+    ``z_slices`` as well on the paper's grid (cards of earlier versions hold only that)."""
+    grid = grid_spec(cfg["preprocess"])
+    return {"grid": grid, **({"z_slices": grid["z_slices"]} if "z_slices" in grid else {})}
 
 
 def _fingerprint(cfg: Mapping[str, Any], subjects: Sequence[str]) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed."""
     d = {k: v for k, v in cfg["detector"].items() if k not in _RESUMABLE}
-    return {"detector": d, "subjects": list(subjects), "z_slices": cfg["preprocess"]["z_slices"]}
+    return {"detector": d, "subjects": list(subjects), "grid": grid_spec(cfg["preprocess"])}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -245,8 +253,11 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         inputs: ``(subject, detector_input_path, cmb_tsv_path)`` per training subject
             (4D ``(X, Y, Zi, 2)`` NIfTI, labels in RAS mm).
         out_dir: model folder; gets model.pt, card.json, train_log.csv, checkpoint.pt.
-        cfg: the workflow config (keys ``detector``, ``preprocess.z_slices``,
+        cfg: the workflow config (keys ``detector``, ``preprocess.z_slices`` and
+            ``preprocess.detector_spacing_mm`` (:func:`microbleed.preprocess.grid_spec`),
             ``evaluate.hit_radius_mm``).
+    Raises:
+        InputError naming the subject and file: a detector input not on the configured grid.
         device: torch device (``microbleed.runtime.select_device``).
         cohort: name of the training cohort, for the card.
     Returns:
@@ -255,6 +266,9 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     d, device, out_dir = cfg["detector"], torch.device(device), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     volumes = load_volumes(inputs)
+    grid = grid_spec(cfg["preprocess"])
+    for vol, (_, path, _) in zip(volumes, inputs):
+        check_detector_grid(vol.image.shape[1:], vol.affine, grid, subject=vol.subject, path=path)
     train_vols, val_vols = split_subjects(volumes, float(d["validation_fraction"]), int(d["seed"]))
     split = {"cohort": cohort, "train": [v.subject for v in train_vols], "val": [v.subject for v in val_vols]}
     fingerprint = _fingerprint(cfg, [v.subject for v in volumes])

@@ -1,5 +1,6 @@
 # Config and subject-table validation, cohort tables, path helpers and input
 # functions. Validation runs once, before any job.
+import json
 import os
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from snakemake.utils import validate
 
 from microbleed.cohort import cohort_table, simulated_root, COLUMNS
 from microbleed.io import InputError
+from microbleed.preprocess import card_grid, grid_spec
 
 validate(config, schema="../../config/schemas/config.schema.yaml", set_default=True)
 
@@ -119,6 +121,14 @@ def detector_dir(variant=None):
     if config["detector"]["model"] and variant is None:
         return config["detector"]["model"]
     return f"{RESULTS}/models/detector_{slug(variant or config['detector']['variant'])}"
+
+
+def detector_grid():
+    """Grid of the detector input: the released model's (its card, config detector.model), else the
+    config's (preprocess.detector_spacing_mm, or preprocess.z_slices): a model only sees its own grid."""
+    card = Path(config["detector"]["model"] or "", "card.json")
+    net = json.loads(card.read_text()).get("config") or {} if config["detector"]["model"] and card.is_file() else {}
+    return card_grid(net) if net.get("grid") or net.get("z_slices") else grid_spec(config["preprocess"])
 
 
 def segmenter_dir(segin=None):

@@ -91,7 +91,7 @@ rule interpolate:
     output:
         volume=sub_path("{cohort}", "{subject}", "desc-detector_input.nii.gz", "preproc/sub-{subject}"),
     params:
-        z_slices=config["preprocess"]["z_slices"],
+        grid=detector_grid(),
     log:
         log_path("interpolate", "{cohort}", "{subject}"),
     benchmark:

@@ -58,7 +58,7 @@ rule train_detector:
         cohort=config["train_cohort"],
         cfg=lambda wc: {
             "detector": {**config["detector"], "variant": wc.variant.replace("-", "+")},
-            "preprocess": {"z_slices": config["preprocess"]["z_slices"]},
+            "preprocess": {k: config["preprocess"].get(k) for k in ("z_slices", "detector_spacing_mm")},
             "evaluate": {"hit_radius_mm": config["evaluate"]["hit_radius_mm"]},
         },
         device=config["device"],
