@@ -1,6 +1,7 @@
 """Run the benchmark configuration and write benchmarks/RESULTS.md.
 
     python benchmarks/run_all.py --config config/benchmark.yaml [--cores N] [--collect-only]
+    python benchmarks/run_all.py --override benchmarks/experiments/<name>.yaml --out benchmarks/experiments/<name>.md
 
 For each segmenter input (``--segmenter-inputs``, default ``swi t1``) the
 workflow runs once with that input (a merged copy of the config under
@@ -175,11 +176,29 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, mapping by mapping (as Snakemake merges config files);
+    lists and scalars of ``override`` replace those of ``base``."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+                    else value)
+    return out
+
+
+def load_config(config_path: Path, overrides: Sequence[Path] = ()) -> dict[str, Any]:
+    """The benchmark config with each override file (an experiment: only the keys it changes) merged in order."""
+    cfg = yaml.safe_load(config_path.read_text())
+    for path in overrides:
+        cfg = deep_merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
+    return cfg
+
+
 def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path,
-                 extra_args: Sequence[str] = ()) -> tuple[float, int]:
+                 extra_args: Sequence[str] = (), overrides: Sequence[Path] = ()) -> tuple[float, int]:
     """Run Snakemake with ``segmenter.input = segin`` (plus ``extra_args``); snapshot the metric tables.
     Returns (seconds, exit code)."""
-    cfg = yaml.safe_load(config_path.read_text())
+    cfg = load_config(config_path, overrides)
     cfg.setdefault("segmenter", {})["input"] = segin
     merged = snapshot_root / f"config_{segin}.yaml"
     merged.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="config/benchmark.yaml")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--override", nargs="*", default=[],
+                    help="experiment files merged onto --config in order (only the keys they change), "
+                         "e.g. benchmarks/experiments/detector_scale.yaml")
     ap.add_argument("--segmenter-inputs", nargs="+", default=["swi", "t1"], choices=["swi", "t1"])
     ap.add_argument("--internal", help="internal test cohort (default: first of evaluate_cohorts)")
     ap.add_argument("--external", nargs="*", help="external cohorts (default: the other evaluate_cohorts)")
@@ -227,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = ap.parse_args(argv)
     config_path = (ROOT / args.config) if not Path(args.config).is_absolute() else Path(args.config)
-    cohorts = yaml.safe_load(config_path.read_text()).get("evaluate_cohorts", [])
+    overrides = [Path(o) if Path(o).is_absolute() else ROOT / o for o in args.override]
+    cohorts = load_config(config_path, overrides).get("evaluate_cohorts", [])
     internal = args.internal or (cohorts[0] if cohorts else "")
     external = args.external if args.external is not None else [c for c in cohorts if c != internal]
     snapshot_root = ROOT / "results" / "benchmark"
@@ -235,10 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.collect_only:
         for segin in args.segmenter_inputs:
             walls[segin], codes[segin] = run_workflow(config_path, segin, args.cores, snapshot_root,
-                                                      args.snakemake_args)
+                                                      args.snakemake_args, overrides)
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit(),
             "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()})",
-            "config": args.config + (f" (Snakemake {' '.join(args.snakemake_args)})" if args.snakemake_args else ""),
+            "config": args.config + "".join(f" + {o}" for o in args.override) + (f" (Snakemake {' '.join(args.snakemake_args)})" if args.snakemake_args else ""),
             "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
     text = render_results(collect(snapshot_root), internal, external, meta) + speed_sections(ROOT / "benchmarks" / "results")
     Path(args.out).write_text(text)

@@ -20,7 +20,7 @@ def test_schemas_declare_2020_12(schema):
     assert yaml.safe_load(schema.read_text())["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "benchmark.yaml", "benchmark_scale.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "benchmark.yaml"])
 def test_shipped_configs_are_valid(name):
     if not (ROOT / "config" / name).exists():
         pytest.skip(f"{name} not written yet")
@@ -64,3 +64,17 @@ def test_readme_documents_every_config_key():
     schema = yaml.safe_load(SCHEMA.read_text())
     for key in schema["properties"]:
         assert f"| `{key}` |" in readme
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks" / "experiments").glob("*.yaml")))
+def test_benchmark_experiments_are_valid_overrides(name):
+    """Each experiment file, merged onto config/benchmark.yaml as run_all.py --override does, is a valid config."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    cfg = run_all.load_config(ROOT / "config" / "benchmark.yaml", [ROOT / "benchmarks" / "experiments" / name])
+    base = load("benchmark.yaml")
+    validate(cfg, str(SCHEMA), set_default=True)
+    assert cfg["cohorts"] == base["cohorts"], "an experiment keeps the benchmark cohorts"
+    assert run_all.deep_merge({"a": {"b": 1, "c": [1]}}, {"a": {"c": [2]}}) == {"a": {"b": 1, "c": [2]}}
