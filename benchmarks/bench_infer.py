@@ -6,8 +6,8 @@ grid (SWI 160x192x72 at 1x1x2 mm, detector grid z=112; SWI 512x448x72 at
 worst case). ``paper-head`` is one head simulated by the project's simulator
 at the paper acquisition (config ``acquisitions.paper``, 0.5x0.5x2 mm),
 pre-processed as the workflow does (truth brain mask instead of skull
-stripping, normalisation, phase high-pass, RAS reordering, z-interpolation to
-224 slices); our engine skips the tiles far from the brain mask
+stripping, normalisation, phase high-pass, RAS reordering, resampling to the
+detector's grid from its card: z 224 slices on the paper's grid, or its mm spacing); our engine skips the tiles far from the brain mask
 (``infer.skip_outside_mask``) and both engines' FINAL detections (score >=
 threshold, after pruning with the same mask and their own BOMBS map) are
 compared. Measured per subject: detection (ours: :func:`microbleed.infer.detect_volume`; baseline:
@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from microbleed.infer import (_window_for, candidates_table, detect_volume, detect_volume_monai, plan_tiles,
                               prune, tiles_to_run)
 from microbleed.nets.detector import build_detector
+from microbleed.preprocess import card_grid, grid_spec
 from microbleed.nets.segmenter import build_segmenter, coordinate_channels
 from microbleed.runtime import PeakMemory, provenance, seed_everything, select_device
 
@@ -100,8 +101,9 @@ def make_subject(res: str, seed: int = 0):
     return img, np.stack([zi, 1.0 - zi]), swi_aff, grid_aff
 
 
-def make_head(cache: Path, cfg: dict, seed: int = 2026) -> dict:
-    """One head simulated at the paper acquisition and pre-processed as the workflow does.
+def make_head(cache: Path, cfg: dict, grid: dict, seed: int = 2026) -> dict:
+    """One head simulated at the paper acquisition and pre-processed as the workflow does,
+    its detector input on ``grid`` (the detector's card, :func:`microbleed.preprocess.card_grid`).
 
     Cached in ``cache`` (simulation ~40 s on 2 cores). The truth brain mask stands in
     for skull stripping. Returns the arrays both engines need (RAS-reordered SWI grid).
@@ -114,20 +116,24 @@ def make_head(cache: Path, cfg: dict, seed: int = 2026) -> dict:
     paths = subject_paths(cache, sub)
     if not Path(paths["brain_mask"]).exists():
         simulate_subject(cache, sub, "cmb", seed, cfg["acquisitions"]["paper"], threads=2)
-    pre = {k: cache / f"sub-{sub}_desc-{k}.nii.gz" for k in ("preproc_swi", "preproc_phase", "detector_input")}
+    tag = "x".join(f"{v:g}" for v in grid["spacing_mm"]) + "mm" if "spacing_mm" in grid else f"z{grid['z_slices']}"
+    pre = {k: cache / f"sub-{sub}_desc-{k}.nii.gz" for k in ("preproc_swi", "preproc_phase")}
+    pre["detector_input"] = cache / f"sub-{sub}_grid-{tag}_desc-detector_input.nii.gz"
     p = cfg["preprocess"]
-    if not pre["detector_input"].exists():
+    if not pre["preproc_swi"].exists():
         preprocess_swi_phase(paths["swi"], paths["phase"], paths["brain_mask"], pre["preproc_swi"],
                              pre["preproc_phase"], subject=sub, phase_mode=p["phase"], phase_units=p["phase_units"],
                              phase_sign=int(p["phase_sign"]), highpass_fwhm_mm=float(p["highpass_fwhm_mm"]),
                              percentiles=tuple(p["percentiles"]))
-        detector_input(pre["preproc_swi"], pre["preproc_phase"], pre["detector_input"], 224, sub)
+    if not pre["detector_input"].exists():
+        detector_input(pre["preproc_swi"], pre["preproc_phase"], pre["detector_input"], grid, sub)
     swi, aff = load_volume(pre["preproc_swi"], sub)
     img, swi_aff = to_canonical(swi, aff)
     truth = pd.read_csv(paths["cmb"], sep="\t")[["x", "y", "z"]].to_numpy(float)
     return {"image": np.ascontiguousarray(img, dtype=np.float32), "swi_affine": swi_aff,
             "detector_input": pre["detector_input"], "mask_path": Path(paths["brain_mask"]),
-            "mask": load_volume(paths["brain_mask"], sub, allow_zero=True), "truth": truth, "swi_shape": swi.shape}
+            "mask": load_volume(paths["brain_mask"], sub, allow_zero=True), "truth": truth, "swi_shape": swi.shape,
+            "grid": grid}
 
 
 def networks(widths_det, widths_seg, device, models: Path):
@@ -206,7 +212,7 @@ def _run_once(kind, det, seg, subject, device, cfg, threshold, window):
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         if kind == "ours":
-            grid_mask = (detector_grid_mask(subject["mask_path"], vol.shape[3])[0]
+            grid_mask = (detector_grid_mask(subject["mask_path"], subject.get("grid", vol.shape[3]))[0]
                          if subject.get("mask_path") and cfg["infer"].get("skip_outside_mask", True) else None)
             cands = detect_volume(det, vol, device, window, cfg["infer"]["overlap"],
                                   cfg["infer"]["candidate_floor"], cfg["infer"]["batch_size"], mask=grid_mask)
@@ -256,7 +262,7 @@ def bench_resolution(res, det, seg, device, cfg, peak, threshold, window, with_m
         from microbleed.data import load_detector_input
         vol, grid_aff = load_detector_input(head["detector_input"])
         subject = {"image": head["image"], "volume": vol, "swi_affine": head["swi_affine"],
-                   "grid_affine": grid_aff, "mask_path": head["mask_path"], "mask": head["mask"]}
+                   "grid_affine": grid_aff, "mask_path": head["mask_path"], "mask": head["mask"], "grid": head["grid"]}
         voxel = min(cfg["acquisitions"]["paper"]["voxel_mm"])
         what = (f"simulated head, SWI {head['swi_shape']} at {cfg['acquisitions']['paper']['voxel_mm']} mm, "
                 f"{len(head['truth'])} true CMBs")
@@ -347,7 +353,8 @@ def main(argv=None) -> Path:
                      f"(infer.window {cfg['infer']['window']} capped by the detector's training crop)")
         threshold, how = _threshold(cfg, card)
         notes.append(f"- {res}: operating threshold {threshold:.3f} ({how})")
-        head = make_head(Path(args.head_cache), cfg) if res == "paper-head" else None
+        grid = card_grid(card["config"]) if card.get("config") else grid_spec(cfg["preprocess"])
+        head = make_head(Path(args.head_cache), cfg, grid) if res == "paper-head" else None
         rows, summary = bench_resolution(res, det, seg, device, cfg, peak, threshold, window,
                                          not args.no_monai, head)
         table += rows
