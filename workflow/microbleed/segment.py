@@ -38,6 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .io import InputError, load_volume, reorient_like, save_image, to_canonical
+from .preprocess import resample_to_grid, to_detector_grid
 from .metrics import dice_per_class
 from .nets.blocks import fold_batchnorm
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
@@ -46,7 +47,8 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
 
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
            "sample_crops", "scaled_crop", "make_loss", "split_subjects", "epoch_lr",
-           "train_segmenter", "load_segmenter", "segment_volume", "segment_subject"]
+           "train_segmenter", "load_segmenter", "network_grid", "segment_volume", "segment_probabilities",
+           "segment_subject"]
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(BOMBS_CLASSES)
@@ -91,8 +93,26 @@ def class_centres(labels: np.ndarray) -> list[np.ndarray]:
     return strata + [np.flatnonzero((flat == 0) & ~ok)]
 
 
-def load_training_subject(subject: str, image_path: str | Path, bombs_path: str | Path) -> SegSubject:
-    """Read the structural image and its BOMBS map (same grid), validated, both reordered to RAS.
+def network_grid(data: np.ndarray, affine: np.ndarray, spacing_mm: Sequence[float] | None,
+                 order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """An image of the SWI grid as the segmenter sees it: reordered to RAS
+    (:func:`microbleed.io.to_canonical`) and, with ``spacing_mm`` (config
+    ``segmenter.spacing_mm``), resampled to that voxel size keeping the slab
+    (:func:`microbleed.preprocess.to_detector_grid`; ``order=0`` for labels).
+
+    Returns:
+        ``(data, affine (4, 4) voxel ijk -> RAS mm)``.
+    """
+    if not spacing_mm:
+        return to_canonical(data, affine)
+    out, out_aff = to_detector_grid(data, affine, {"spacing_mm": [float(v) for v in spacing_mm]}, order=order)
+    return (np.rint(out).astype(np.asarray(data).dtype) if order == 0 else out), out_aff
+
+
+def load_training_subject(subject: str, image_path: str | Path, bombs_path: str | Path,
+                          spacing_mm: Sequence[float] | None = None) -> SegSubject:
+    """Read the structural image and its BOMBS map (same grid), validated, both reordered to RAS
+    and, with ``spacing_mm``, resampled to that voxel size (:func:`network_grid`).
 
     The network always sees RAS-ordered volumes (:func:`microbleed.io.to_canonical`),
     so the coordinate channels mean the same anatomy for every cohort orientation.
@@ -109,8 +129,8 @@ def load_training_subject(subject: str, image_path: str | Path, bombs_path: str 
     if bad.any():
         raise InputError(f"label values must be BOMBS codes 0..3, found {sorted(np.unique(labels[bad]))[:5]}",
                          subject=subject, path=bombs_path)
-    image, _ = to_canonical(image, aff)
-    labels, _ = to_canonical(labels.astype(np.uint8), aff)
+    image, _ = network_grid(image, aff, spacing_mm)
+    labels, _ = network_grid(labels.astype(np.uint8), aff, spacing_mm, order=0)
     return SegSubject(subject, image.astype(np.float32), labels, class_centres(labels))
 
 
@@ -225,8 +245,10 @@ NOT_TRAINING_KEYS = ("model", "epochs", "window", "overlap", "sw_batch_size")
 
 
 def _net_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    spacing = cfg.get("spacing_mm")
     return {"widths": [int(w) for w in cfg["widths"]], "in_channels": 4, "n_classes": N_CLASSES,
-            "input": cfg.get("input", "swi"), "classes": list(BOMBS_CLASSES)}
+            "input": cfg.get("input", "swi"), "classes": list(BOMBS_CLASSES),
+            "spacing_mm": [float(v) for v in spacing] if spacing else None}
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -321,7 +343,7 @@ def _prepare(inputs, cfg) -> tuple[list[SegSubject], list[SegSubject], tuple[int
         raise InputError("segmenter training got no subjects")
     train_ids, val_ids = split_subjects([s for s, _, _ in inputs], float(cfg["validation_fraction"]),
                                         int(cfg["seed"]))
-    data = {s: load_training_subject(s, img, lab) for s, img, lab in inputs}
+    data = {s: load_training_subject(s, img, lab, cfg.get("spacing_mm")) for s, img, lab in inputs}
     shapes = np.array([d.labels.shape for d in data.values()])
     crop = tuple(int(k) for k in np.minimum(np.asarray(cfg["crop"]), shapes.min(axis=0)))
     return [data[s] for s in train_ids], [data[s] for s in val_ids], crop
@@ -415,11 +437,19 @@ def load_segmenter(model_dir: str | Path, device: str | torch.device = "cpu") ->
     return model.eval()
 
 
-@torch.inference_mode()
 def segment_volume(model: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu",
                    window: Sequence[int] = (128, 128, 32), overlap: float = 0.25, sw_batch_size: int = 2,
                    progress: bool = False, fold_bn: bool = True) -> np.ndarray:
-    """BOMBS map of a whole volume by sliding window with Gaussian blending of softmax probabilities.
+    """BOMBS map ``(X, Y, Z)`` uint8 of a whole volume: the arg-max of :func:`segment_probabilities`."""
+    return segment_probabilities(model, image, device, window, overlap, sw_batch_size, progress,
+                                 fold_bn).argmax(0).astype(np.uint8)
+
+
+@torch.inference_mode()
+def segment_probabilities(model: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu",
+                          window: Sequence[int] = (128, 128, 32), overlap: float = 0.25, sw_batch_size: int = 2,
+                          progress: bool = False, fold_bn: bool = True) -> np.ndarray:
+    """Class probabilities of a whole volume by sliding window with Gaussian blending of softmax outputs.
 
     Args:
         model: a segmenter (:func:`load_segmenter`).
@@ -432,7 +462,8 @@ def segment_volume(model: torch.nn.Module, image: np.ndarray, device: str | torc
         fold_bn: run a copy with BatchNorm folded into the convolutions
             (:func:`microbleed.nets.blocks.fold_batchnorm`; same map up to float rounding).
     Returns:
-        ``(X, Y, Z)`` uint8 BOMBS codes (0 none, 1 lobar, 2 deep, 3 infratentorial).
+        ``(4, X, Y, Z)`` float32 probabilities of the BOMBS codes (0 none, 1 lobar, 2 deep,
+        3 infratentorial).
 
     Example:
         >>> lab = segment_volume(load_segmenter("results/models/segmenter_swi"), swi)  # doctest: +SKIP
@@ -450,7 +481,7 @@ def segment_volume(model: torch.nn.Module, image: np.ndarray, device: str | torc
 
     prob = sliding_window_inference(x, roi, int(sw_batch_size), predictor, overlap=float(overlap),
                                     mode="gaussian", progress=progress)
-    return prob[0].argmax(0).to(torch.uint8).cpu().numpy()
+    return prob[0].float().cpu().numpy()
 
 
 def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
@@ -459,8 +490,10 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
     """Segment one subject and write its BOMBS map (uint8) in the image's own grid.
 
     The network sees the image reordered to RAS (:func:`microbleed.io.to_canonical`,
-    as in training); the map is put back in the image's voxel order (LAS, LIA, ...)
-    by the inverse permutation/flip, so no voxel is interpolated.
+    as in training) and, for a model trained on a grid in mm (card ``config.spacing_mm``),
+    resampled to it; the class probabilities are then resampled back (trilinear) and the
+    map is put back in the image's voxel order (LAS, LIA, ...) by the inverse
+    permutation/flip.
 
     Args:
         image_path: pre-processed SWI or T1w ``(X, Y, Z)`` in the SWI grid.
@@ -475,10 +508,16 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
     if expected_input and trained_on and trained_on != expected_input:
         raise InputError(f"segmenter {model_dir} was trained on {trained_on!r} but config segmenter.input "
                          f"is {expected_input!r}", subject=subject, path=image_path)
+    spacing = read_card(model_dir).get("config", {}).get("spacing_mm")
     image, affine = load_volume(image_path, subject)
     ras, ras_aff = to_canonical(image, affine)
+    net, net_aff = network_grid(image, affine, spacing) if spacing else (ras, ras_aff)
     t0 = time.time()
-    labels = segment_volume(model, ras, next(model.parameters()).device, window, overlap, sw_batch_size)
+    prob = segment_probabilities(model, net, next(model.parameters()).device, window, overlap, sw_batch_size)
+    if spacing:  # probabilities back to the SWI grid (trilinear), then the arg-max there
+        prob = np.stack([resample_to_grid(p, net_aff, ras.shape, ras_aff, order=1, cval=float(c == 0))
+                         for c, p in enumerate(prob)])
+    labels = prob.argmax(0).astype(np.uint8)
     log.info("subject %s: segmented %s in %.1f s, voxels per class %s", subject, image.shape, time.time() - t0,
              np.bincount(labels.ravel(), minlength=N_CLASSES).tolist())
     labels = reorient_like(labels, ras_aff, affine, image.shape)
