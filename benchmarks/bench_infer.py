@@ -147,7 +147,9 @@ def networks(widths_det, widths_seg, device, models: Path):
     if (det_dir / "model.pt").exists() and (seg_dir / "model.pt").exists():
         from microbleed.segment import load_segmenter
         from microbleed.train import load_detector
+        from microbleed.runtime import read_card
         det, card = load_detector(det_dir, device)
+        card = {**card, "segmenter_spacing_mm": read_card(seg_dir).get("config", {}).get("spacing_mm")}
         return det, load_segmenter(seg_dir, device), f"trained ({models})", card
     seed_everything(0)
     det = build_detector({"variant": "rpn+ffm+hspl", "widths": widths_det, "in_channels": 2})
@@ -206,7 +208,7 @@ def _run_once(kind, det, seg, subject, device, cfg, threshold, window):
     ``mask_path`` (SWI-grid brain mask file: ours maps it onto the detector grid and
     skips tiles, timed) and ``mask`` (``(data, affine)``, used by the pruning of both)."""
     from microbleed.preprocess import detector_grid_mask
-    from microbleed.segment import segment_volume
+    from microbleed.segment import segment_image
     img, vol, swi_aff, grid_aff = (subject[k] for k in ("image", "volume", "swi_affine", "grid_affine"))
     out = {}
     with PeakMemory(device) as mem:
@@ -225,7 +227,8 @@ def _run_once(kind, det, seg, subject, device, cfg, threshold, window):
         table = candidates_table(cands, grid_aff, swi_aff, cfg["infer"]["nms_radius_mm"])
         t1 = time.perf_counter()
         if kind == "ours":
-            bombs = segment_volume(seg, img, device, cfg["segmenter"]["window"], cfg["segmenter"]["overlap"])
+            bombs = segment_image(seg, img, swi_aff, subject.get("seg_spacing"), device, cfg["segmenter"]["window"],
+                                  cfg["segmenter"]["overlap"], cfg["segmenter"].get("sw_batch_size", 2))
         else:
             bombs = segment_monai(seg, img, device, cfg["segmenter"]["crop"])
         _sync(device)
@@ -256,19 +259,23 @@ def _matched(a: np.ndarray, b: np.ndarray, radius_mm: float) -> int:
     return int((d <= radius_mm).sum())
 
 
-def bench_resolution(res, det, seg, device, cfg, peak, threshold, window, with_monai=True, head=None):
-    """Both engines on one subject (synthetic, or the simulated ``head``): table rows and a summary."""
+def bench_resolution(res, det, seg, device, cfg, peak, threshold, window, with_monai=True, head=None,
+                     seg_spacing=None):
+    """Both engines on one subject (synthetic, or the simulated ``head``): table rows and a summary
+    (``seg_spacing``: the segmenter's grid in mm from its card, used by our engine)."""
     if res == "paper-head":
         from microbleed.data import load_detector_input
         vol, grid_aff = load_detector_input(head["detector_input"])
         subject = {"image": head["image"], "volume": vol, "swi_affine": head["swi_affine"],
-                   "grid_affine": grid_aff, "mask_path": head["mask_path"], "mask": head["mask"], "grid": head["grid"]}
+                   "grid_affine": grid_aff, "mask_path": head["mask_path"], "mask": head["mask"], "grid": head["grid"],
+                   "seg_spacing": seg_spacing}
         voxel = min(cfg["acquisitions"]["paper"]["voxel_mm"])
         what = (f"simulated head, SWI {head['swi_shape']} at {cfg['acquisitions']['paper']['voxel_mm']} mm, "
                 f"{len(head['truth'])} true CMBs")
     else:
         img, vol, swi_aff, grid_aff = make_subject(res)
-        subject = {"image": img, "volume": vol, "swi_affine": swi_aff, "grid_affine": grid_aff}
+        subject = {"image": img, "volume": vol, "swi_affine": swi_aff, "grid_affine": grid_aff,
+                   "seg_spacing": seg_spacing}
         voxel = min(RESOLUTIONS[res][1])
         what = "synthetic noise filling the grid, no mask (every tile runs)"
     vol_shape = subject["volume"].shape[1:]
@@ -356,7 +363,7 @@ def main(argv=None) -> Path:
         grid = card_grid(card["config"]) if card.get("config") else grid_spec(cfg["preprocess"])
         head = make_head(Path(args.head_cache), cfg, grid) if res == "paper-head" else None
         rows, summary = bench_resolution(res, det, seg, device, cfg, peak, threshold, window,
-                                         not args.no_monai, head)
+                                         not args.no_monai, head, card.get("segmenter_spacing_mm"))
         table += rows
         notes.append(summary)
         print("\n".join(rows + [summary]), flush=True)

@@ -48,6 +48,7 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
            "sample_crops", "scaled_crop", "make_loss", "split_subjects", "epoch_lr",
            "train_segmenter", "load_segmenter", "network_grid", "segment_volume", "segment_probabilities",
+           "segment_image",
            "segment_subject"]
 
 log = logging.getLogger(__name__)
@@ -484,6 +485,26 @@ def segment_probabilities(model: torch.nn.Module, image: np.ndarray, device: str
     return prob[0].float().cpu().numpy()
 
 
+def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
+                  spacing_mm: Sequence[float] | None = None, device: str | torch.device = "cpu",
+                  window: Sequence[int] = (128, 128, 32), overlap: float = 0.25,
+                  sw_batch_size: int = 2) -> np.ndarray:
+    """BOMBS map ``(X, Y, Z)`` uint8 of ``image`` in its own grid (any orientation).
+
+    The network sees the image reordered to RAS and, with ``spacing_mm`` (the model's
+    card ``config.spacing_mm``), resampled to it (:func:`network_grid`); the class
+    probabilities are resampled back (trilinear, ``none`` outside) before the
+    arg-max, and the map is put back in the image's voxel order.
+    """
+    ras, ras_aff = to_canonical(image, affine)
+    net, net_aff = network_grid(image, affine, spacing_mm) if spacing_mm else (ras, ras_aff)
+    prob = segment_probabilities(model, net, device, window, overlap, sw_batch_size)
+    if spacing_mm:
+        prob = np.stack([resample_to_grid(p, net_aff, ras.shape, ras_aff, order=1, cval=float(c == 0))
+                         for c, p in enumerate(prob)])
+    return reorient_like(prob.argmax(0).astype(np.uint8), ras_aff, affine, np.asarray(image).shape)
+
+
 def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
                     expected_input: str | None = None, window: Sequence[int] = (128, 128, 32),
                     overlap: float = 0.25, sw_batch_size: int = 2, device: str = "auto") -> Path:
@@ -510,15 +531,9 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
                          f"is {expected_input!r}", subject=subject, path=image_path)
     spacing = read_card(model_dir).get("config", {}).get("spacing_mm")
     image, affine = load_volume(image_path, subject)
-    ras, ras_aff = to_canonical(image, affine)
-    net, net_aff = network_grid(image, affine, spacing) if spacing else (ras, ras_aff)
     t0 = time.time()
-    prob = segment_probabilities(model, net, next(model.parameters()).device, window, overlap, sw_batch_size)
-    if spacing:  # probabilities back to the SWI grid (trilinear), then the arg-max there
-        prob = np.stack([resample_to_grid(p, net_aff, ras.shape, ras_aff, order=1, cval=float(c == 0))
-                         for c, p in enumerate(prob)])
-    labels = prob.argmax(0).astype(np.uint8)
+    labels = segment_image(model, image, affine, spacing, next(model.parameters()).device, window, overlap,
+                           sw_batch_size)
     log.info("subject %s: segmented %s in %.1f s, voxels per class %s", subject, image.shape, time.time() - t0,
              np.bincount(labels.ravel(), minlength=N_CLASSES).tolist())
-    labels = reorient_like(labels, ras_aff, affine, image.shape)
     return save_image(labels, affine, out_path, dtype=np.uint8)
