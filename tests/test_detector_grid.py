@@ -63,6 +63,9 @@ def test_grid_spec_and_old_cards():
     assert grid_spec({"z_slices": 224, "detector_spacing_mm": [1, 1, 1.5]}) == SPACING
     assert card_grid({"z_slices": 112}) == {"z_slices": 112}, "a card written before spacing grids"
     assert card_grid({"z_slices": 112, "grid": SPACING}) == SPACING
+    assert card_grid({}, default={"z_slices": 64}) == {"z_slices": 64}
+    with pytest.raises(InputError, match="no grid"):
+        card_grid({"widths": [8]})
 
 
 def test_check_detector_grid_names_subject_and_file():

@@ -511,16 +511,15 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
     from .runtime import select_device
     if loader is None:
         from .train import load_detector as loader
-    device = select_device(params.device)
     from .preprocess import card_grid, check_detector_grid
+    device = select_device(params.device)
     volume, grid_affine = load_detector_input(volume_path, subject)
     swi_affine = np.asarray(load_image(swi_path, subject).affine, dtype=float)
     model, card = loader(model_dir, device)
-    net_cfg = card.get("config") or {}
-    if net_cfg.get("grid") or net_cfg.get("z_slices"):
-        grid = card_grid(net_cfg)
+    grid = card_grid(card.get("config") or {}, default={})
+    if grid:
         check_detector_grid(volume.shape[1:], grid_affine, grid, subject=subject, path=volume_path)
-    else:  # a card without its grid: take the input's slice count as the paper's grid
+    else:  # a card without its grid: the input's slice count, the paper's grid
         grid = {"z_slices": volume.shape[3]}
     mask = None
     if mask_path is not None:

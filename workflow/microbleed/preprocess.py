@@ -499,13 +499,17 @@ def grid_spec(preprocess_cfg) -> dict:
     return {"z_slices": int(preprocess_cfg["z_slices"])}
 
 
-def card_grid(card_config) -> dict:
-    """The detector grid a model was trained on (its card's ``config``); cards written
-    before spacing grids existed hold ``z_slices`` only."""
-    grid = card_config.get("grid")
-    if grid:
-        return dict(grid)
-    return {"z_slices": int(card_config["z_slices"])}
+def card_grid(card_config, default: dict | None = None) -> dict:
+    """The detector grid a model was trained on, from its card's ``config``: ``grid``, or
+    ``z_slices`` alone (cards written before spacing grids existed); ``default`` when the
+    card has neither (``None``: raise :class:`InputError`)."""
+    if card_config.get("grid"):
+        return dict(card_config["grid"])
+    if card_config.get("z_slices"):
+        return {"z_slices": int(card_config["z_slices"])}
+    if default is None:
+        raise InputError("the detector's model card records no grid (config.grid or config.z_slices)")
+    return default
 
 
 def _as_grid(grid) -> dict:

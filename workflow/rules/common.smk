@@ -126,9 +126,9 @@ def detector_dir(variant=None):
 def detector_grid():
     """Grid of the detector input: the released model's (its card, config detector.model), else the
     config's (preprocess.detector_spacing_mm, or preprocess.z_slices): a model only sees its own grid."""
-    card = Path(config["detector"]["model"] or "", "card.json")
-    net = json.loads(card.read_text()).get("config") or {} if config["detector"]["model"] and card.is_file() else {}
-    return card_grid(net) if net.get("grid") or net.get("z_slices") else grid_spec(config["preprocess"])
+    model = config["detector"]["model"]
+    card = json.loads(Path(model, "card.json").read_text()) if model and Path(model, "card.json").is_file() else {}
+    return card_grid(card.get("config") or {}, default=grid_spec(config["preprocess"]))
 
 
 def segmenter_dir(segin=None):
