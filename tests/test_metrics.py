@@ -98,7 +98,8 @@ def test_froc_curve_and_points_by_hand():
         [0.125, 0.25, 0.5, 1, 1, 1, 1])
     assert s["mean_sensitivity"] == pytest.approx(4.875 / 7)
     assert s["threshold_at_0.125"] == math.inf and s["threshold_at_0.5"] == 0.9
-    assert s["threshold_at_1"] == 0.6 and s["threshold_at_2"] == 0.3
+    # at FP_avg <= 2 every point qualifies; sensitivity 1 is first reached at .6 (.3 only adds a false positive)
+    assert s["threshold_at_1"] == 0.6 and s["threshold_at_2"] == 0.6
     # AUC-PR: recall steps +.5 at precision .5 (t=.9) and +.5 at precision .5 (t=.6)
     assert pr_auc(curve) == pytest.approx(0.5)
 
@@ -169,3 +170,18 @@ def test_bombs_region_tally_and_tables_follow_anatomy():
                                         ("infra", "infratentorial"), ("x", "")])
 def test_region_name(value, name):
     assert region_name(value) == name
+
+
+def test_operating_threshold_is_the_corner_of_the_froc_step():
+    """threshold_at_<fp>: the highest threshold reaching the best sensitivity allowed at that FP_avg;
+    with no true positive allowed, the lowest threshold within the FP budget."""
+    import pandas as pd
+    curve = pd.DataFrame({"threshold": [math.inf, 0.9, 0.8, 0.5, 0.2, 0.1],
+                          "fp_avg": [0.0, 0.0, 0.25, 0.25, 0.5, 1.0],
+                          "sensitivity": [0.0, 0.5, 0.5, 1.0, 1.0, 1.0]})
+    s = froc_summary(curve)
+    assert s["threshold_at_0.25"] == 0.5 and s["threshold_at_0.5"] == 0.5 and s["threshold_at_8"] == 0.5
+    assert s["threshold_at_0.125"] == 0.9
+    fp_only = pd.DataFrame({"threshold": [math.inf, 0.7, 0.4], "fp_avg": [0.0, 0.1, 0.5],
+                            "sensitivity": [0.0, 0.0, 0.0]})
+    assert froc_summary(fp_only)["threshold_at_0.25"] == 0.7

@@ -277,8 +277,12 @@ def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINT
     :func:`numpy.interp`; at an FP_avg reached by several points the highest
     sensitivity is used; from the origin ``(0, 0)`` when the curve starts above
     FP_avg 0; beyond the last point the curve is flat (its final sensitivity,
-    all candidates kept). ``threshold_at_<fp>`` is the score threshold of the
-    last operating point with ``fp_avg <= fp`` (``inf``: none).
+    all candidates kept). ``threshold_at_<fp>`` is the operating threshold for at
+    most ``fp`` false positives per subject: the highest score threshold that
+    reaches the best sensitivity of the points with ``fp_avg <= fp`` (the corner
+    of the FROC step: lower thresholds with ``fp_avg <= fp`` only add false
+    positives); the lowest such threshold when that sensitivity is 0; ``inf``
+    when no point has ``fp_avg <= fp``.
 
     Returns:
         ``{"sens_at_0.125": ..., "threshold_at_0.125": ..., ..., "mean_sensitivity": ...}``.
@@ -297,7 +301,11 @@ def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINT
         values.append(value)
         out[f"sens_at_{p:g}"] = value
         ok = np.flatnonzero(fps <= p)
-        out[f"threshold_at_{p:g}"] = float(thr[ok[-1]]) if len(ok) else float("inf")
+        if len(ok) and sens[ok].max() > 0:
+            ok = ok[sens[ok] >= sens[ok].max()]      # rows are in decreasing threshold order: the first is the corner
+            out[f"threshold_at_{p:g}"] = float(thr[ok[0]])
+        else:
+            out[f"threshold_at_{p:g}"] = float(thr[ok[-1]]) if len(ok) else float("inf")
     out["mean_sensitivity"] = float(np.mean(values)) if values else float("nan")
     if not curve["sensitivity"].notna().any():
         out = {k: (float("nan") if k.startswith("sens") or k == "mean_sensitivity" else v)
