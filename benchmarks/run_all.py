@@ -263,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()})",
             "config": args.config + "".join(f" + {o}" for o in args.override) + (f" (Snakemake {' '.join(args.snakemake_args)})" if args.snakemake_args else ""),
             "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
-    text = render_results(collect(snapshot_root), internal, external, meta) + speed_sections(ROOT / "benchmarks" / "results")
+    text = render_results(collect(snapshot_root), internal, external, meta)
+    if not overrides:  # an experiment's page holds its own tables only
+        text += speed_sections(ROOT / "benchmarks" / "results")
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return max(codes.values(), default=0)
