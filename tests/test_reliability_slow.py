@@ -44,7 +44,8 @@ def _tiny_bids(root: Path, broken: str) -> Path:
     bad.write_bytes(raw[: len(raw) // 2])
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg.update(cohorts={"tiny": {"bids": str(bids)}}, train_cohort="tiny", evaluate_cohorts=[])
-    cfg["preprocess"].update(skull_strip="mask", mask_path=str(masks / "sub-{subject}_mask.nii.gz"), z_slices=16)
+    cfg["preprocess"].update(skull_strip="mask", mask_path=str(masks / "sub-{subject}_mask.nii.gz"), z_slices=16,
+                             detector_spacing_mm=None)
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     return bad
 
