@@ -314,3 +314,26 @@ def test_training_learns_the_phantom(tmp_path):
     card = train_segmenter(inputs, tmp_path / "model", cfg, "cpu")
     dice = card["validation_dice"]
     assert dice["lobar"] > 0.8 and dice["total"] > 0.6, dice
+
+
+def test_paint_lesions_darkens_brain_only_and_keeps_labels():
+    from microbleed.segment import paint_lesions
+    image, labels = phantom((32, 36, 16), seed=4)
+    out = paint_lesions(image, labels, np.random.default_rng(3), n_max=3)
+    changed = np.abs(out - image) > 0.05
+    assert changed.any() and np.all(out <= image + 1e-6), "only darker"
+    assert out[changed].min() < 0.5 * image[changed].max()
+    centres = np.argwhere(image - out == (image - out).max())
+    assert all(labels[tuple(c)] > 0 for c in centres), "blobs sit on brain voxels"
+    assert paint_lesions(image, np.zeros_like(labels), np.random.default_rng(3)) is image
+
+
+def test_lesion_augmentation_draws_nothing_when_off():
+    """augment_lesions off: the crops (and so training) are those of earlier versions."""
+    from microbleed.segment import sample_crops
+    image, labels = phantom((32, 36, 16), seed=5)
+    sub = segment.SegSubject("x", image, labels, class_centres(labels))
+    a, _ = sample_crops([sub], 8, (16, 16, 8), np.random.default_rng(9), augment=True, scale=0.25)
+    b, _ = sample_crops([sub], 8, (16, 16, 8), np.random.default_rng(9), augment=True, scale=0.25, lesions=False)
+    c, _ = sample_crops([sub], 8, (16, 16, 8), np.random.default_rng(9), augment=True, scale=0.25, lesions=True)
+    assert torch.equal(a, b) and not torch.equal(a, c)
