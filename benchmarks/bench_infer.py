@@ -123,7 +123,8 @@ def make_head(cache: Path, cfg: dict, grid: dict, seed: int = 2026) -> dict:
     if not pre["preproc_swi"].exists():
         preprocess_swi_phase(paths["swi"], paths["phase"], paths["brain_mask"], pre["preproc_swi"],
                              pre["preproc_phase"], subject=sub, phase_mode=p["phase"], phase_units=p["phase_units"],
-                             phase_sign=int(p["phase_sign"]), highpass_fwhm_mm=float(p["highpass_fwhm_mm"]),
+                             phase_sign=p["phase_sign"] if p["phase_sign"] == "auto" else int(p["phase_sign"]),
+                             highpass_fwhm_mm=float(p["highpass_fwhm_mm"]),
                              percentiles=tuple(p["percentiles"]))
     if not pre["detector_input"].exists():
         detector_input(pre["preproc_swi"], pre["preproc_phase"], pre["detector_input"], grid, sub)
@@ -285,8 +286,12 @@ def bench_resolution(res, det, seg, device, cfg, peak, threshold, window, with_m
     tiles = (f"ours {ours['tiles_run']} of {plan.n_tiles} tiles of {plan.window} (batch "
              f"{cfg['infer']['batch_size']}, BatchNorm folded)")
     if not with_monai:
+        found = (f"; true CMBs within 5 mm of a final detection: {_matched(head['truth'], ours['final_points'], 5.0)} "
+                 f"of {len(head['truth'])}, final detections within 5 mm of a true CMB: "
+                 f"{_matched(ours['final_points'], head['truth'], 5.0)} of {ours['n_final']}"
+                 if head is not None and res == "paper-head" else "")
         return [_row(res, "ours", ours, peak)], (f"- {res} ({what}): grid {vol_shape}, {tiles}; "
-                                                  "MONAI baseline not run (--no-monai)")
+                                                  f"MONAI baseline not run (--no-monai){found}.")
     base = run_pipeline("monai", det, seg, subject, device, cfg, threshold, window)
     roi = cfg["detector"]["crop"]
     padded = [-(-n // 16) * 16 for n in vol_shape]
