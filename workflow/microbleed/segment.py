@@ -48,8 +48,7 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
            "sample_crops", "scaled_crop", "paint_lesions", "make_loss", "split_subjects", "epoch_lr",
            "train_segmenter", "load_segmenter", "network_grid", "segment_volume", "segment_probabilities",
-           "segment_image",
-           "segment_subject"]
+           "segment_image", "segment_subject"]
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(BOMBS_CLASSES)
