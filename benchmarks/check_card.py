@@ -5,6 +5,8 @@ wrote into ``card.json``) with the model's weights on the validation subjects it
 card names, read from a results folder, and prints card vs now. Identical
 thresholds (to rounding) mean the validation data are those the model was
 selected on: use it before reusing a trained model with re-simulated cohorts.
+Cards written before commit 3863308 hold the old operating-threshold rule (the lowest
+threshold within each FP budget), so their thresholds differ while the sensitivities agree.
 
 Run: ``.venv/bin/python benchmarks/check_card.py results/models/detector_rpn-ffm-hspl [--results results]``
 Exit 1 when a threshold differs by more than ``--tol``.
