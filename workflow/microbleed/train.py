@@ -256,12 +256,12 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         cfg: the workflow config (keys ``detector``, ``preprocess.z_slices`` and
             ``preprocess.detector_spacing_mm`` (:func:`microbleed.preprocess.grid_spec`),
             ``evaluate.hit_radius_mm``).
-    Raises:
-        InputError naming the subject and file: a detector input not on the configured grid.
         device: torch device (``microbleed.runtime.select_device``).
         cohort: name of the training cohort, for the card.
     Returns:
         the model card (dict), as written to ``card.json``.
+    Raises:
+        InputError naming the subject and file: a detector input not on the configured grid.
     """
     d, device, out_dir = cfg["detector"], torch.device(device), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
