@@ -213,6 +213,44 @@ def test_train_writes_model_card_and_log(tmp_path):
     assert out.shape == (32, 36, 16) and out.dtype == np.uint8 and out.max() <= 3
 
 
+def test_whole_volume_selection_keeps_the_best_checked_epoch(tmp_path, monkeypatch):
+    """With volume_validation_every = 2 over 5 epochs, epochs 2, 4 and 5 are scored on whole volumes;
+    the scripted scores make epoch 2 the best, so model.pt holds epoch 2's weights, not the last."""
+    cfg = {**TINY, "epochs": 5, "volume_validation_every": 2}
+    scores, snapshots = iter([0.9, 0.2, 0.5, 0.0]), []    # epochs 2, 4, 5, then the card's final check
+    real = segment._volume_dice
+
+    def scripted(model, val, c, device):
+        out = real(model, val, c, device)                  # the real whole-volume Dice runs too
+        assert set(out) == {"none", "lobar", "deep", "infratentorial", "total"}
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {**out, "total": next(scores)}
+
+    monkeypatch.setattr(segment, "_volume_dice", scripted)
+    card = train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model", cfg, "cpu")
+    assert len(snapshots) == 4 and card["best_score"] == 0.9 and "whole validation volumes" in card["selection"]
+    saved = torch.load(tmp_path / "model" / "model.pt", weights_only=True)["model"]
+    last = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)["model"]
+    moved = [k for k in saved if saved[k].is_floating_point() and not torch.equal(snapshots[0][k], snapshots[2][k])]
+    assert moved                                           # epochs 2 and 5 differ, so the test can tell them apart
+    assert all(torch.equal(saved[k], snapshots[0][k]) for k in saved)
+    assert not all(torch.equal(saved[k], last[k]) for k in moved)
+    import pandas as pd
+    log = pd.read_csv(tmp_path / "model" / "train_log.csv")
+    assert log["val_volume_dice_total"].notna().tolist() == [False, True, False, True, True]
+    assert log["val_dice_total"].notna().all()             # crop Dice still logged every epoch
+
+
+def test_crop_selection_without_volume_checks(tmp_path, monkeypatch):
+    calls = []
+    perfect = {"none": 1.0, "lobar": 1.0, "deep": 1.0, "infratentorial": 1.0, "total": 1.0}
+    monkeypatch.setattr(segment, "_volume_dice", lambda *a: calls.append(1) or perfect)
+    card = train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model",
+                           {**TINY, "epochs": 3, "volume_validation_every": 0}, "cpu")
+    assert len(calls) == 1                                 # only the card's final whole-volume Dice
+    assert "validation crops" in card["selection"] and card["best_score"] < 1.0
+
+
 def test_cosine_schedule_decays_from_lr_to_one_percent():
     cfg = {"lr": 0.003, "epochs": 40, "lr_schedule": "cosine"}
     lrs = [segment.epoch_lr(cfg, e) for e in range(1, 41)]

@@ -53,7 +53,8 @@ __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start",
 log = logging.getLogger(__name__)
 N_CLASSES = len(BOMBS_CLASSES)
 CHANNELS_LAST = torch.channels_last_3d
-LOG_FIELDS = ["epoch", "lr", "loss", "seconds"] + [f"val_dice_{c}" for c in (*BOMBS_CLASSES, "total")]
+LOG_FIELDS = (["epoch", "lr", "loss", "seconds"] + [f"val_dice_{c}" for c in (*BOMBS_CLASSES, "total")]
+              + [f"val_volume_dice_{c}" for c in (*BOMBS_CLASSES, "total")])
 
 
 @dataclass
@@ -383,11 +384,15 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
             T1w, labels = BOMBS map, both in the SWI grid.
         out_dir: model folder; receives ``checkpoint.pt`` (every epoch: model, optimiser, torch RNG
             state, epoch, best model so far), ``train_log.csv``, and at the end ``model.pt``
-            (``{"model": state_dict, "config": network config}``, the best epoch by mean validation
-            Dice on fixed validation crops) and ``card.json``.
+            (``{"model": state_dict, "config": network config}``, the best epoch) and ``card.json``.
+            The best epoch: with ``volume_validation_every = k > 0``, the highest mean Dice of
+            lobar, deep and infratentorial on the whole validation volumes among every k-th and the
+            last epoch; with 0, the highest mean Dice of the four classes on fixed validation crops
+            (every epoch; cheaper, but blind to a network that paints the white matter around the
+            nuclei ``deep``, which class-balanced crops rarely show).
         cfg: the ``segmenter`` config section (crop, widths, epochs, crops_per_epoch, batch_size,
             optimizer, lr, momentum, loss, augment, validation_fraction, seed, window, overlap,
-            sw_batch_size).
+            sw_batch_size, volume_validation_every).
         device: ``auto|cpu|cuda`` or a ``torch.device``.
     Returns:
         The model card (also written to ``card.json``), with ``validation_dice`` per class on the
@@ -408,24 +413,40 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
     start, best_state, best_score = _resume(ckpt_path, fingerprint, model, opt, device)
     csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv_log.truncate_after("epoch", start)
-    for epoch in tqdm(range(start + 1, int(cfg["epochs"]) + 1), desc="segmenter", initial=start,
-                      total=int(cfg["epochs"])):
+    n_epochs, every = int(cfg["epochs"]), int(cfg.get("volume_validation_every", 0))
+    for epoch in tqdm(range(start + 1, n_epochs + 1), desc="segmenter", initial=start, total=n_epochs):
         t0 = time.time()
         loss = _train_epoch(model, opt, loss_fn, train, crop, cfg, epoch, device)
         dice = (_crop_dice(model, val_crops, int(cfg["batch_size"]), device)
                 if val_crops else {c: float("nan") for c in (*BOMBS_CLASSES, "total")})
-        score = float(np.nanmean([dice[c] for c in BOMBS_CLASSES])) if val_crops else float(epoch)
-        if score >= best_score or best_state is None:
+        volume = (_volume_dice(model, val, cfg, device)
+                  if val and every > 0 and (epoch % every == 0 or epoch == n_epochs) else None)
+        if every > 0 and val:      # selection on whole volumes: only the epochs that were checked compete
+            score = volume["total"] if volume is not None else None
+        else:
+            score = float(np.nanmean([dice[c] for c in BOMBS_CLASSES])) if val_crops else float(epoch)
+        if score is not None and (score >= best_score or best_state is None):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best_score = score
-        csv_log.write(epoch=epoch, lr=round(epoch_lr(cfg, epoch), 7), loss=round(loss, 5), seconds=round(time.time() - t0, 2),
-                      **{f"val_dice_{c}": round(v, 4) for c, v in dice.items()})
+        csv_log.write(epoch=epoch, lr=round(epoch_lr(cfg, epoch), 7), loss=round(loss, 5),
+                      seconds=round(time.time() - t0, 2),
+                      **{f"val_dice_{c}": round(v, 4) for c, v in dice.items()},
+                      **{f"val_volume_dice_{c}": round(v, 4) for c, v in (volume or {}).items()})
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_model": best_state, "best_score": best_score,
             "fingerprint": fingerprint})
-        log.info("segmenter epoch %d: loss %.4f, crop Dice %s", epoch, loss, dice)
+        log.info("segmenter epoch %d: loss %.4f, crop Dice %s, volume Dice %s", epoch, loss, dice, volume)
     return _finish(out_dir, cfg, model, best_state, best_score, (train, val), device)
+
+
+def _volume_dice(model, val: Sequence[SegSubject], cfg: Mapping[str, Any], device) -> dict[str, float]:
+    """Dice per class (pooled over voxels) of the model on the whole validation volumes, segmented
+    as at inference (:func:`segment_volume` with the config's window, overlap and batch)."""
+    preds = [segment_volume(model, sub.image, device, cfg.get("window", (128, 128, 32)),
+                            float(cfg.get("overlap", 0.25)), int(cfg.get("sw_batch_size", 1))).ravel()
+             for sub in val]
+    return dice_per_class(np.concatenate(preds), np.concatenate([sub.labels.ravel() for sub in val]))
 
 
 def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device) -> dict[str, Any]:
@@ -433,15 +454,14 @@ def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device) ->
     train, val = split
     model.load_state_dict(best_state)
     save_checkpoint(out_dir / "model.pt", {"model": best_state, "config": _net_config(cfg)})
-    dice = None
-    if val:
-        preds = [segment_volume(model, sub.image, device, cfg.get("window", (128, 128, 32)),
-                                float(cfg.get("overlap", 0.25)), int(cfg.get("sw_batch_size", 1))).ravel()
-                 for sub in val]
-        dice = dice_per_class(np.concatenate(preds), np.concatenate([sub.labels.ravel() for sub in val]))
+    dice = _volume_dice(model, val, cfg, device) if val else None
+    every = int(cfg.get("volume_validation_every", 0))
     card = {"kind": "segmenter", "config": _net_config(cfg), "training": dict(cfg),
             "train_subjects": [s.subject for s in train], "validation_subjects": [s.subject for s in val],
-            "best_crop_score": best_score, "validation_dice": dice,
+            "selection": ("whole validation volumes, mean Dice of lobar, deep, infratentorial, "
+                          f"every {every} epochs and the last") if every > 0 and val
+                         else "validation crops, mean Dice of the four classes",
+            "best_score": best_score, "validation_dice": dice,
             "loss": cfg.get("loss", "dice"), "optimizer": cfg.get("optimizer", "adam")}
     write_card(out_dir, card)
     return card
