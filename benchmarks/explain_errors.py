@@ -1,0 +1,157 @@
+"""What the false positives are and why the missed CMBs were missed, on simulated cohorts.
+
+For every evaluated subject of a simulated cohort, the final findings (``results/<cohort>/
+sub-<id>/sub-<id>_cmb.tsv``: the operating threshold, pruning flags of the configured segmenter)
+are matched one-to-one to the labelled CMBs within the hit radius
+(:func:`microbleed.metrics.match_detections`, as in the metric tables). Then:
+
+- each unmatched detection is attributed to the nearest object the simulator placed
+  (``derivatives/truth/*_mimics.tsv``: ``calcification``, ``none_spot`` = a CMB-like spot in a
+  ventricle or the choroid plexus, ``vein``; or a labelled CMB already matched = ``duplicate``)
+  when it lies within the hit radius, else ``tissue``; kept and pruned ones are counted apart;
+- each labelled CMB is ``found``, ``pruned`` (matched by a detection that pruning removed, with
+  its reason and the region read there), ``below_threshold`` (the best raw candidate within the
+  hit radius scored under the operating threshold; its score is given) or ``no_candidate``
+  (nothing above the candidate floor), with its diameter and true region.
+
+This reads only outputs of a finished run (``make benchmark`` or ``snakemake``) and the
+simulator's truth; it trains nothing and changes nothing.
+
+Run: ``PYTHONPATH=workflow .venv/bin/python benchmarks/explain_errors.py --results results
+--cohorts bench-test bench-external [--source rpn+ffm+hspl] [--stem errors]``
+Writes ``benchmarks/results/<stem>.tsv`` (one row per error) and ``<stem>.md`` (counts, machine, date).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial.distance import cdist
+
+from microbleed.cohort import simulated_root
+from microbleed.io import read_tsv
+from microbleed.metrics import match_detections
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+
+
+def _truth(root: Path, subject: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labelled CMBs (x, y, z, diameter_mm, region) and mimics (x, y, z, kind) of one simulated subject."""
+    cmb_tsv = root / "derivatives" / "cmb" / f"sub-{subject}" / f"sub-{subject}_cmb.tsv"
+    mimics = read_tsv(root / "derivatives" / "truth" / f"sub-{subject}" / f"sub-{subject}_mimics.tsv",
+                      required=["x", "y", "z", "kind"], numeric=["x", "y", "z"], subject=subject)
+    cmb = (read_tsv(cmb_tsv, required=["x", "y", "z"], numeric=["x", "y", "z"], subject=subject)
+           if cmb_tsv.exists() else pd.DataFrame(columns=["x", "y", "z", "diameter_mm", "region"]))
+    return cmb, mimics
+
+
+def _nearest(points: np.ndarray, objects: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Kind and distance (mm) of the nearest object to each point; ('', inf) without objects."""
+    if len(points) == 0 or len(objects) == 0:
+        return np.full(len(points), "", object), np.full(len(points), np.inf)
+    d = cdist(points, objects[["x", "y", "z"]].to_numpy(float))
+    k = d.argmin(axis=1)
+    return objects["kind"].to_numpy(object)[k], d[np.arange(len(points)), k]
+
+
+def explain_subject(results: Path, cohort: str, subject: str, source: str, threshold: float,
+                    hit_radius_mm: float) -> list[dict]:
+    """Error rows of one subject (see the module docstring)."""
+    cmb, mimics = _truth(simulated_root(cohort, results), subject)
+    final = read_tsv(results / cohort / f"sub-{subject}" / f"sub-{subject}_cmb.tsv",
+                     required=["x", "y", "z", "score", "region", "pruned"], numeric=["x", "y", "z", "score"],
+                     subject=subject)
+    cand = read_tsv(results / cohort / "work" / f"sub-{subject}" / f"sub-{subject}_model-{source}_candidates.tsv",
+                    required=["x", "y", "z", "score"], numeric=["x", "y", "z", "score"], subject=subject)
+    det = final[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
+    lab = cmb[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
+    pruned = final["pruned"].astype(str).str.lower().eq("true").to_numpy()
+    match = match_detections(det, lab, hit_radius_mm)
+    rows = []
+    objects = pd.concat([mimics[["x", "y", "z", "kind"]], cmb[["x", "y", "z"]].assign(kind="duplicate")])
+    kind, dist = _nearest(det, objects)
+    for n in np.flatnonzero(~match.det_hit):
+        near = kind[n] if dist[n] <= hit_radius_mm else "tissue"
+        rows.append({"cohort": cohort, "subject": subject, "error": "fp_pruned" if pruned[n] else "fp_kept",
+                     "cause": near, "score": round(float(final["score"].iloc[n]), 4),
+                     "region_read": final["region"].iloc[n],
+                     "prune_reason": final["prune_reason"].iloc[n] if "prune_reason" in final else "",
+                     "distance_mm": round(float(dist[n]), 2) if np.isfinite(dist[n]) else "",
+                     "x": det[n, 0], "y": det[n, 1], "z": det[n, 2]})
+    by_label = {int(lab_i): int(det_i) for det_i, lab_i in match.pairs}
+    cpts = cand[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
+    for m in range(len(lab)):
+        base = {"cohort": cohort, "subject": subject, "x": lab[m, 0], "y": lab[m, 1], "z": lab[m, 2],
+                "diameter_mm": cmb["diameter_mm"].iloc[m] if "diameter_mm" in cmb else "",
+                "true_region": cmb["region"].iloc[m] if "region" in cmb else ""}
+        if m in by_label:
+            n = by_label[m]
+            if pruned[n]:
+                rows.append({**base, "error": "fn", "cause": "pruned", "score": round(float(final["score"].iloc[n]), 4),
+                             "region_read": final["region"].iloc[n],
+                             "prune_reason": final["prune_reason"].iloc[n] if "prune_reason" in final else ""})
+            continue
+        near = cdist(lab[m:m + 1], cpts)[0] <= hit_radius_mm if len(cpts) else np.zeros(0, bool)
+        best = float(cand["score"].to_numpy(float)[near].max()) if near.any() else float("nan")
+        cause = "no_candidate" if not near.any() else ("below_threshold" if best < threshold else "lost_in_nms")
+        rows.append({**base, "error": "fn", "cause": cause, "score": round(best, 4) if near.any() else ""})
+    return rows
+
+
+def _threshold(final_dir: Path) -> float:
+    """The operating threshold the run used: the lowest score among a cohort's final findings is
+    an upper bound; read it from the evaluate log when present."""
+    log = final_dir
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if "operating threshold" in line:
+            return float(line.split("operating threshold")[1].split()[0])
+    raise SystemExit(f"no 'operating threshold' line in {log}: run the evaluation first")
+
+
+def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, stem: str) -> pd.DataFrame:
+    rows = []
+    for cohort in cohorts:
+        threshold = _threshold(results / "logs" / "evaluate_cohort" / f"{cohort}.log")
+        subjects = sorted(p.name[4:] for p in (results / cohort).glob("sub-*") if p.is_dir())
+        if not subjects:
+            raise SystemExit(f"no subject folder under {results / cohort}")
+        for sub in subjects:
+            rows += explain_subject(results, cohort, sub, source, threshold, hit_radius_mm)
+        rows.append({"cohort": cohort, "subject": "", "error": "threshold", "score": threshold,
+                     "cause": f"{len(subjects)} subjects"})
+    table = pd.DataFrame(rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    table.to_csv(OUT / f"{stem}.tsv", sep="\t", index=False)
+    errs = table[table["error"] != "threshold"]
+    counts = errs.groupby(["cohort", "error", "cause"]).size().rename("n").reset_index()
+    lines = [f"# Errors of the full framework, by cause ({source}, {results})", "",
+             f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
+             f"- machine: {platform.node()} ({platform.machine()}, {platform.platform()})",
+             f"- command: `benchmarks/explain_errors.py --results {results} --cohorts {' '.join(cohorts)} "
+             f"--source {source} --stem {stem}`",
+             f"- operating thresholds: " + ", ".join(
+                 f"{r.cohort} {r.score:.4f}" for r in table[table["error"] == "threshold"].itertuples()),
+             "- fp_kept: false positives in the final findings; fp_pruned: removed by pruning (harmless);",
+             "  fn: labelled CMBs not in the final findings. One row per error in "
+             f"`benchmarks/results/{stem}.tsv`.", "",
+             "| cohort | error | cause | n |", "|---|---|---|---|"]
+    lines += [f"| {r.cohort} | {r.error} | {r.cause} | {r.n} |" for r in counts.itertuples()]
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return table
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=ROOT / "results")
+    ap.add_argument("--cohorts", nargs="+", default=["bench-test", "bench-external"])
+    ap.add_argument("--source", default="rpn+ffm+hspl", help="detector whose raw candidates explain the misses")
+    ap.add_argument("--hit-radius-mm", type=float, default=5.0)
+    ap.add_argument("--stem", default="errors")
+    a = ap.parse_args()
+    main(a.results, a.cohorts, a.source, a.hit_radius_mm, a.stem)

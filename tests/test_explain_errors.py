@@ -1,0 +1,47 @@
+"""benchmarks/explain_errors.py on a hand-made subject (no workflow run)."""
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+@pytest.fixture(scope="module")
+def explain():
+    spec = importlib.util.spec_from_file_location("explain_errors", Path("benchmarks/explain_errors.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tsv(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+
+
+def test_each_error_gets_its_cause(explain, tmp_path):
+    res, sub = tmp_path / "results", "001"
+    truth = res / "cohorts" / "c" / "derivatives"
+    _tsv(truth / "cmb" / f"sub-{sub}" / f"sub-{sub}_cmb.tsv",
+         [{"x": 0, "y": 0, "z": 0, "diameter_mm": 3, "region": "lobar"},
+          {"x": 30, "y": 0, "z": 0, "diameter_mm": 4, "region": "deep"},
+          {"x": 60, "y": 0, "z": 0, "diameter_mm": 2, "region": "infratentorial"}])
+    _tsv(truth / "truth" / f"sub-{sub}" / f"sub-{sub}_mimics.tsv",
+         [{"x": 0, "y": 40, "z": 0, "kind": "calcification"}, {"x": 0, "y": 80, "z": 0, "kind": "none_spot"}])
+    row = {"region": "lobar", "pruned": "false", "prune_reason": "n/a"}
+    _tsv(res / "c" / f"sub-{sub}" / f"sub-{sub}_cmb.tsv", [
+        {"x": 0.5, "y": 0, "z": 0, "score": 0.9, **row},                                   # TP
+        {"x": 31, "y": 0, "z": 0, "score": 0.8, **row, "pruned": "true", "prune_reason": "none_region",
+         "region": "none"},                                                                # CMB pruned
+        {"x": 0, "y": 41, "z": 0, "score": 0.7, **row},                                    # calcification kept
+        {"x": 0, "y": 80, "z": 1, "score": 0.6, **row, "pruned": "true", "prune_reason": "none_region"},
+        {"x": -50, "y": 0, "z": 0, "score": 0.5, **row}])                                  # nothing near
+    _tsv(res / "c" / "work" / f"sub-{sub}" / f"sub-{sub}_model-rpn+ffm+hspl_candidates.tsv",
+         [{"x": 60, "y": 1, "z": 0, "score": 0.02}, {"x": 0.5, "y": 0, "z": 0, "score": 0.9}])
+    rows = pd.DataFrame(explain.explain_subject(res, "c", sub, "rpn+ffm+hspl", 0.1, 5.0))
+    got = sorted(zip(rows["error"], rows["cause"]))
+    assert got == sorted([("fn", "pruned"), ("fn", "below_threshold"), ("fp_kept", "calcification"),
+                          ("fp_pruned", "none_spot"), ("fp_kept", "tissue")])
+    below = rows[rows["cause"] == "below_threshold"].iloc[0]
+    assert below["score"] == 0.02 and below["true_region"] == "infratentorial"
+    assert rows[rows["cause"] == "pruned"].iloc[0]["prune_reason"] == "none_region"
