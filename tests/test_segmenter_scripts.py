@@ -130,3 +130,36 @@ def test_segmenter_trained_on_a_grid_in_mm(tmp_path):
     assert set(np.unique(sub.labels)) == {0, 1, 2, 3}
     card = train_segmenter(inputs, tmp_path / "model", dict(TINY, epochs=1, spacing_mm=[2.0, 2.0, 2.0]), "cpu")
     assert card["config"]["spacing_mm"] == [2.0, 2.0, 2.0]
+
+
+def test_flip_tta_segments_the_mirrored_ras_image_and_maps_it_back(tmp_path, monkeypatch):
+    """With flip, the network also sees the RAS image mirrored left-right; for a pointwise model
+    the averaged map equals the plain one (the mirrored output is flipped back into place), also
+    for an LIA-stored image."""
+    from microbleed import segment
+    from microbleed.io import to_canonical
+    image, _ = phantom((30, 27, 9), seed=8)
+    lia = np.array([[-1.0, 0, 0, 90], [0, 0, 2.0, -60], [0, -1.0, 0, 100], [0, 0, 0, 1]])
+    save_image(image, lia, tmp_path / "swi.nii.gz")
+    seen = []
+    real = segment.segment_probabilities
+
+    def spy(model, net_image, *args, **kwargs):
+        seen.append(np.array(net_image))
+        return real(model, net_image, *args, **kwargs)
+
+    monkeypatch.setattr(segment, "load_segmenter", lambda model_dir, device: _NearestMean())
+    monkeypatch.setattr(segment, "read_card", lambda model_dir: {"config": {"input": "swi"}})
+    monkeypatch.setattr(segment, "segment_probabilities", spy)
+    maps = {}
+    for flip in (False, True):
+        out = tmp_path / f"dseg_{flip}.nii.gz"
+        segment.segment_subject(tmp_path / "swi.nii.gz", tmp_path, out, subject="012", window=(16, 16, 8),
+                                device="cpu", flip=flip)
+        maps[flip] = load_volume(out, allow_zero=True, dtype=np.int16)[0]
+    ras = to_canonical(image, lia)[0]
+    assert len(seen) == 3
+    np.testing.assert_array_equal(seen[0], ras)
+    np.testing.assert_array_equal(seen[2], ras[::-1])
+    np.testing.assert_array_equal(maps[True], maps[False])
+    assert len(np.unique(maps[False])) > 1

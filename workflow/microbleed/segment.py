@@ -532,17 +532,27 @@ def segment_probabilities(model: torch.nn.Module, image: np.ndarray, device: str
 def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
                   spacing_mm: Sequence[float] | None = None, device: str | torch.device = "cpu",
                   window: Sequence[int] = (128, 128, 32), overlap: float = 0.25,
-                  sw_batch_size: int = 2) -> np.ndarray:
+                  sw_batch_size: int = 2, flip: bool = False) -> np.ndarray:
     """BOMBS map ``(X, Y, Z)`` uint8 of ``image`` in its own grid (any orientation).
 
     The network sees the image reordered to RAS and, with ``spacing_mm`` (the model's
     card ``config.spacing_mm``), resampled to it (:func:`network_grid`); the class
     probabilities are resampled back (trilinear, ``none`` outside) before the
     arg-max, and the map is put back in the image's voxel order.
+
+    ``flip``: test-time augmentation by the brain's left-right symmetry: the RAS image is also
+    segmented mirrored along its first (left-right) axis, with the coordinate channels of the
+    mirrored volume (so a left structure is seen at a right position, as a right structure
+    looks), and the mirrored probabilities, flipped back, are averaged with the plain ones.
+    Twice the segmentation time.
     """
     ras, ras_aff = to_canonical(image, affine)
     net, net_aff = network_grid(image, affine, spacing_mm) if spacing_mm else (ras, ras_aff)
     prob = segment_probabilities(model, net, device, window, overlap, sw_batch_size)
+    if flip:
+        mirrored = segment_probabilities(model, np.ascontiguousarray(net[::-1]), device, window, overlap,
+                                         sw_batch_size)
+        prob = 0.5 * (prob + mirrored[:, ::-1])
     if spacing_mm:
         prob = np.stack([resample_to_grid(p, net_aff, ras.shape, ras_aff, order=1, cval=float(c == 0))
                          for c, p in enumerate(prob)])
@@ -551,7 +561,8 @@ def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
 
 def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
                     expected_input: str | None = None, window: Sequence[int] = (128, 128, 32),
-                    overlap: float = 0.25, sw_batch_size: int = 2, device: str = "auto") -> Path:
+                    overlap: float = 0.25, sw_batch_size: int = 2, device: str = "auto",
+                    flip: bool = False) -> Path:
     """Segment one subject and write its BOMBS map (uint8) in the image's own grid.
 
     The network sees the image reordered to RAS (:func:`microbleed.io.to_canonical`,
@@ -565,6 +576,7 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
         model_dir: segmenter folder (``model.pt`` + ``card.json``).
         out_path: ``sub-<id>_desc-bombs_dseg.nii.gz``.
         expected_input: ``swi|t1``; when given, the model must have been trained on that input.
+        flip: left-right test-time augmentation (:func:`segment_image`).
     Raises:
         InputError: unreadable image, or a model trained on another input kind (names the subject).
     """
@@ -577,7 +589,7 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
     image, affine = load_volume(image_path, subject)
     t0 = time.time()
     labels = segment_image(model, image, affine, spacing, next(model.parameters()).device, window, overlap,
-                           sw_batch_size)
+                           sw_batch_size, flip)
     log.info("subject %s: segmented %s in %.1f s, voxels per class %s", subject, image.shape, time.time() - t0,
              np.bincount(labels.ravel(), minlength=N_CLASSES).tolist())
     return save_image(labels, affine, out_path, dtype=np.uint8)

@@ -15,6 +15,7 @@ rule segment:
         overlap=config["segmenter"]["overlap"],
         sw_batch_size=config["segmenter"]["sw_batch_size"],
         device=config["device"],
+        flip=config["segmenter"]["flip_tta"],
     log:
         log_path("segment", "{cohort}", "{subject}"),
     benchmark:

@@ -8,11 +8,11 @@ from microbleed.segment import segment_subject
 
 
 def main(image: str, model_dir: str, out_path: str, *, subject: str, expected_input: str,
-         window: Sequence[int], overlap: float, sw_batch_size: int, device: str) -> None:
+         window: Sequence[int], overlap: float, sw_batch_size: int, device: str, flip: bool = False) -> None:
     """Run :func:`microbleed.segment.segment_subject` for one subject."""
     segment_subject(Path(image), Path(model_dir), Path(out_path), subject=subject, expected_input=expected_input,
                     window=tuple(int(w) for w in window), overlap=float(overlap),
-                    sw_batch_size=int(sw_batch_size), device=device)
+                    sw_batch_size=int(sw_batch_size), device=device, flip=bool(flip))
 
 
 if "snakemake" in globals():
