@@ -1,0 +1,91 @@
+"""Left-right test-time augmentation of the segmenter (``segmenter.flip_tta``): Dice with and without.
+
+The decision is taken on the segmenter's held-out validation subjects (``card.json``
+``validation_subjects`` of the training cohort, never trained on); ``--cohorts`` adds test
+cohorts for the record (every subject, not for choosing). Each subject's pre-processed image
+(``results/<cohort>/preproc/sub-<id>/sub-<id>_desc-preproc_<swi|T1w>.nii.gz``) is segmented by
+:func:`microbleed.segment.segment_image` with ``flip`` off and on, and compared with the label
+map of the workflow (``results/<cohort>/labels/sub-<id>_desc-bombs_dseg.nii.gz``); Dice per class
+is pooled over the voxels of every subject of a set (as the card's validation Dice).
+
+Run: ``PYTHONPATH=workflow .venv/bin/python benchmarks/bench_segmenter_tta.py --results results
+--model results/models/segmenter_swi [--cohorts bench-test bench-external]``
+Writes ``benchmarks/results/segmenter_tta.md`` (machine, date, command).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from microbleed.io import load_volume
+from microbleed.metrics import dice_per_class
+from microbleed.segment import load_segmenter, segment_image
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+
+
+def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str], kind: str) -> list[dict]:
+    """Dice per class (pooled) and mean seconds per subject, flip off and on."""
+    cfg = card.get("training", {})
+    rows = []
+    for flip in (False, True):
+        preds, truths, secs = [], [], []
+        for sub in subjects:
+            img, aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_{kind}.nii.gz", sub)
+            truth, _ = load_volume(results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz", sub,
+                                   dtype=np.int16, allow_zero=True)
+            t0 = time.time()
+            preds.append(segment_image(model, img, aff, card.get("config", {}).get("spacing_mm"), "cpu",
+                                       cfg.get("window", (128, 128, 32)), float(cfg.get("overlap", 0.25)),
+                                       int(cfg.get("sw_batch_size", 2)), flip).ravel())
+            secs.append(time.time() - t0)
+            truths.append(truth.ravel())
+        dice = dice_per_class(np.concatenate(preds), np.concatenate(truths))
+        rows.append({"set": cohort, "subjects": len(subjects), "flip_tta": flip,
+                     **{k: round(v, 4) for k, v in dice.items()}, "seconds_per_subject": round(float(np.mean(secs)), 2)})
+    return rows
+
+
+def main(argv=None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=ROOT / "results")
+    ap.add_argument("--model", type=Path, default=ROOT / "results" / "models" / "segmenter_swi")
+    ap.add_argument("--train-cohort", default="bench-train")
+    ap.add_argument("--cohorts", nargs="*", default=[])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stem", default="segmenter_tta")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    card = json.loads((a.model / "card.json").read_text())
+    kind = "swi" if card.get("config", {}).get("input", "swi") == "swi" else "T1w"
+    model = load_segmenter(a.model, "cpu")
+    rows = score_set(model, card, a.results, a.train_cohort, card["validation_subjects"], kind)
+    rows[0]["set"] = rows[1]["set"] = f"{a.train_cohort} validation"
+    for cohort in a.cohorts:
+        subs = sorted(p.name[4:] for p in (a.results / cohort / "preproc").glob("sub-*"))
+        rows += score_set(model, card, a.results, cohort, subs, kind)
+    table = pd.DataFrame(rows)
+    text = (f"# Segmenter left-right test-time augmentation ({a.model.name}, input {kind})\n\n"
+            f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n"
+            f"- machine: {platform.node()} ({platform.machine()}, {a.threads} threads, {platform.platform()})\n"
+            f"- command: `benchmarks/bench_segmenter_tta.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n"
+            f"- the choice is made on the validation rows; test cohorts are listed for the record.\n\n"
+            f"{table.to_markdown(index=False)}\n")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.stem}.md").write_text(text)
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()
