@@ -33,8 +33,9 @@ from microbleed.segment import segment_subject
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
-RADII = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+RADII = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 FRACTIONS = (0.3, 0.5, 0.7, 1.0)
+INNER = (0.0, 3.0, 5.0)          # shells: only voxels between INNER and the radius vote
 
 
 def points(root: Path, subject: str) -> dict[str, pd.DataFrame]:
@@ -61,15 +62,16 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
             pred, aff = load_volume(out, sub, allow_zero=True)
             for kind, table in points(root, sub).items():
                 xyz = table[["x", "y", "z"]].to_numpy(float)
-                for radius in RADII:
-                    for frac in FRACTIONS if radius > 0 else (1.0,):
-                        codes = sample_region(pred, aff, xyz, radius, frac)
-                        rows += [{"subject": sub, "kind": kind, "radius_mm": radius, "none_fraction": frac,
-                                  "pruned": bool(c == 0)} for c in codes]
+                for inner in INNER:
+                    for radius in (r for r in RADII if r > inner + 1.0 or (r == 0 and inner == 0)):
+                        for frac in FRACTIONS if radius > 0 else (1.0,):
+                            codes = sample_region(pred, aff, xyz, radius, frac, inner)
+                            rows += [{"subject": sub, "kind": kind, "inner_mm": inner, "radius_mm": radius,
+                                      "none_fraction": frac, "pruned": bool(c == 0)} for c in codes]
     df = pd.DataFrame(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     df.to_csv(OUT / f"{stem}.tsv", sep="\t", index=False)
-    table = (df.groupby(["radius_mm", "none_fraction", "kind"])["pruned"].agg(["sum", "size"])
+    table = (df.groupby(["inner_mm", "radius_mm", "none_fraction", "kind"])["pruned"].agg(["sum", "size"])
              .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
              .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
     stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
@@ -80,7 +82,7 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
             f"Subjects: {', '.join(subjects)}"
             f"{'' if all_subjects else ' (the segmenter' + chr(39) + 's held-out validation split)'}. "
             f"A point is pruned when at least `none_fraction` of the predicted BOMBS voxels within "
-            f"`radius_mm` are `none` (radius 0: the centre voxel).\n\n{table.to_markdown()}\n")
+            f"`radius_mm` (and at least `inner_mm` away: a shell) are `none` (radius 0: the centre voxel).\n\n{table.to_markdown()}\n")
     (OUT / f"{stem}.md").write_text(text)
     print(text)
     return df

@@ -180,3 +180,17 @@ def test_sample_region_ball_majority_decides_none():
     # the border point (i = 16): 59 of its ball's 257 voxels (23 %) are none: pruned at 0.2, kept at 0.25
     assert sample_region(bombs, aff, pts[2:], 4.0, 0.2)[0] == 0
     assert sample_region(bombs, aff, pts[2:], 4.0, 0.25)[0] == 1
+
+
+def test_sample_region_shell_ignores_the_lesion_itself():
+    """A large lesion the map calls `none` (radius 4 voxels) in lobar tissue is pruned by a 4.5 mm ball's
+    majority but read as lobar from the 4.5-7 mm shell; a spot in a `none` ventricle stays `none`."""
+    from microbleed.infer import sample_region
+    bombs = np.ones((40, 40, 40), np.int64)
+    bombs[:14] = 0                                      # a ventricle: i < 14
+    ii, jj, kk = np.indices(bombs.shape)
+    bombs[(ii - 26) ** 2 + (jj - 20) ** 2 + (kk - 20) ** 2 <= 16] = 0
+    pts = np.array([[26.0, 20.0, 20.0], [5.0, 20.0, 20.0]])
+    aff = np.eye(4)
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 4.5, 0.5), [0, 0])
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 7.0, 0.5, inner_radius_mm=4.5), [1, 0])

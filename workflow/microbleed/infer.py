@@ -391,8 +391,12 @@ def sample_nearest(data: np.ndarray, affine: np.ndarray, ras: np.ndarray, outsid
 
 
 def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius_mm: float = 0.0,
-                  none_fraction: float = 1.0) -> np.ndarray:
+                  none_fraction: float = 1.0, inner_radius_mm: float = 0.0) -> np.ndarray:
     """BOMBS code of each RAS mm point ``(N, 3)``, read over the ball of ``radius_mm`` around it.
+
+    With ``inner_radius_mm > 0`` the votes come from the shell between the two radii (the
+    lesion's own voxels, which a segmenter may call ``none`` for their darkness, do not
+    vote); the centre voxel still gives the code when it is a brain code.
 
     A point is ``none`` (0) when at least ``none_fraction`` of the map's voxels in its
     ball are ``none``; otherwise its code is the one at its nearest voxel, or, when
@@ -413,8 +417,8 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
         return codes
     reach = np.ceil(radius_mm / voxel_sizes(affine)).astype(int)
     offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
-    near = np.linalg.norm(offsets @ np.asarray(affine, float)[:3, :3].T, axis=1) <= radius_mm
-    offsets = offsets[near]
+    dist = np.linalg.norm(offsets @ np.asarray(affine, float)[:3, :3].T, axis=1)
+    offsets = offsets[(dist <= radius_mm) & (dist >= inner_radius_mm)]
     for n in range(len(codes)):
         ijk = np.rint(ras_to_voxel(ras[n], affine)).astype(int).reshape(3) + offsets
         ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)]
