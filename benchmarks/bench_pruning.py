@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from microbleed.cohort import simulated_root
-from microbleed.infer import sample_region
+from microbleed.infer import dark_voxels, sample_region
 from microbleed.io import load_volume, read_tsv
 from microbleed.segment import segment_subject
 
@@ -36,6 +36,7 @@ OUT = ROOT / "benchmarks" / "results"
 RADII = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 FRACTIONS = (0.3, 0.5, 0.7, 1.0)
 INNER = (0.0, 3.0, 5.0)          # shells: only voxels between INNER and the radius vote
+DARK = (0.0, 0.4, 0.6)           # > 0: voxels darker than DARK x the brain's median SWI (or outside the mask) do not vote
 
 
 def points(root: Path, subject: str) -> dict[str, pd.DataFrame]:
@@ -60,18 +61,24 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
             out = Path(tmp) / f"sub-{sub}_dseg.nii.gz"
             segment_subject(image, model, out, subject=sub)
             pred, aff = load_volume(out, sub, allow_zero=True)
+            swi, _ = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz", sub)
+            mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub,
+                                  allow_zero=True)
             for kind, table in points(root, sub).items():
                 xyz = table[["x", "y", "z"]].to_numpy(float)
-                for inner in INNER:
-                    for radius in (r for r in RADII if r > inner + 1.0 or (r == 0 and inner == 0)):
-                        for frac in FRACTIONS if radius > 0 else (1.0,):
-                            codes = sample_region(pred, aff, xyz, radius, frac, inner)
-                            rows += [{"subject": sub, "kind": kind, "inner_mm": inner, "radius_mm": radius,
-                                      "none_fraction": frac, "pruned": bool(c == 0)} for c in codes]
+                for dark in DARK:
+                    exclude = dark_voxels(swi, mask, dark) if dark > 0 else None
+                    for inner in INNER if dark == 0 else (0.0,):
+                        for radius in (r for r in RADII if r > inner + 1.0 or (r == 0 and inner == 0)):
+                            for frac in FRACTIONS if radius > 0 else (1.0,):
+                                codes = sample_region(pred, aff, xyz, radius, frac, inner, exclude)
+                                rows += [{"subject": sub, "kind": kind, "dark": dark, "inner_mm": inner,
+                                          "radius_mm": radius, "none_fraction": frac, "pruned": bool(c == 0)}
+                                         for c in codes]
     df = pd.DataFrame(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     df.to_csv(OUT / f"{stem}.tsv", sep="\t", index=False)
-    table = (df.groupby(["inner_mm", "radius_mm", "none_fraction", "kind"])["pruned"].agg(["sum", "size"])
+    table = (df.groupby(["dark", "inner_mm", "radius_mm", "none_fraction", "kind"])["pruned"].agg(["sum", "size"])
              .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
              .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
     stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
@@ -82,7 +89,7 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
             f"Subjects: {', '.join(subjects)}"
             f"{'' if all_subjects else ' (the segmenter' + chr(39) + 's held-out validation split)'}. "
             f"A point is pruned when at least `none_fraction` of the predicted BOMBS voxels within "
-            f"`radius_mm` (and at least `inner_mm` away: a shell) are `none` (radius 0: the centre voxel).\n\n{table.to_markdown()}\n")
+            f"`radius_mm` (and at least `inner_mm` away: a shell) are `none` (radius 0: the centre voxel); with `dark` > 0 the voxels outside the brain mask or darker than `dark` x the brain's median SWI do not vote (microbleed.infer.dark_voxels).\n\n{table.to_markdown()}\n")
     (OUT / f"{stem}.md").write_text(text)
     print(text)
     return df

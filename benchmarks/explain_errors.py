@@ -66,7 +66,7 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
     final = read_tsv(results / cohort / f"sub-{subject}" / f"sub-{subject}_cmb.tsv",
                      required=["x", "y", "z", "score", "region", "pruned"], numeric=["x", "y", "z", "score"],
                      subject=subject)
-    cand = read_tsv(results / cohort / "work" / f"sub-{subject}" / f"sub-{subject}_model-{source}_candidates.tsv",
+    cand = read_tsv(results / cohort / "work" / f"sub-{subject}" / f"sub-{subject}_model-{source.replace('+', '-')}_candidates.tsv",
                     required=["x", "y", "z", "score"], numeric=["x", "y", "z", "score"], subject=subject)
     det = final[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
     lab = cmb[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)

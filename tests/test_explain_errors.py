@@ -36,7 +36,7 @@ def test_each_error_gets_its_cause(explain, tmp_path):
         {"x": 0, "y": 41, "z": 0, "score": 0.7, **row},                                    # calcification kept
         {"x": 0, "y": 80, "z": 1, "score": 0.6, **row, "pruned": "true", "prune_reason": "none_region"},
         {"x": -50, "y": 0, "z": 0, "score": 0.5, **row}])                                  # nothing near
-    _tsv(res / "c" / "work" / f"sub-{sub}" / f"sub-{sub}_model-rpn+ffm+hspl_candidates.tsv",
+    _tsv(res / "c" / "work" / f"sub-{sub}" / f"sub-{sub}_model-rpn-ffm-hspl_candidates.tsv",
          [{"x": 60, "y": 1, "z": 0, "score": 0.02}, {"x": 0.5, "y": 0, "z": 0, "score": 0.9}])
     rows = pd.DataFrame(explain.explain_subject(res, "c", sub, "rpn+ffm+hspl", 0.1, 5.0))
     got = sorted(zip(rows["error"], rows["cause"]))

@@ -194,3 +194,30 @@ def test_sample_region_shell_ignores_the_lesion_itself():
     aff = np.eye(4)
     np.testing.assert_array_equal(sample_region(bombs, aff, pts, 4.5, 0.5), [0, 0])
     np.testing.assert_array_equal(sample_region(bombs, aff, pts, 7.0, 0.5, inner_radius_mm=4.5), [1, 0])
+
+
+def test_prune_dark_voxels_do_not_vote():
+    """A large microbleed the SWI segmenter calls `none` (its dark signal void, radius 5 voxels) in
+    lobar tissue is pruned by the 6 mm ball's majority, kept when dark voxels do not vote; a dark
+    spot in a bright (CSF) `none` ventricle is pruned either way."""
+    aff = np.eye(4)
+    shape = (48, 40, 40)
+    ii, jj, kk = np.indices(shape)
+    bombs = np.ones(shape, np.uint8)
+    swi = np.full(shape, 0.5, np.float32)                       # tissue
+    bombs[:14], swi[:14] = 0, 0.9                                # a ventricle: bright CSF, `none`
+    lesion = (ii - 30) ** 2 + (jj - 20) ** 2 + (kk - 20) ** 2 <= 25
+    spot = (ii - 6) ** 2 + (jj - 20) ** 2 + (kk - 20) ** 2 <= 4
+    bombs[lesion], swi[lesion], swi[spot] = 0, 0.05, 0.05
+    mask = np.ones(shape, np.uint8)
+    cands = pd.DataFrame({"x": [30.0, 6.0], "y": [20.0, 20.0], "z": [20.0, 20.0], "i": 0.0, "j": 0.0, "k": 0.0,
+                          "score": [0.9, 0.8]})
+    plain = prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, none_fraction=0.5)
+    dark = prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, none_fraction=0.5,
+                 swi=swi, dark_fraction=0.4)
+    assert plain["pruned"].tolist() == ["true", "true"]
+    assert dark["pruned"].tolist() == ["false", "true"] and dark["region"].tolist() == ["lobar", "none"]
+    with pytest.raises(ValueError, match="SWI"):
+        prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, dark_fraction=0.4)
+    with pytest.raises(ValueError, match="one grid"):
+        prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, swi=swi[:-1], dark_fraction=0.4)

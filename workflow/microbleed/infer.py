@@ -64,7 +64,7 @@ from .nets.detector import STRIDE
 
 __all__ = [
     "TilePlan", "plan_tiles", "tiles_to_run", "detect_volume", "detect_volume_monai", "peak_candidates",
-    "default_nms_radius", "nms_ras", "candidates_table", "prune",
+    "default_nms_radius", "nms_ras", "candidates_table", "dark_voxels", "prune",
     "DetectParams", "detect_subject", "read_candidates", "load_labels",
     "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
 ]
@@ -391,12 +391,16 @@ def sample_nearest(data: np.ndarray, affine: np.ndarray, ras: np.ndarray, outsid
 
 
 def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius_mm: float = 0.0,
-                  none_fraction: float = 1.0, inner_radius_mm: float = 0.0) -> np.ndarray:
+                  none_fraction: float = 1.0, inner_radius_mm: float = 0.0,
+                  exclude: np.ndarray | None = None) -> np.ndarray:
     """BOMBS code of each RAS mm point ``(N, 3)``, read over the ball of ``radius_mm`` around it.
 
     With ``inner_radius_mm > 0`` the votes come from the shell between the two radii (the
     lesion's own voxels, which a segmenter may call ``none`` for their darkness, do not
-    vote); the centre voxel still gives the code when it is a brain code.
+    vote); the centre voxel still gives the code when it is a brain code. ``exclude``: bool
+    array of the map's shape, voxels that do not vote (e.g. :func:`dark_voxels`: the lesion's
+    own signal void, vessels, outside the brain mask); a ball with no voter left is read
+    with every voxel voting.
 
     A point is ``none`` (0) when at least ``none_fraction`` of the map's voxels in its
     ball are ``none``; otherwise its code is the one at its nearest voxel, or, when
@@ -404,12 +408,13 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     ``radius_mm = 0`` reads the centre voxel only (the paper); ``none_fraction = 1``
     keeps a point while any brain voxel lies in its ball.
 
-    **Decision** (``infer.region_radius_mm`` 4 mm, ``infer.none_fraction`` 0.5, chosen on
-    the held-out validation subjects of the benchmark's training cohort; see
-    benchmarks/RESULTS.md): the segmenter labels a lesion by the lesion itself as much
-    as by its surroundings (CMB-like spots in the ventricles come out as brain at
-    their centre, large CMBs as ``none``), so the majority of a ball a little larger
-    than a microbleed decides, not the centre voxel. Returns ``(N,)`` int64 codes.
+    **Decision** (``infer.region_radius_mm`` 6 mm, ``infer.none_fraction`` 0.5, chosen on
+    the held-out validation subjects of the benchmark's training cohort,
+    benchmarks/results/pruning.md; ``infer.dark_fraction`` 0.4, see :func:`prune`): the
+    segmenter labels a lesion by the lesion itself as much as by its surroundings
+    (CMB-like spots in the ventricles come out as brain at their centre, large CMBs as
+    ``none``), so the majority of a ball larger than a microbleed decides, not the
+    centre voxel. Returns ``(N,)`` int64 codes.
     """
     data = np.asarray(bombs).astype(np.int64)
     codes = sample_nearest(data, affine, ras)
@@ -422,6 +427,8 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     for n in range(len(codes)):
         ijk = np.rint(ras_to_voxel(ras[n], affine)).astype(int).reshape(3) + offsets
         ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)]
+        if exclude is not None and not exclude[tuple(ijk.T)].all():
+            ijk = ijk[~exclude[tuple(ijk.T)]]
         counts = np.bincount(data[tuple(ijk.T)], minlength=4)
         if counts.sum() == 0 or counts[0] >= none_fraction * counts.sum():
             codes[n] = 0
@@ -430,10 +437,23 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     return codes
 
 
+def dark_voxels(swi: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
+    """Voxels that should not vote on a candidate's region: outside the brain ``mask`` or darker
+    than ``fraction`` x the median SWI intensity inside it (a microbleed's signal void and
+    blooming, veins). Ventricles and other CSF are bright on SWI and keep their vote, so a spot
+    in a ventricle is still read as ``none``. ``swi`` and ``mask`` share one grid."""
+    swi, brain = np.asarray(swi, dtype=np.float32), np.asarray(mask) > 0
+    if swi.shape != brain.shape:
+        raise ValueError(f"SWI {swi.shape} and brain mask {brain.shape} differ in shape")
+    if not brain.any():
+        return ~brain
+    return ~brain | (swi < fraction * float(np.median(swi[brain])))
+
+
 def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
           mask: tuple[np.ndarray, np.ndarray] | None, threshold: float,
           prune_outside_mask: bool = True, region_radius_mm: float = 0.0,
-          none_fraction: float = 1.0) -> pd.DataFrame:
+          none_fraction: float = 1.0, swi: np.ndarray | None = None, dark_fraction: float = 0.0) -> pd.DataFrame:
     """Anatomical pruning of candidates at or above ``threshold``.
 
     Args:
@@ -442,6 +462,10 @@ def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
         mask: ``(data, affine)`` brain mask, or ``None``.
         threshold: candidates below this score are dropped (not in the table).
         region_radius_mm, none_fraction: see :func:`sample_region` (radius 0: the centre voxel only).
+        swi, dark_fraction: with ``dark_fraction > 0``, the pre-processed SWI ``(X, Y, Z)`` in the
+            map's grid; voxels outside the mask or darker than ``dark_fraction`` x the brain's
+            median SWI do not vote on the region (:func:`dark_voxels`), so a large microbleed's
+            own signal void, which an SWI segmenter may call ``none``, does not prune it.
     Returns:
         DataFrame with :data:`CMB_COLUMNS`: ``region`` read at the nearest voxel
         of each centre (through each image's own affine); ``pruned`` "true" when
@@ -450,7 +474,15 @@ def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
     """
     df = candidates[candidates["score"] >= threshold].sort_values("score", ascending=False, kind="stable")
     ras = df[["x", "y", "z"]].to_numpy(dtype=float).reshape(-1, 3)
-    codes = sample_region(bombs[0], bombs[1], ras, region_radius_mm, none_fraction)
+    exclude = None
+    if dark_fraction > 0 and region_radius_mm > 0:
+        if swi is None or mask is None:
+            raise ValueError("dark_fraction > 0 needs the SWI and the brain mask")
+        if np.shape(swi) != np.shape(bombs[0]) or np.shape(mask[0]) != np.shape(bombs[0]):
+            raise ValueError(f"SWI {np.shape(swi)}, brain mask {np.shape(mask[0])} and BOMBS map "
+                             f"{np.shape(bombs[0])} must share one grid")
+        exclude = dark_voxels(swi, mask[0], dark_fraction)
+    codes = sample_region(bombs[0], bombs[1], ras, region_radius_mm, none_fraction, exclude=exclude)
     if np.any((codes < 0) | (codes > 3)):
         raise ValueError(f"BOMBS map holds codes outside 0..3: {sorted(set(codes.tolist()))}")
     in_mask = (np.ones(len(ras), bool) if mask is None

@@ -209,6 +209,7 @@ class FinaliseParams:
     qc_half_width_mm: float = 16.0
     region_radius_mm: float = 0.0
     none_fraction: float = 1.0
+    dark_fraction: float = 0.0
 
 
 def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: FinaliseParams,
@@ -221,11 +222,11 @@ def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: Finalise
     cands = read_candidates(inp.candidates, subject)
     bombs = load_labels(inp.bombs, subject)
     mask = load_labels(inp.mask, subject)
+    swi, swi_aff = load_volume(inp.swi, subject)
     table = prune(cands, bombs, mask, params.threshold, params.prune_outside_mask, params.region_radius_mm,
-                  params.none_fraction)
+                  params.none_fraction, swi, params.dark_fraction)
     write_tsv(table, out.cmb_tsv, float_format="%.6g")
     kept = table[table["pruned"] == "false"]
-    swi, swi_aff = load_volume(inp.swi, subject)
     spheres = sphere_mask(swi.shape, swi_aff, kept[["x", "y", "z"]].to_numpy(dtype=float),
                           kept["cmb_id"].to_numpy(), params.sphere_radius_mm)
     save_image(spheres, swi_aff, out.cmb_mask)

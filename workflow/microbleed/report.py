@@ -104,6 +104,7 @@ class SubjectFiles:
     mask: str = ""
     true_dseg: str = ""
     candidates: dict[str, str] = field(default_factory=dict)
+    swi: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class EvalOptions:
             (see :func:`microbleed.infer.sample_region`).
         allow_missing: config ``evaluate.allow_missing``: a subject with a missing or
             unreadable file is excluded (listed with the reason) instead of failing the cohort.
+        dark_fraction: config ``infer.dark_fraction`` (:func:`microbleed.infer.prune`; needs
+            each subject's ``swi``).
     """
 
     hit_radius_mm: float = 5.0
@@ -128,6 +131,7 @@ class EvalOptions:
     region_radius_mm: float = 0.0
     allow_missing: bool = False
     none_fraction: float = 1.0
+    dark_fraction: float = 0.0
 
 
 def _bool(values: pd.Series) -> np.ndarray:
@@ -176,11 +180,17 @@ def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions
     labels = lab[["x", "y", "z"]].to_numpy()
     final = SubjectData(sid, group, labels, cmb[["x", "y", "z"]].to_numpy(), cmb["score"].to_numpy(),
                         lab_regions, [region_name(r) or "none" for r in cmb["region"]], _bool(cmb["pruned"]))
+    swi = None
+    if opts.dark_fraction > 0 and opts.region_radius_mm > 0:
+        if not files.swi:
+            raise InputError("infer.dark_fraction > 0 needs the pre-processed SWI", subject=sid, path=files.cmb)
+        swi = load_volume(files.swi, sid)[0]
     raw = {}
     for src in sources:
         c = read_tsv(files.candidates[src], required=["x", "y", "z", "i", "j", "k", "score"],
                      numeric=["x", "y", "z", "i", "j", "k", "score"], subject=sid)
-        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm, opts.none_fraction)
+        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm, opts.none_fraction,
+                  swi, opts.dark_fraction)
         raw[src] = SubjectData(sid, group, labels, t[["x", "y", "z"]].to_numpy(), t["score"].to_numpy(),
                                lab_regions, list(t["region"]), _bool(t["pruned"]))
     dice = {}

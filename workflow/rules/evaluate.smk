@@ -82,6 +82,7 @@ rule evaluate_cohort:
         prune_outside_mask=config["infer"]["prune_outside_mask"],
         region_radius_mm=config["infer"]["region_radius_mm"],
         none_fraction=config["infer"]["none_fraction"],
+        dark_fraction=config["infer"]["dark_fraction"],
         allow_missing=config["evaluate"]["allow_missing"],
         frst_params=f"{FRST_DIR}/params.json" if uses_frst() else "",
     log:

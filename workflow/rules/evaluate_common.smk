@@ -43,6 +43,7 @@ def eval_subject_files(cohort):
             "cmb": sub_path(cohort, s, "cmb.tsv"),
             "pred_dseg": sub_path(cohort, s, "desc-bombs_dseg.nii.gz"),
             "mask": sub_path(cohort, s, "desc-brain_mask.nii.gz"),
+            "swi": sub_path(cohort, s, "desc-preproc_swi.nii.gz", f"preproc/sub-{s}"),
             "true_dseg": sub_path(cohort, s, "desc-bombs_dseg.nii.gz", "labels") if row["aseg"] else "",
             "candidates": {src: candidates_path(cohort, s, src) for src in eval_sources()},
         })
@@ -52,7 +53,7 @@ def eval_subject_files(cohort):
 def evaluate_inputs(wildcards):
     files = []
     for row in eval_subject_files(wildcards.cohort):
-        files += [row[k] for k in ("labels", "cmb", "pred_dseg", "mask", "true_dseg") if row[k]]
+        files += [row[k] for k in ("labels", "cmb", "pred_dseg", "mask", "true_dseg", "swi") if row[k]]
         files += list(row["candidates"].values())
     if config["evaluate"]["allow_missing"]:
         files = [f for f in files if os.path.exists(f)]

@@ -91,6 +91,7 @@ rule finalise:
         prune_outside_mask=config["infer"]["prune_outside_mask"],
         region_radius_mm=config["infer"]["region_radius_mm"],
         none_fraction=config["infer"]["none_fraction"],
+        dark_fraction=config["infer"]["dark_fraction"],
         sphere_radius_mm=config["infer"]["sphere_radius_mm"],
         qc_max=config["infer"]["qc_max"],
         qc_half_width_mm=config["infer"]["qc_half_width_mm"],

@@ -15,7 +15,7 @@ def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[s
          segmenter_input: str, infer_threshold: float, hit_radius_mm: float, prune_outside_mask: bool,
          frst_params: str | None, outputs: Mapping[str, str], region_radius_mm: float = 0.0,
          allow_missing: bool = False, none_fraction: float = 1.0, detector_card: str | None = None,
-         operating_fp_avg: float = 0.5, candidate_floor: float = 0.0) -> None:
+         operating_fp_avg: float = 0.5, candidate_floor: float = 0.0, dark_fraction: float = 0.0) -> None:
     """Evaluate one cohort; ``subjects`` are dicts of :class:`SubjectFiles` fields (expected paths).
 
     ``infer_threshold`` ``"validation"``: the operating threshold of the configured
@@ -26,7 +26,7 @@ def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[s
     parsed = parse_methods(methods, variant, segmenter_input, threshold, frst_threshold)
     files = [SubjectFiles(**s) for s in subjects]
     opts = EvalOptions(hit_radius_mm, variant, segmenter_input, prune_outside_mask, float(region_radius_mm),
-                       bool(allow_missing), float(none_fraction))
+                       bool(allow_missing), float(none_fraction), float(dark_fraction))
     tables = evaluate_cohort(files, parsed, opts)
     write_metrics(tables, {k: outputs[k] for k in TABLES})
     plot_froc(tables["froc_curve"], outputs["froc_png"], f"FROC: {cohort}")
@@ -43,7 +43,7 @@ if "snakemake" in globals():
          variant=smk.params.variant, segmenter_input=smk.params.segmenter_input,
          infer_threshold=smk.params.infer_threshold, hit_radius_mm=smk.params.hit_radius_mm,
          prune_outside_mask=smk.params.prune_outside_mask, region_radius_mm=smk.params.region_radius_mm,
-         none_fraction=smk.params.none_fraction,
+         none_fraction=smk.params.none_fraction, dark_fraction=smk.params.dark_fraction,
          frst_params=smk.params.frst_params or None, outputs=dict(smk.output.items()),
          allow_missing=smk.params.allow_missing, detector_card=smk.params.detector_card,
          operating_fp_avg=smk.params.operating_fp_avg, candidate_floor=smk.params.candidate_floor)

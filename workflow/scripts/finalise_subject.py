@@ -11,7 +11,8 @@ def main(candidates: str, bombs: str, mask: str, swi: str, phase: str, cmb_tsv: 
          counts: str, qc_dir: str, *, subject: str, mars: str | None = None, mars_tsv: str | None = None,
          threshold: float | str = 0.5, prune_outside_mask: bool = True, sphere_radius_mm: float = 2.0,
          qc_max: int = 50, qc_half_width_mm: float = 16.0, region_radius_mm: float = 0.0,
-         none_fraction: float = 1.0, card: str | None = None, operating_fp_avg: float = 0.5, floor: float = 0.0) -> None:
+         none_fraction: float = 1.0, card: str | None = None, operating_fp_avg: float = 0.5, floor: float = 0.0,
+         dark_fraction: float = 0.0) -> None:
     """Run :func:`microbleed.outputs.finalise_subject` for one subject.
 
     ``threshold`` ``"validation"`` reads the operating threshold from the detector's ``card``
@@ -23,7 +24,8 @@ def main(candidates: str, bombs: str, mask: str, swi: str, phase: str, cmb_tsv: 
                          Path(mars) if mars else None, Path(mars_tsv) if mars_tsv else None)
     out = FinaliseOutputs(Path(cmb_tsv), Path(cmb_mask), Path(counts), Path(qc_dir))
     params = FinaliseParams(float(threshold), bool(prune_outside_mask), float(sphere_radius_mm),
-                            int(qc_max), float(qc_half_width_mm), float(region_radius_mm), float(none_fraction))
+                            int(qc_max), float(qc_half_width_mm), float(region_radius_mm), float(none_fraction),
+                            float(dark_fraction))
     finalise_subject(inp, out, params, subject)
 
 
