@@ -236,7 +236,8 @@ def _run_once(kind, det, seg, subject, device, cfg, threshold, window):
         out["segment_s"] = time.perf_counter() - t1
         final = prune(table, (bombs, swi_aff), subject.get("mask"), threshold,
                       cfg["infer"]["prune_outside_mask"], cfg["infer"]["region_radius_mm"],
-                      cfg["infer"].get("none_fraction", 1.0))
+                      cfg["infer"].get("none_fraction", 1.0), img,
+                      cfg["infer"].get("dark_fraction", 0.0) if subject.get("mask") is not None else 0.0)
         out["total_s"] = time.perf_counter() - t0
     out["peak_mb"] = mem.peak
     kept = final[final["pruned"] == "false"]
