@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from microbleed.data import (DetectionCrops, Volume, encode_targets, extract_crop, load_volumes, resample_crop,
+from microbleed.data import (DetectionCrops, Volume, encode_targets, extract_crop, hard_negative_points,
+                             load_volumes, resample_crop,
                              scaled_positions)
 from microbleed.io import InputError
 from microbleed.train import split_subjects
@@ -77,6 +78,35 @@ def test_crops_are_half_with_cmb_deterministic_and_labels_follow_flips():
             assert (it["cls_target"] == 1).sum() == 0 and it["cmb_cell"].tolist() == [-1, -1, -1]
     ds.set_epoch(1)
     assert not torch.equal(ds[3]["image"], items[3]["image"])
+
+
+def test_hard_negative_points_are_dark_spots_that_are_no_labelled_cmb():
+    """Two dark spheres, one labelled: the unlabelled one is the strongest hard negative, the labelled
+    one (and everything within 5 mm of it) is not a hard negative."""
+    spheres = [(16, 16, 20), (44, 40, 30)]
+    vol = Volume("01", synth_volume((64, 64, 64), spheres, radius=2.5), AFFINE, np.array([spheres[0]], float))
+    pts = hard_negative_points(vol, n=5)
+    assert 0 < len(pts) <= 5 and pts.dtype.kind == "i"
+    assert np.linalg.norm((pts[0] - np.array(spheres[1])) * np.abs(np.diag(AFFINE)[:3])) <= 3.0
+    mm = np.linalg.norm((pts - np.array(spheres[0])) * np.abs(np.diag(AFFINE)[:3]), axis=1)
+    assert mm.min() > 5.0
+
+
+def test_hard_negative_crops_hold_the_spot_and_no_cmb():
+    """Every CMB-free crop is placed on the one hard negative (a voxel marked 7 in the normal volume,
+    no augmentation, so the mark survives when the spot is in the crop); positives are untouched."""
+    vols = _volumes()
+    vols[1].image[0, 50, 50, 50] = 7.0
+    hard = [np.zeros((0, 3), int), np.array([[50, 50, 50]])]
+    ds = DetectionCrops(vols, (32, 32, 32), n_crops=12, seed=2, augment=False, hard_negatives=hard, hard_fraction=1.0)
+    plain = DetectionCrops(vols, (32, 32, 32), n_crops=12, seed=2, augment=False)
+    for i in range(1, 12, 2):                               # the CMB-free crops
+        it = ds[i]
+        assert not it["has_cmb"] and (it["cls_target"] == 1).sum() == 0
+        assert float(it["image"][0].max()) == 7.0
+        assert np.argwhere(it["image"][0].numpy() == 7.0).min() >= 4   # at least `margin` from the border
+    assert sum(float(plain[i]["image"][0].max()) == 7.0 for i in range(1, 12, 2)) < 6
+    assert all(bool(ds[i]["has_cmb"]) for i in range(0, 12, 2))
 
 
 def test_resample_crop_samples_where_scaled_positions_say():

@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .io import InputError, ras_to_voxel, read_tsv
+from .io import InputError, ras_to_voxel, read_tsv, voxel_to_ras
 from .nets.detector import STRIDE
 
 __all__ = ["Volume", "label_paths", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
-           "encode_targets", "resample_crop", "scaled_positions", "DetectionCrops", "CLEAR_VOXELS"]
+           "encode_targets", "resample_crop", "scaled_positions", "DetectionCrops", "CLEAR_VOXELS", "hard_negative_points"]
 
 #: Margin (detector voxels) around a CMB-free crop that must also be free of CMB centres.
 CLEAR_VOXELS = 4
@@ -132,6 +132,25 @@ def load_volumes(inputs: Sequence[tuple[str, str, str]], channels: int = 2) -> l
                              subject=subject, path=tsv_path)
         volumes.append(Volume(subject, image, affine, centres))
     return volumes
+
+
+def hard_negative_points(vol: Volume, n: int = 50, clear_mm: float = 5.0) -> np.ndarray:
+    """Voxels of the ``n`` strongest dark round spots of a training volume that are no labelled CMB.
+
+    The classical detector (:func:`microbleed.baseline.frst_candidates`, default parameters,
+    brain = SWI channel > 0) finds what looks like a microbleed on SWI: veins seen end-on,
+    calcifications, spots in the ventricles, and the CMBs themselves; candidates within
+    ``clear_mm`` of a labelled CMB are dropped. Works on any labelled cohort (no mimic labels
+    needed). Returns ``(K, 3)`` int detector voxels, strongest first, ``K <= n``.
+    """
+    from .baseline import FrstParams, frst_candidates      # baseline imports infer, which imports this module
+    swi = np.asarray(vol.image[0], dtype=np.float32)
+    cands = frst_candidates(swi, swi > 0, vol.affine, FrstParams(max_candidates=n + 4 * len(vol.centres)))
+    ijk = cands[["i", "j", "k"]].to_numpy(float).reshape(-1, 3)
+    if len(vol.centres) and len(ijk):
+        d = np.linalg.norm(voxel_to_ras(ijk, vol.affine)[:, None] - voxel_to_ras(vol.centres, vol.affine)[None], axis=2)
+        ijk = ijk[d.min(axis=1) > clear_mm]
+    return np.rint(ijk[:n]).astype(int).reshape(-1, 3)
 
 
 def extract_crop(image: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -237,6 +256,10 @@ class DetectionCrops(Dataset):
             gain, blur (coarser voxels) and noise, each drawn per crop.
         margin: a CMB crop keeps its CMB at least this many voxels from the crop border.
         ignore_neighbours: see :func:`encode_targets`.
+        hard_negatives, hard_fraction: per volume, ``(K, 3)`` voxels of spots that look like a
+            CMB but are none (:func:`hard_negative_points`); that fraction of the CMB-free crops
+            holds one of them at a random position (at least ``margin`` voxels from the
+            border), the others are drawn around random brain voxels as before.
         augment_scale: ``s > 0``: each crop covers ``round(crop * z)`` voxels of the volume,
             ``z`` log-uniform in ``[1 / (1 + s), 1 + s]`` per axis, resampled to ``crop``
             (:func:`resample_crop`; CMB centres by :func:`scaled_positions`): lesions and
@@ -249,7 +272,8 @@ class DetectionCrops(Dataset):
 
     def __init__(self, volumes: Sequence[Volume], crop: Sequence[int], n_crops: int, seed: int,
                  epoch: int = 0, augment: bool = True, margin: int = 4, ignore_neighbours: bool = True,
-                 stride: int = STRIDE, augment_contrast: bool = False, augment_scale: float = 0.0):
+                 stride: int = STRIDE, augment_contrast: bool = False, augment_scale: float = 0.0,
+                 hard_negatives: Sequence[np.ndarray] | None = None, hard_fraction: float = 0.0):
         if any(int(n) % 16 for n in crop):
             raise ValueError(f"crop must be multiples of 16, got {list(crop)}")
         if not volumes:
@@ -262,6 +286,9 @@ class DetectionCrops(Dataset):
         self.margin = int(min(margin, min(self.crop) // 2 - 1))
         self.cmbs = [(v, k) for v, vol in enumerate(self.volumes) for k in range(len(vol.centres))]
         self.fg = [_foreground(vol.image) for vol in self.volumes]
+        self.hard_fraction = float(hard_fraction)
+        self.hard = [(v, np.asarray(p, dtype=int)) for v, pts in enumerate(hard_negatives or [])
+                     for p in np.asarray(pts).reshape(-1, 3)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -286,6 +313,17 @@ class DetectionCrops(Dataset):
                 break
         return v, start
 
+    def _start_hard(self, rng: np.random.Generator, size: np.ndarray) -> tuple[int, np.ndarray]:
+        """A CMB-free crop holding a hard negative spot; a plain negative when none fits."""
+        margin = int(min(self.margin, size.min() // 2 - 1))
+        for _ in range(NEG_TRIES):
+            v, point = self.hard[rng.integers(len(self.hard))]
+            start = point - rng.integers(margin, size - margin)
+            p = self.volumes[v].centres - start
+            if not np.any(np.all((p >= -CLEAR_VOXELS) & (p < size + CLEAR_VOXELS), axis=1)):
+                return v, start
+        return self._start_negative(rng, size)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         size = np.array(self.crop)
@@ -296,6 +334,8 @@ class DetectionCrops(Dataset):
         target_k = -1
         if index % 2 == 0 and self.cmbs:
             v, start, target_k = self._start_positive(rng, source)
+        elif self.hard and rng.random() < self.hard_fraction:
+            v, start = self._start_hard(rng, source)
         else:
             v, start = self._start_negative(rng, source)
         vol = self.volumes[v]

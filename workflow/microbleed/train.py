@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import DetectionCrops, Volume, load_volumes
+from .data import DetectionCrops, Volume, hard_negative_points, load_volumes
 from .io import InputError, voxel_to_ras
 from .losses import ConcentrationLoss, detection_loss
 from .nets.detector import STRIDE, build_detector, preferred_memory_format
@@ -276,10 +276,16 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     _resume(run, out_dir / "checkpoint.pt", fingerprint)
     csv = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv.truncate_after("epoch", run.epoch)
+    hard_fraction = float(d.get("hard_negative_fraction", 0.0))
+    hard = [hard_negative_points(v) for v in train_vols] if hard_fraction > 0 else None
+    if hard is not None:
+        log.info("hard negatives: %d dark spots that are no labelled CMB in %d training subjects",
+                 sum(len(h) for h in hard), len(hard))
     crops = DetectionCrops(train_vols, d["crop"], int(d["crops_per_epoch"]), int(d["seed"]),
                            augment=bool(d["augment"]), ignore_neighbours=bool(d.get("ignore_neighbours", True)),
                            augment_contrast=bool(d.get("augment_contrast", False)),
-                           augment_scale=float(d.get("augment_scale", 0.0)))
+                           augment_scale=float(d.get("augment_scale", 0.0)),
+                           hard_negatives=hard, hard_fraction=hard_fraction)
     window = [int(c) for c in d["crop"]]
     log.info("training %s on %d subjects (validation %d), %d crops/epoch, device %s",
              d["variant"], len(train_vols), len(val_vols), len(crops), device)
