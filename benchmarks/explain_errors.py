@@ -12,7 +12,8 @@ are matched one-to-one to the labelled CMBs within the hit radius
 - each labelled CMB is ``found``, ``pruned`` (matched by a detection that pruning removed, with
   its reason and the region read there), ``below_threshold`` (the best raw candidate within the
   hit radius scored under the operating threshold; its score is given) or ``no_candidate``
-  (nothing above the candidate floor), with its diameter and true region.
+  (nothing above the candidate floor), with its diameter, true region and how visible it is on
+  the pre-processed SWI (:func:`local_contrast`: darkest core voxel, shell median, CNR).
 
 This reads only outputs of a finished run (``make benchmark`` or ``snakemake``) and the
 simulator's truth; it trains nothing and changes nothing.
@@ -33,7 +34,7 @@ import pandas as pd
 from scipy.spatial.distance import cdist
 
 from microbleed.cohort import simulated_root
-from microbleed.io import read_tsv
+from microbleed.io import load_volume, read_tsv
 from microbleed.metrics import match_detections
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,30 @@ def _nearest(points: np.ndarray, objects: pd.DataFrame) -> tuple[np.ndarray, np.
     d = cdist(points, objects[["x", "y", "z"]].to_numpy(float))
     k = d.argmin(axis=1)
     return objects["kind"].to_numpy(object)[k], d[np.arange(len(points)), k]
+
+
+def local_contrast(swi: np.ndarray, affine: np.ndarray, ras: np.ndarray) -> dict[str, float]:
+    """How visible a labelled CMB is on the pre-processed SWI: the darkest voxel within 0.6 voxel
+    edges of its centre (``core_swi``), the median and spread of the 4-6 mm shell around it
+    (``shell_swi``) and ``cnr = (shell median - core) / shell SD``."""
+    from microbleed.io import ras_to_voxel, voxel_sizes
+    vs = voxel_sizes(affine)
+    ijk = np.rint(ras_to_voxel(np.asarray(ras, float).reshape(1, 3), affine)).astype(int)[0]
+    reach = np.ceil(6.0 / vs).astype(int)
+    off = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+    d = np.linalg.norm(off * vs, axis=1)
+
+    def values(sel: np.ndarray) -> np.ndarray:
+        p = ijk + off[sel]
+        p = p[np.all((p >= 0) & (p < np.asarray(swi.shape)), axis=1)]
+        return swi[tuple(p.T)]
+
+    core, shell = values(d <= 0.6 * vs.max()), values((d >= 4.0) & (d <= 6.0))
+    if core.size == 0 or shell.size == 0:
+        return {"core_swi": np.nan, "shell_swi": np.nan, "cnr": np.nan}
+    sd = float(np.std(shell))
+    return {"core_swi": round(float(core.min()), 3), "shell_swi": round(float(np.median(shell)), 3),
+            "cnr": round((float(np.median(shell)) - float(core.min())) / sd, 2) if sd > 0 else np.nan}
 
 
 def explain_subject(results: Path, cohort: str, subject: str, source: str, threshold: float,
@@ -84,11 +109,14 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
                      "distance_mm": round(float(dist[n]), 2) if np.isfinite(dist[n]) else "",
                      "x": det[n, 0], "y": det[n, 1], "z": det[n, 2]})
     by_label = {int(lab_i): int(det_i) for det_i, lab_i in match.pairs}
+    swi_path = results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_swi.nii.gz"
+    swi = load_volume(swi_path, subject) if swi_path.exists() else None
     cpts = cand[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
     for m in range(len(lab)):
         base = {"cohort": cohort, "subject": subject, "x": lab[m, 0], "y": lab[m, 1], "z": lab[m, 2],
                 "diameter_mm": cmb["diameter_mm"].iloc[m] if "diameter_mm" in cmb else "",
-                "true_region": cmb["region"].iloc[m] if "region" in cmb else ""}
+                "true_region": cmb["region"].iloc[m] if "region" in cmb else "",
+                **(local_contrast(swi[0], swi[1], lab[m]) if swi is not None else {})}
         if m in by_label:
             n = by_label[m]
             if pruned[n]:
@@ -141,6 +169,13 @@ def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, s
              f"`benchmarks/results/{stem}.tsv`.", "",
              "| cohort | error | cause | n |", "|---|---|---|---|"]
     lines += [f"| {r.cohort} | {r.error} | {r.cause} | {r.n} |" for r in counts.itertuples()]
+    fn = errs[errs["error"] == "fn"]
+    if len(fn) and "cnr" in fn:
+        lines += ["", "Missed CMBs (diameter mm, SWI core / shell, CNR):", "",
+                  "| cohort | subject | cause | diameter_mm | true_region | core_swi | shell_swi | cnr |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.cohort} | {r.subject} | {r.cause} | {float(r.diameter_mm):.1f} | {r.true_region} | "
+                  f"{r.core_swi} | {r.shell_swi} | {r.cnr} |" for r in fn.itertuples()]
     (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return table

@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -45,3 +46,15 @@ def test_each_error_gets_its_cause(explain, tmp_path):
     below = rows[rows["cause"] == "below_threshold"].iloc[0]
     assert below["score"] == 0.02 and below["true_region"] == "infratentorial"
     assert rows[rows["cause"] == "pruned"].iloc[0]["prune_reason"] == "none_region"
+
+
+def test_local_contrast_tells_a_visible_cmb_from_plain_tissue(explain):
+    rng = np.random.default_rng(0)
+    swi = (0.6 + rng.normal(0, 0.02, (40, 40, 20))).astype(np.float32)
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    ii, jj, kk = np.indices(swi.shape)
+    swi[(ii - 10) ** 2 + (jj - 10) ** 2 + ((kk - 10) * 2) ** 2 <= 4] = 0.05
+    seen = explain.local_contrast(swi, aff, [10.0, 10.0, 20.0])
+    blank = explain.local_contrast(swi, aff, [30.0, 30.0, 20.0])
+    assert seen["core_swi"] == 0.05 and seen["cnr"] > 20
+    assert blank["cnr"] < 5
