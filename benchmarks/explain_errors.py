@@ -9,7 +9,8 @@ are matched one-to-one to the labelled CMBs within the hit radius
   (``derivatives/truth/*_mimics.tsv``: ``calcification``, ``none_spot`` = a CMB-like spot in a
   ventricle or the choroid plexus, ``vein``; or a labelled CMB already matched = ``duplicate``)
   when it lies within the hit radius, else ``tissue``; kept and pruned ones are counted apart;
-- each labelled CMB is ``found``, ``pruned`` (matched by a detection that pruning removed, with
+- each labelled CMB is ``found``, ``pruned`` (no kept finding matches it but one that pruning
+  removed does; kept findings are matched first, as the metric tables count; with
   its reason and the region read there), ``below_threshold`` (the best raw candidate within the
   hit radius scored under the operating threshold; its score is given) or ``no_candidate``
   (nothing above the candidate floor), with its diameter, true region and how visible it is on
@@ -96,11 +97,20 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
     det = final[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
     lab = cmb[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
     pruned = final["pruned"].astype(str).str.lower().eq("true").to_numpy()
-    match = match_detections(det, lab, hit_radius_mm)
+    # as the metric tables: the kept findings are matched first; then the pruned ones to the CMBs left
+    kept_idx, pruned_idx = np.flatnonzero(~pruned), np.flatnonzero(pruned)
+    first = match_detections(det[kept_idx], lab, hit_radius_mm)
+    left = np.flatnonzero(~first.label_hit)
+    second = match_detections(det[pruned_idx], lab[left], hit_radius_mm)
+    det_hit = np.zeros(len(det), bool)
+    det_hit[kept_idx[first.det_hit]] = True
+    det_hit[pruned_idx[second.det_hit]] = True
+    pairs = [(int(kept_idx[d]), int(m)) for d, m in first.pairs] + \
+        [(int(pruned_idx[d]), int(left[m])) for d, m in second.pairs]
     rows = []
     objects = pd.concat([mimics[["x", "y", "z", "kind"]], cmb[["x", "y", "z"]].assign(kind="duplicate")])
     kind, dist = _nearest(det, objects)
-    for n in np.flatnonzero(~match.det_hit):
+    for n in np.flatnonzero(~det_hit):
         near = kind[n] if dist[n] <= hit_radius_mm else "tissue"
         rows.append({"cohort": cohort, "subject": subject, "error": "fp_pruned" if pruned[n] else "fp_kept",
                      "cause": near, "score": round(float(final["score"].iloc[n]), 4),
@@ -108,7 +118,7 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
                      "prune_reason": final["prune_reason"].iloc[n] if "prune_reason" in final else "",
                      "distance_mm": round(float(dist[n]), 2) if np.isfinite(dist[n]) else "",
                      "x": det[n, 0], "y": det[n, 1], "z": det[n, 2]})
-    by_label = {int(lab_i): int(det_i) for det_i, lab_i in match.pairs}
+    by_label = {lab_i: det_i for det_i, lab_i in pairs}
     swi_path = results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_swi.nii.gz"
     swi = load_volume(swi_path, subject) if swi_path.exists() else None
     cpts = cand[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)

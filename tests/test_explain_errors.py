@@ -26,7 +26,8 @@ def test_each_error_gets_its_cause(explain, tmp_path):
     _tsv(truth / "cmb" / f"sub-{sub}" / f"sub-{sub}_cmb.tsv",
          [{"x": 0, "y": 0, "z": 0, "diameter_mm": 3, "region": "lobar"},
           {"x": 30, "y": 0, "z": 0, "diameter_mm": 4, "region": "deep"},
-          {"x": 60, "y": 0, "z": 0, "diameter_mm": 2, "region": "infratentorial"}])
+          {"x": 60, "y": 0, "z": 0, "diameter_mm": 2, "region": "infratentorial"},
+          {"x": 90, "y": 0, "z": 0, "diameter_mm": 6, "region": "deep"}])
     _tsv(truth / "truth" / f"sub-{sub}" / f"sub-{sub}_mimics.tsv",
          [{"x": 0, "y": 40, "z": 0, "kind": "calcification"}, {"x": 0, "y": 80, "z": 0, "kind": "none_spot"}])
     row = {"region": "lobar", "pruned": "false", "prune_reason": "n/a"}
@@ -36,13 +37,15 @@ def test_each_error_gets_its_cause(explain, tmp_path):
          "region": "none"},                                                                # CMB pruned
         {"x": 0, "y": 41, "z": 0, "score": 0.7, **row},                                    # calcification kept
         {"x": 0, "y": 80, "z": 1, "score": 0.6, **row, "pruned": "true", "prune_reason": "none_region"},
-        {"x": -50, "y": 0, "z": 0, "score": 0.5, **row}])                                  # nothing near
+        {"x": -50, "y": 0, "z": 0, "score": 0.5, **row},                                   # nothing near
+        {"x": 92, "y": 0, "z": 0, "score": 0.95, **row},                                   # kept, finds the 4th
+        {"x": 89.5, "y": 0, "z": 0, "score": 0.9, **row, "pruned": "true", "prune_reason": "none_region"}])
     _tsv(res / "c" / "work" / f"sub-{sub}" / f"sub-{sub}_model-rpn-ffm-hspl_candidates.tsv",
          [{"x": 60, "y": 1, "z": 0, "score": 0.02}, {"x": 0.5, "y": 0, "z": 0, "score": 0.9}])
     rows = pd.DataFrame(explain.explain_subject(res, "c", sub, "rpn+ffm+hspl", 0.1, 5.0))
     got = sorted(zip(rows["error"], rows["cause"]))
     assert got == sorted([("fn", "pruned"), ("fn", "below_threshold"), ("fp_kept", "calcification"),
-                          ("fp_pruned", "none_spot"), ("fp_kept", "tissue")])
+                          ("fp_pruned", "none_spot"), ("fp_kept", "tissue"), ("fp_pruned", "duplicate")])
     below = rows[rows["cause"] == "below_threshold"].iloc[0]
     assert below["score"] == 0.02 and below["true_region"] == "infratentorial"
     assert rows[rows["cause"] == "pruned"].iloc[0]["prune_reason"] == "none_region"
