@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from microbleed.infer import CMB_COLUMNS, DetectParams, detect_subject, plan_tiles
-from microbleed.io import load_volume, read_tsv, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras, write_tsv
+from microbleed.io import InputError, load_volume, read_tsv, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras, write_tsv
 from microbleed.outputs import qc_montage, qc_patches, region_counts, sphere_mask
 from microbleed.preprocess import interpolation_affine
 from test_infer_fakes import fake_loader, oblique_affine, write_subject
@@ -67,6 +67,15 @@ def test_cmb_at_known_ras_comes_out_within_1mm_oblique_anisotropic_tile_border(t
     assert counts[("bombs", "lobar")] == 1 and counts[("bombs", "total")] == 1
     assert counts[("mars", "parietal")] == 1 and counts[("mars", "frontal")] == 0
     assert [p.name for p in (tmp_path / "sub-01" / "qc").iterdir()] == ["sub-01_cmb-1.png"]
+    # dark voxels need SWI, mask and BOMBS map on one grid: a mask of another grid names subject and file
+    bad_mask = tmp_path / "mask_other_grid.nii.gz"
+    save_image(np.ones((32, 28, 10), np.uint8), swi_aff, bad_mask)
+    with pytest.raises(InputError, match="01.*one grid|one grid.*01"):
+        _script("finalise_subject").main(
+            cands, paths["bombs"], bad_mask, paths["swi"], paths["phase"], tmp_path / "x_cmb.tsv",
+            tmp_path / "x_mask.nii.gz", tmp_path / "x_counts.tsv", tmp_path / "x_qc", subject="01",
+            region_radius_mm=6.0, none_fraction=0.5, dark_fraction=0.4)
+    assert not (tmp_path / "x_cmb.tsv").exists()
 
 
 def test_sphere_mask_volume_and_labels_on_oblique_grid():

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from .infer import BOMBS_NAMES, load_labels, prune, read_candidates, sample_nearest
-from .io import atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, voxel_sizes, voxel_to_ras, write_tsv
+from .io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, voxel_sizes, voxel_to_ras,
+                 write_tsv)
 
 __all__ = ["sphere_mask", "region_counts", "qc_patches", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
            "FinaliseParams", "finalise_subject", "read_mars_names"]
@@ -223,8 +224,11 @@ def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: Finalise
     bombs = load_labels(inp.bombs, subject)
     mask = load_labels(inp.mask, subject)
     swi, swi_aff = load_volume(inp.swi, subject)
-    table = prune(cands, bombs, mask, params.threshold, params.prune_outside_mask, params.region_radius_mm,
-                  params.none_fraction, swi, params.dark_fraction)
+    try:
+        table = prune(cands, bombs, mask, params.threshold, params.prune_outside_mask, params.region_radius_mm,
+                      params.none_fraction, swi, params.dark_fraction)
+    except ValueError as err:                 # e.g. SWI, mask and BOMBS map on different grids
+        raise InputError(str(err), subject=subject, path=inp.bombs) from err
     write_tsv(table, out.cmb_tsv, float_format="%.6g")
     kept = table[table["pruned"] == "false"]
     spheres = sphere_mask(swi.shape, swi_aff, kept[["x", "y", "z"]].to_numpy(dtype=float),
