@@ -96,7 +96,8 @@ def test_overfit_finds_the_spheres_and_scores_the_tubes_lower(tmp_path):
     spheres = [(14, 16, 20), (34, 30, 30), (20, 36, 40)]
     inputs = [make_subject(tmp_path, "01", spheres=spheres, tubes=[(2, (36, 12)), (0, (12, 34))], seed=1)]
     cfg = _cfg(widths=[4, 8, 16, 16, 16], crops_per_epoch=16, epochs=10, validation_fraction=0.0,
-               augment=False, augment_contrast=False)   # over-fitting: no augmentation of any kind
+               augment=False, augment_contrast=False,    # over-fitting: no augmentation of any kind,
+               hard_negative_fraction=0.0)                 # and the plain crop stream (no hard negatives)
     train_detector(inputs, tmp_path / "m", cfg, "cpu")
     model, _ = load_detector(tmp_path / "m", "cpu")
     vol = load_volumes(inputs)[0]
