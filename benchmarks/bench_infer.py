@@ -45,7 +45,7 @@ from scipy.spatial import cKDTree
 from torch.utils.flop_counter import FlopCounterMode
 
 from microbleed.infer import (_window_for, candidates_table, detect_volume, detect_volume_monai, plan_tiles,
-                              prune, tiles_to_run)
+                              dark_voxels, prune, tiles_to_run)
 from microbleed.nets.detector import build_detector
 from microbleed.preprocess import card_grid, grid_spec
 from microbleed.nets.segmenter import build_segmenter, coordinate_channels
@@ -236,8 +236,9 @@ def _run_once(kind, det, seg, subject, device, cfg, threshold, window):
         out["segment_s"] = time.perf_counter() - t1
         final = prune(table, (bombs, swi_aff), subject.get("mask"), threshold,
                       cfg["infer"]["prune_outside_mask"], cfg["infer"]["region_radius_mm"],
-                      cfg["infer"].get("none_fraction", 1.0), img,
-                      cfg["infer"].get("dark_fraction", 0.0) if subject.get("mask") is not None else 0.0)
+                      cfg["infer"].get("none_fraction", 1.0),
+                      dark_voxels(img, subject["mask"][0], cfg["infer"].get("dark_fraction", 0.0))
+                      if subject.get("mask") is not None else None)
         out["total_s"] = time.perf_counter() - t0
     out["peak_mb"] = mem.peak
     kept = final[final["pruned"] == "false"]

@@ -67,7 +67,7 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
             for kind, table in points(root, sub).items():
                 xyz = table[["x", "y", "z"]].to_numpy(float)
                 for dark in DARK:
-                    exclude = dark_voxels(swi, mask, dark) if dark > 0 else None
+                    exclude = dark_voxels(swi, mask, dark)
                     for inner in INNER if dark == 0 else (0.0,):
                         for radius in (r for r in RADII if r > inner + 1.0 or (r == 0 and inner == 0)):
                             for frac in FRACTIONS if radius > 0 else (1.0,):

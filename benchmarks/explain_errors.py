@@ -35,7 +35,8 @@ import pandas as pd
 from scipy.spatial.distance import cdist
 
 from microbleed.cohort import simulated_root
-from microbleed.io import load_volume, read_tsv
+from microbleed.infer import ball_offsets
+from microbleed.io import load_volume, ras_to_voxel, read_tsv, voxel_sizes
 from microbleed.metrics import match_detections
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,19 +66,15 @@ def local_contrast(swi: np.ndarray, affine: np.ndarray, ras: np.ndarray) -> dict
     """How visible a labelled CMB is on the pre-processed SWI: the darkest voxel within 0.6 voxel
     edges of its centre (``core_swi``), the median and spread of the 4-6 mm shell around it
     (``shell_swi``) and ``cnr = (shell median - core) / shell SD``."""
-    from microbleed.io import ras_to_voxel, voxel_sizes
-    vs = voxel_sizes(affine)
     ijk = np.rint(ras_to_voxel(np.asarray(ras, float).reshape(1, 3), affine)).astype(int)[0]
-    reach = np.ceil(6.0 / vs).astype(int)
-    off = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
-    d = np.linalg.norm(off * vs, axis=1)
+    off, d = ball_offsets(affine, 6.0)
 
     def values(sel: np.ndarray) -> np.ndarray:
         p = ijk + off[sel]
         p = p[np.all((p >= 0) & (p < np.asarray(swi.shape)), axis=1)]
         return swi[tuple(p.T)]
 
-    core, shell = values(d <= 0.6 * vs.max()), values((d >= 4.0) & (d <= 6.0))
+    core, shell = values(d <= 0.6 * voxel_sizes(affine).max()), values(d >= 4.0)
     if core.size == 0 or shell.size == 0:
         return {"core_swi": np.nan, "shell_swi": np.nan, "cnr": np.nan}
     sd = float(np.std(shell))
@@ -141,14 +138,12 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
     return rows
 
 
-def _threshold(final_dir: Path) -> float:
-    """The operating threshold the run used: the lowest score among a cohort's final findings is
-    an upper bound; read it from the evaluate log when present."""
-    log = final_dir
-    for line in log.read_text().splitlines() if log.exists() else []:
+def _threshold(evaluate_log: Path) -> float:
+    """The operating threshold the run used, from the cohort's evaluate_cohort log."""
+    for line in evaluate_log.read_text().splitlines() if evaluate_log.exists() else []:
         if "operating threshold" in line:
             return float(line.split("operating threshold")[1].split()[0])
-    raise SystemExit(f"no 'operating threshold' line in {log}: run the evaluation first")
+    raise SystemExit(f"no 'operating threshold' line in {evaluate_log}: run the evaluation first")
 
 
 def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, stem: str) -> pd.DataFrame:

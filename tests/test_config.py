@@ -69,10 +69,8 @@ def test_readme_documents_every_config_key():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks" / "experiments").glob("*.yaml")))
 def test_benchmark_experiments_are_valid_overrides(name):
     """Each experiment file, merged onto config/benchmark.yaml as run_all.py --override does, is a valid config."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
-    run_all = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_all)
+    from benchscripts import load_bench
+    run_all = load_bench("run_all")
     cfg = run_all.load_config(ROOT / "config" / "benchmark.yaml", [ROOT / "benchmarks" / "experiments" / name])
     base = load("benchmark.yaml")
     validate(cfg, str(SCHEMA), set_default=True)

@@ -1,18 +1,15 @@
 """benchmarks/explain_errors.py on a hand-made subject (no workflow run)."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from benchscripts import load_bench
 
 @pytest.fixture(scope="module")
 def explain():
-    spec = importlib.util.spec_from_file_location("explain_errors", Path("benchmarks/explain_errors.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("explain_errors")
 
 
 def _tsv(path: Path, rows) -> None:

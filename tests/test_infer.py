@@ -212,12 +212,16 @@ def test_prune_dark_voxels_do_not_vote():
     mask = np.ones(shape, np.uint8)
     cands = pd.DataFrame({"x": [30.0, 6.0], "y": [20.0, 20.0], "z": [20.0, 20.0], "i": 0.0, "j": 0.0, "k": 0.0,
                           "score": [0.9, 0.8]})
+    from microbleed.infer import dark_voxels
     plain = prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, none_fraction=0.5)
     dark = prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, none_fraction=0.5,
-                 swi=swi, dark_fraction=0.4)
+                 exclude=dark_voxels(swi, mask, 0.4))
     assert plain["pruned"].tolist() == ["true", "true"]
     assert dark["pruned"].tolist() == ["false", "true"] and dark["region"].tolist() == ["lobar", "none"]
+    assert dark_voxels(swi, mask, 0.0) is None
     with pytest.raises(ValueError, match="SWI"):
-        prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, dark_fraction=0.4)
+        dark_voxels(None, mask, 0.4)
     with pytest.raises(ValueError, match="one grid"):
-        prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, swi=swi[:-1], dark_fraction=0.4)
+        dark_voxels(swi[:-1], mask, 0.4)
+    with pytest.raises(ValueError, match="one grid"):
+        prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, exclude=dark_voxels(swi, mask, 0.4)[:-1])

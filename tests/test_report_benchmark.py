@@ -1,17 +1,15 @@
 """benchmarks/run_all.py table assembly on hand-made metric TSVs (no workflow run)."""
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from benchscripts import load_bench
+
 
 @pytest.fixture(scope="module")
 def run_all():
-    spec = importlib.util.spec_from_file_location("run_all", Path("benchmarks/run_all.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("run_all")
 
 
 def _write(d: Path, det_rows, loc_rows, froc_rows):
@@ -49,10 +47,7 @@ def test_render_results(run_all, tmp_path):
 
 
 def test_speed_sections_gather_script_reports(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("run_all", Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("run_all")
     (tmp_path / "b.md").write_text("# Segmenter speed\n\n| a |\n")
     (tmp_path / "a.md").write_text("# Simulation\n\ntext\n")
     out = mod.speed_sections(tmp_path)

@@ -93,6 +93,22 @@ class _NearestMean(torch.nn.Module):
         return -100.0 * (x[:, :1] - self.means) ** 2
 
 
+def _nearest_mean_segmenter(monkeypatch, card_config: dict) -> list[np.ndarray]:
+    """Make segment_subject load :class:`_NearestMean` with this card config; returns the list
+    that receives a copy of every image the network is run on."""
+    from microbleed import segment
+    seen, real = [], segment.segment_probabilities
+
+    def spy(model, net_image, *args, **kwargs):
+        seen.append(np.array(net_image))
+        return real(model, net_image, *args, **kwargs)
+
+    monkeypatch.setattr(segment, "load_segmenter", lambda model_dir, device: _NearestMean())
+    monkeypatch.setattr(segment, "read_card", lambda model_dir: {"config": card_config})
+    monkeypatch.setattr(segment, "segment_probabilities", spy)
+    return seen
+
+
 def test_segmenter_grid_in_mm_maps_back_to_the_acquired_grid(tmp_path, monkeypatch):
     """A model trained on a 1 mm grid (card spacing_mm) segments a 0.5 x 0.5 x 2 mm LIA image: the
     network sees it resampled to 1 mm, the map comes back in the image's own grid and agrees with
@@ -101,23 +117,13 @@ def test_segmenter_grid_in_mm_maps_back_to_the_acquired_grid(tmp_path, monkeypat
     image, truth = phantom((64, 48, 12), seed=7)
     lia = np.array([[-0.5, 0, 0, 20], [0, 0, 2.0, -10], [0, -0.5, 0, 12], [0, 0, 0, 1]])
     save_image(image, lia, tmp_path / "swi.nii.gz")
-    seen = []
-    real = segment.segment_probabilities
-
-    def spy(model, net_image, *args, **kwargs):
-        seen.append(net_image.shape)
-        return real(model, net_image, *args, **kwargs)
-
-    monkeypatch.setattr(segment, "load_segmenter", lambda model_dir, device: _NearestMean())
-    monkeypatch.setattr(segment, "read_card", lambda model_dir: {"config": {"spacing_mm": [1.0, 1.0, 1.0],
-                                                                            "input": "swi"}})
-    monkeypatch.setattr(segment, "segment_probabilities", spy)
+    images = _nearest_mean_segmenter(monkeypatch, {"spacing_mm": [1.0, 1.0, 1.0], "input": "swi"})
     out = tmp_path / "dseg.nii.gz"
     segment.segment_subject(tmp_path / "swi.nii.gz", tmp_path, out, subject="011", window=(32, 32, 32), device="cpu")
     labels, aff = load_volume(out, allow_zero=True, dtype=np.int16)
     np.testing.assert_allclose(aff, lia)
     assert labels.shape == image.shape
-    assert seen == [(32, 24, 24)], "RAS order at 1 mm: x 64*0.5, y 12*2, z 48*0.5"
+    assert [a.shape for a in images] == [(32, 24, 24)], "RAS order at 1 mm: x 64*0.5, y 12*2, z 48*0.5"
     assert (labels == truth).mean() > 0.9
 
 
@@ -141,16 +147,7 @@ def test_flip_tta_segments_the_mirrored_ras_image_and_maps_it_back(tmp_path, mon
     image, _ = phantom((30, 27, 9), seed=8)
     lia = np.array([[-1.0, 0, 0, 90], [0, 0, 2.0, -60], [0, -1.0, 0, 100], [0, 0, 0, 1]])
     save_image(image, lia, tmp_path / "swi.nii.gz")
-    seen = []
-    real = segment.segment_probabilities
-
-    def spy(model, net_image, *args, **kwargs):
-        seen.append(np.array(net_image))
-        return real(model, net_image, *args, **kwargs)
-
-    monkeypatch.setattr(segment, "load_segmenter", lambda model_dir, device: _NearestMean())
-    monkeypatch.setattr(segment, "read_card", lambda model_dir: {"config": {"input": "swi"}})
-    monkeypatch.setattr(segment, "segment_probabilities", spy)
+    seen = _nearest_mean_segmenter(monkeypatch, {"input": "swi"})
     maps = {}
     for flip in (False, True):
         out = tmp_path / f"dseg_{flip}.nii.gz"

@@ -64,7 +64,7 @@ from .nets.detector import STRIDE
 
 __all__ = [
     "TilePlan", "plan_tiles", "tiles_to_run", "detect_volume", "detect_volume_monai", "peak_candidates",
-    "default_nms_radius", "nms_ras", "candidates_table", "dark_voxels", "prune",
+    "default_nms_radius", "nms_ras", "candidates_table", "ball_offsets", "dark_voxels", "prune",
     "DetectParams", "detect_subject", "read_candidates", "load_labels",
     "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
 ]
@@ -390,6 +390,18 @@ def sample_nearest(data: np.ndarray, affine: np.ndarray, ras: np.ndarray, outsid
     return values
 
 
+def ball_offsets(affine: np.ndarray, radius_mm: float, inner_radius_mm: float = 0.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel offsets ``(K, 3)`` int of the ball (or shell from ``inner_radius_mm``) of ``radius_mm``
+    in the grid of ``affine`` (distances through the affine, so anisotropic and oblique voxels are
+    measured in mm), and their distances ``(K,)`` in mm."""
+    reach = np.ceil(radius_mm / voxel_sizes(affine)).astype(int)
+    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+    dist = np.linalg.norm(offsets @ np.asarray(affine, float)[:3, :3].T, axis=1)
+    keep = (dist <= radius_mm) & (dist >= inner_radius_mm)
+    return offsets[keep], dist[keep]
+
+
 def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius_mm: float = 0.0,
                   none_fraction: float = 1.0, inner_radius_mm: float = 0.0,
                   exclude: np.ndarray | None = None) -> np.ndarray:
@@ -420,10 +432,7 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     codes = sample_nearest(data, affine, ras)
     if radius_mm <= 0:
         return codes
-    reach = np.ceil(radius_mm / voxel_sizes(affine)).astype(int)
-    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
-    dist = np.linalg.norm(offsets @ np.asarray(affine, float)[:3, :3].T, axis=1)
-    offsets = offsets[(dist <= radius_mm) & (dist >= inner_radius_mm)]
+    offsets, _ = ball_offsets(affine, radius_mm, inner_radius_mm)
     for n in range(len(codes)):
         ijk = np.rint(ras_to_voxel(ras[n], affine)).astype(int).reshape(3) + offsets
         ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)]
@@ -437,14 +446,23 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     return codes
 
 
-def dark_voxels(swi: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
-    """Voxels that should not vote on a candidate's region: outside the brain ``mask`` or darker
-    than ``fraction`` x the median SWI intensity inside it (a microbleed's signal void and
-    blooming, veins). Ventricles and other CSF are bright on SWI and keep their vote, so a spot
-    in a ventricle is still read as ``none``. ``swi`` and ``mask`` share one grid."""
+def dark_voxels(swi: np.ndarray | None, mask: np.ndarray | None, fraction: float) -> np.ndarray | None:
+    """Voxels that should not vote on a candidate's region (:func:`sample_region` ``exclude``):
+    outside the brain ``mask`` or darker than ``fraction`` x the median SWI intensity inside it (a
+    microbleed's signal void and blooming, veins). Ventricles and other CSF are bright on SWI and
+    keep their vote, so a spot in a ventricle is still read as ``none``. ``None`` (every voxel
+    votes) when ``fraction <= 0``.
+
+    Raises:
+        ValueError: ``fraction > 0`` without SWI or mask, or the two on different grids.
+    """
+    if fraction <= 0:
+        return None
+    if swi is None or mask is None:
+        raise ValueError("infer.dark_fraction > 0 needs the pre-processed SWI and the brain mask")
     swi, brain = np.asarray(swi, dtype=np.float32), np.asarray(mask) > 0
     if swi.shape != brain.shape:
-        raise ValueError(f"SWI {swi.shape} and brain mask {brain.shape} differ in shape")
+        raise ValueError(f"SWI {swi.shape} and brain mask {brain.shape} must share one grid")
     if not brain.any():
         return ~brain
     return ~brain | (swi < fraction * float(np.median(swi[brain])))
@@ -453,7 +471,7 @@ def dark_voxels(swi: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarra
 def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
           mask: tuple[np.ndarray, np.ndarray] | None, threshold: float,
           prune_outside_mask: bool = True, region_radius_mm: float = 0.0,
-          none_fraction: float = 1.0, swi: np.ndarray | None = None, dark_fraction: float = 0.0) -> pd.DataFrame:
+          none_fraction: float = 1.0, exclude: np.ndarray | None = None) -> pd.DataFrame:
     """Anatomical pruning of candidates at or above ``threshold``.
 
     Args:
@@ -462,10 +480,10 @@ def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
         mask: ``(data, affine)`` brain mask, or ``None``.
         threshold: candidates below this score are dropped (not in the table).
         region_radius_mm, none_fraction: see :func:`sample_region` (radius 0: the centre voxel only).
-        swi, dark_fraction: with ``dark_fraction > 0``, the pre-processed SWI ``(X, Y, Z)`` in the
-            map's grid; voxels outside the mask or darker than ``dark_fraction`` x the brain's
-            median SWI do not vote on the region (:func:`dark_voxels`), so a large microbleed's
-            own signal void, which an SWI segmenter may call ``none``, does not prune it.
+        exclude: bool array of the map's grid, voxels that do not vote on the region
+            (:func:`dark_voxels` with ``infer.dark_fraction``: a large microbleed's own signal
+            void, which an SWI segmenter may call ``none``, then does not prune it); ``None``:
+            every voxel votes.
     Returns:
         DataFrame with :data:`CMB_COLUMNS`: ``region`` read at the nearest voxel
         of each centre (through each image's own affine); ``pruned`` "true" when
@@ -474,14 +492,9 @@ def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
     """
     df = candidates[candidates["score"] >= threshold].sort_values("score", ascending=False, kind="stable")
     ras = df[["x", "y", "z"]].to_numpy(dtype=float).reshape(-1, 3)
-    exclude = None
-    if dark_fraction > 0 and region_radius_mm > 0:
-        if swi is None or mask is None:
-            raise ValueError("dark_fraction > 0 needs the SWI and the brain mask")
-        if np.shape(swi) != np.shape(bombs[0]) or np.shape(mask[0]) != np.shape(bombs[0]):
-            raise ValueError(f"SWI {np.shape(swi)}, brain mask {np.shape(mask[0])} and BOMBS map "
-                             f"{np.shape(bombs[0])} must share one grid")
-        exclude = dark_voxels(swi, mask[0], dark_fraction)
+    if exclude is not None and np.shape(exclude) != np.shape(bombs[0]):
+        raise ValueError(f"SWI and brain mask {np.shape(exclude)} and BOMBS map {np.shape(bombs[0])} "
+                         f"must share one grid")
     codes = sample_region(bombs[0], bombs[1], ras, region_radius_mm, none_fraction, exclude=exclude)
     if np.any((codes < 0) | (codes > 3)):
         raise ValueError(f"BOMBS map holds codes outside 0..3: {sorted(set(codes.tolist()))}")

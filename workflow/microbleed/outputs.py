@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from .infer import BOMBS_NAMES, load_labels, prune, read_candidates, sample_nearest
+from .infer import BOMBS_NAMES, dark_voxels, load_labels, prune, read_candidates, sample_nearest
 from .io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, voxel_sizes, voxel_to_ras,
                  write_tsv)
 
@@ -225,8 +225,9 @@ def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: Finalise
     mask = load_labels(inp.mask, subject)
     swi, swi_aff = load_volume(inp.swi, subject)
     try:
+        exclude = dark_voxels(swi, mask[0], params.dark_fraction) if params.region_radius_mm > 0 else None
         table = prune(cands, bombs, mask, params.threshold, params.prune_outside_mask, params.region_radius_mm,
-                      params.none_fraction, swi, params.dark_fraction)
+                      params.none_fraction, exclude)
     except ValueError as err:                 # e.g. SWI, mask and BOMBS map on different grids
         raise InputError(str(err), subject=subject, path=inp.bombs) from err
     write_tsv(table, out.cmb_tsv, float_format="%.6g")

@@ -166,7 +166,7 @@ def _check_labels_inside(labels_ras: np.ndarray, pred: tuple, mask: tuple | None
 
 def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions) -> dict[str, Any]:
     """Read one subject: labels, final findings, raw candidates per source (pruned), Dice."""
-    from .infer import prune
+    from .infer import dark_voxels, prune
     _check_exists(files, sources)
     sid = files.subject
     lab = read_tsv(files.labels, required=["x", "y", "z"], numeric=["x", "y", "z"], subject=sid)
@@ -180,17 +180,21 @@ def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions
     labels = lab[["x", "y", "z"]].to_numpy()
     final = SubjectData(sid, group, labels, cmb[["x", "y", "z"]].to_numpy(), cmb["score"].to_numpy(),
                         lab_regions, [region_name(r) or "none" for r in cmb["region"]], _bool(cmb["pruned"]))
-    swi = None
+    exclude = None                      # computed once per subject, shared by every detector's candidates
     if opts.dark_fraction > 0 and opts.region_radius_mm > 0:
         if not files.swi:
             raise InputError("infer.dark_fraction > 0 needs the pre-processed SWI", subject=sid, path=files.cmb)
-        swi = load_volume(files.swi, sid)[0]
+        try:
+            exclude = dark_voxels(load_volume(files.swi, sid)[0], mask[0] if mask is not None else None,
+                                  opts.dark_fraction)
+        except ValueError as err:
+            raise InputError(str(err), subject=sid, path=files.swi) from err
     raw = {}
     for src in sources:
         c = read_tsv(files.candidates[src], required=["x", "y", "z", "i", "j", "k", "score"],
                      numeric=["x", "y", "z", "i", "j", "k", "score"], subject=sid)
         t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm, opts.none_fraction,
-                  swi, opts.dark_fraction)
+                  exclude)
         raw[src] = SubjectData(sid, group, labels, t[["x", "y", "z"]].to_numpy(), t["score"].to_numpy(),
                                lab_regions, list(t["region"]), _bool(t["pruned"]))
     dice = {}
