@@ -8,8 +8,9 @@ import pytest
 
 from microbleed import phantom as ph
 from microbleed.io import load_image, load_volume, read_tsv, ras_to_voxel
-from microbleed.simulate import (Acquisition, _phase_on_disk, fine_factors, reorient, simulate_subject,
-                                 write_participants)
+from microbleed.io import InputError
+from microbleed.simulate import (Acquisition, _phase_on_disk, fine_factors, reorient, sample_acquisition,
+                                 simulate_subject, subject_job, write_participants)
 
 ROOT = Path(__file__).resolve().parents[1]
 COARSE = {"voxel_mm": [2.5, 2.5, 2.5], "te_ms": 20.0, "b0_t": 3.0, "snr": 30.0}
@@ -151,6 +152,47 @@ def test_acquisition_validation_and_units():
     assert fine_factors(Acquisition.from_config({**COARSE, "voxel_mm": [0.5, 0.5, 2.0]})) == (1, 1, 2)
     ints, dtype = _phase_on_disk(np.array([-np.pi, 0.0, np.pi], np.float32), "scanner")
     assert dtype is np.int16 and ints.tolist() == [-4096, 0, 4095]
+
+
+FAMILY = {"voxel_mm": [[0.8, 1.2], 1.0, [1.5, 3.0]], "te_ms": [10.0, 40.0], "b0_t": [1.5, 3.0], "snr": 30.0,
+          "orientation": ["RAS", "LIA"], "phase_units": ["radians", "scanner"], "phase_sign": [1, -1]}
+
+
+def test_sample_acquisition_draws_each_subject_a_protocol_from_the_family():
+    assert sample_acquisition(COARSE, 5) == COARSE          # a fixed protocol comes back as it is
+    draws = [sample_acquisition(FAMILY, seed) for seed in range(40)]
+    assert draws[7] == sample_acquisition(FAMILY, 7)        # seeded
+    for d in draws:
+        acq = Acquisition.from_config(d)                    # every draw is a valid concrete protocol
+        assert 0.8 <= acq.voxel_mm[0] <= 1.2 and acq.voxel_mm[1] == 1.0 and 1.5 <= acq.voxel_mm[2] <= 3.0
+        assert 10 <= acq.te_ms <= 40 and 1.5 <= acq.b0_t <= 3.0 and acq.snr == 30.0
+    for key, values in (("orientation", {"RAS", "LIA"}), ("phase_units", {"radians", "scanner"}),
+                        ("phase_sign", {1, -1})):
+        assert {d[key] for d in draws} == values
+    assert len({d["te_ms"] for d in draws}) == 40
+    with pytest.raises(ValueError, match="te_ms.*low <= high"):
+        sample_acquisition({**FAMILY, "te_ms": [40.0, 10.0]}, 1)
+
+
+def test_subject_job_names_the_protocol_family_on_a_bad_range():
+    config = {"cohorts": {"c": {"simulate": {"seed": 1, "subjects": 4, "normal": 0, "acquisition": ["a", "f"]}}},
+              "acquisitions": {"a": COARSE, "f": FAMILY}}
+    jobs = [subject_job(config, "c", f"{i:03d}") for i in (1, 2, 4)]
+    assert jobs[0]["acquisition"] == COARSE and jobs[1]["acquisition_name"] == "f"
+    assert jobs[1]["acquisition"] != FAMILY and Acquisition.from_config(jobs[1]["acquisition"])
+    config["acquisitions"]["f"] = {**FAMILY, "snr": [30.0]}
+    with pytest.raises(InputError, match="acquisitions.f.*snr"):
+        subject_job(config, "c", "002")
+
+
+def test_phase_of_the_other_handedness_is_the_negated_phase(ras_subject, tmp_path):
+    """``phase_sign: -1`` writes exactly the negated phase of the same subject; everything else is identical."""
+    _, paths = ras_subject
+    other = simulate_subject(tmp_path, "001", "cmb", SEED, {**COARSE, "phase_sign": -1})
+    phase, _ = load_volume(paths["phase"], allow_zero=True)
+    flipped, _ = load_volume(other["phase"], allow_zero=True)
+    np.testing.assert_array_equal(flipped, -phase)
+    np.testing.assert_array_equal(load_volume(other["swi"])[0], load_volume(paths["swi"])[0])
 
 
 def test_bombs_lut_follows_method():

@@ -63,7 +63,7 @@ matplotlib.use("Agg")
 
 __all__ = ["Acquisition", "FOV_MM", "acquisition_grid", "fine_factors", "truth_paths",
            "subject_paths", "reorient", "homodyne", "acquire", "simulate_subject",
-           "write_participants", "cohort_simulation", "subject_job", "memory_mb"]
+           "write_participants", "cohort_simulation", "subject_job", "memory_mb", "sample_acquisition"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Acquisition:
     snr: float
     orientation: str = "RAS"
     phase_units: str = "radians"
+    phase_sign: int = 1
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Acquisition":
@@ -102,11 +103,49 @@ class Acquisition:
         nib.orientations.axcodes2ornt(tuple(codes))
         if sorted(set(c for c in codes)) != sorted(codes) or len(codes) != 3:
             raise ValueError(f"acquisition orientation {codes!r} is not a valid axcode triple")
-        return cls(vox, float(cfg["te_ms"]), float(cfg["b0_t"]), float(cfg["snr"]), codes, units)
+        sign = int(cfg.get("phase_sign", 1))
+        if sign not in (1, -1):
+            raise ValueError(f"acquisition phase_sign must be 1 or -1, got {cfg['phase_sign']!r}")
+        return cls(vox, float(cfg["te_ms"]), float(cfg["b0_t"]), float(cfg["snr"]), codes, units, sign)
 
     @property
     def te_s(self) -> float:
         return self.te_ms / 1000.0
+
+
+def sample_acquisition(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """One concrete protocol drawn from a protocol *family* (domain randomisation of a cohort).
+
+    Every numeric entry of ``acquisitions.<name>`` (``te_ms``, ``b0_t``, ``snr``
+    and each of the three ``voxel_mm``) may be a number or a ``[low, high]``
+    range, drawn uniformly; ``orientation``, ``phase_units`` and ``phase_sign``
+    may be a value or a list of values, one drawn with equal probability.
+    A mapping without ranges or lists comes back unchanged (as a new dict).
+    The draw uses its own stream of ``seed`` (the subject's seed), so the
+    anatomy and lesions of a subject do not depend on whether its protocol
+    was drawn.
+
+    Raises:
+        ValueError: a range that is not two numbers with low <= high.
+    """
+    rng = np.random.default_rng([int(seed), 0xACC])
+
+    def number(value: Any, key: str) -> Any:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not float(value[0]) <= float(value[1]):
+                raise ValueError(f"acquisition {key}: a range is [low, high] with low <= high, got {value!r}")
+            return round(float(rng.uniform(float(value[0]), float(value[1]))), 3)
+        return value
+
+    out = dict(cfg)
+    for key in ("te_ms", "b0_t", "snr"):
+        out[key] = number(cfg[key], key)
+    if any(isinstance(v, (list, tuple)) for v in cfg["voxel_mm"]):
+        out["voxel_mm"] = [number(v, "voxel_mm") for v in cfg["voxel_mm"]]
+    for key in ("orientation", "phase_units", "phase_sign"):
+        if isinstance(cfg.get(key), (list, tuple)):
+            out[key] = cfg[key][int(rng.integers(len(cfg[key])))]
+    return out
 
 
 def acquisition_grid(acq: Acquisition) -> ph.Grid:
@@ -421,7 +460,7 @@ def _write(paths: dict[str, str], img: Images, acq: Acquisition, aseg: nib.MGHIm
            cmb: pd.DataFrame, mimics: pd.DataFrame) -> None:
     """Write every file of one subject atomically, images in ``acq.orientation``."""
     aff = img.grid.affine
-    phase, dtype = _phase_on_disk(img.phase, acq.phase_units)
+    phase, dtype = _phase_on_disk(img.phase * np.float32(acq.phase_sign), acq.phase_units)
     for key, data, dt in (("swi", img.swi, np.float32), ("phase", phase, dtype), ("t1", img.t1w, np.float32),
                           ("brain_mask", img.brain, np.uint8)):
         out, out_aff = reorient(data, aff, acq.orientation)
@@ -477,8 +516,9 @@ def simulate_subject(out_root: str | Path, subject: str, group: str, seed: int,
         subject: id without ``sub-`` (``[A-Za-z0-9]+``).
         group: ``cmb`` (1-12 CMBs) or ``normal`` (no CMB; mimics as in every subject).
         seed: the subject's seed (cohort seed * 1000 + index); same seed -> same bytes.
-        acquisition: config ``acquisitions.<name>`` (voxel_mm, te_ms, b0_t, snr,
-            orientation, phase_units).
+        acquisition: one concrete protocol (voxel_mm, te_ms, b0_t, snr, orientation,
+            phase_units, phase_sign; :func:`subject_job` draws it from config
+            ``acquisitions.<name>``).
         threads: FFT threads.
     Returns:
         ``{kind: path}`` of the written files (see :func:`subject_paths`).
@@ -504,7 +544,8 @@ def simulate_subject(out_root: str | Path, subject: str, group: str, seed: int,
     paths = subject_paths(out_root, subject)
     _write(paths, img, acq, aseg, truth, cmb, mimics)
     _qc_montage(paths["qc"], img, cmb, mimics, subject)
-    log.info("sub-%s: %d CMB, %d mimics, grid %s (fine %s)", subject, len(cmb), len(mimics), grid.shape, fine.shape)
+    log.info("sub-%s: %d CMB, %d mimics, grid %s (fine %s), protocol %s", subject, len(cmb), len(mimics),
+             grid.shape, fine.shape, acq)
     return paths
 
 
@@ -521,7 +562,8 @@ def cohort_simulation(config: Mapping[str, Any], cohort: str) -> Mapping[str, An
 def subject_job(config: Mapping[str, Any], cohort: str, subject: str) -> dict[str, Any]:
     """Parameters of one simulated subject: ``group``, ``seed`` (cohort seed * 1000 + index),
     ``acquisition`` (the config mapping; when the cohort names a list of protocols,
-    subject ``i`` gets entry ``(i - 1) % len(list)``), ``acquisition_name``, ``mem_mb`` (measured peak memory + margin).
+    subject ``i`` gets entry ``(i - 1) % len(list)``; ranges and lists in it are drawn per
+    subject by :func:`sample_acquisition`), ``acquisition_name``, ``mem_mb`` (measured peak memory + margin).
 
     Raises:
         InputError: cohort not simulated, subject not in it, acquisition not defined.
@@ -539,9 +581,14 @@ def subject_job(config: Mapping[str, Any], cohort: str, subject: str) -> dict[st
             raise InputError(f"config key cohorts.{cohort}.simulate.acquisition: {name!r} is not under "
                              "`acquisitions`")
     name = names[(index - 1) % len(names)]   # a list: subjects cycle through the protocols (multi-site cohort)
-    acq = config["acquisitions"][name]
-    return {"group": listed[index - 1][1], "seed": int(sim["seed"]) * 1000 + index, "acquisition": dict(acq),
-            "acquisition_name": name, "mem_mb": memory_mb(Acquisition.from_config(acq))}
+    seed = int(sim["seed"]) * 1000 + index
+    try:
+        acq = sample_acquisition(config["acquisitions"][name], seed)
+        parsed = Acquisition.from_config(acq)
+    except ValueError as exc:
+        raise InputError(f"config key acquisitions.{name}: {exc}") from None
+    return {"group": listed[index - 1][1], "seed": seed, "acquisition": acq,
+            "acquisition_name": name, "mem_mb": memory_mb(parsed)}
 
 
 def memory_mb(acq: Acquisition) -> int:
