@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from microbleed.data import load_detector_input
-from microbleed.infer import (CANDIDATE_COLUMNS, CMB_COLUMNS, candidates_table, default_nms_radius,
-                              detect_volume, detect_volume_monai, nms_ras, peak_candidates, plan_tiles, prune)
+from microbleed.infer import (CANDIDATE_COLUMNS, CMB_COLUMNS, candidates_table, dark_bridged, dark_map,
+                              default_nms_radius, detect_volume, detect_volume_monai, nms_ras, peak_candidates, plan_tiles, prune)
 from microbleed.io import InputError, save_image, voxel_to_ras
 from test_infer_fakes import DarkCentroidNet, blob_image
 
@@ -105,6 +105,45 @@ def test_nms_merges_within_radius_and_keeps_the_best():
     keep = nms_ras(pts, np.array([0.5, 0.9, 0.8, 0.4]), radius_mm=5.0)
     assert keep.tolist() == [1, 2]
     assert nms_ras(np.zeros((0, 3)), np.zeros(0), 5.0).size == 0
+
+
+def _void_and_pair():
+    """A brain of SWI 0.8 with an 8 mm signal void (a large CMB, 1 mm voxels) and a small void 8 mm
+    beside it (a second CMB) separated by bright tissue; candidates at both ends of the large void
+    and on the small one."""
+    swi = np.zeros((40, 40, 40), np.float32)
+    swi[4:36, 4:36, 4:36] = 0.8
+    swi[16:24, 16:24, 16:24] = 0.05                  # voxels 16..23 along x: one 8 mm void
+    swi[30:33, 18:21, 18:21] = 0.05                  # a second, separate void
+    cands = np.array([[17, 19.5, 19.5, 0.99], [23, 19.5, 19.5, 0.98], [31, 19, 19, 0.97]])
+    return swi, cands
+
+
+def test_dark_bridge_merges_the_two_ends_of_one_void_only():
+    swi, cands = _void_and_pair()
+    dark = dark_map(swi, None, 0.4)
+    assert dark.sum() == 8 ** 3 + 27
+    assert dark_bridged(cands[0, :3], cands[1, :3], dark)
+    assert not dark_bridged(cands[1, :3], cands[2, :3], dark)      # bright tissue between them
+    assert not dark_bridged([0, 0, 0], [60, 0, 0], np.ones((40, 40, 40), bool))   # leaves the array
+    aff = np.eye(4)
+    plain = candidates_table(cands, aff, aff, radius_mm=5.0)
+    assert len(plain) == 3                                        # 6 mm apart: distance NMS keeps both ends
+    merged = candidates_table(cands, aff, aff, radius_mm=5.0, merge_mm=10.0, dark=dark)
+    assert merged["score"].tolist() == [0.99, 0.97]               # one finding per void, the best end kept
+    assert len(candidates_table(cands, aff, aff, radius_mm=5.0, merge_mm=5.5, dark=dark)) == 3   # too far
+
+
+def test_nms_merge_asks_only_about_pairs_within_the_merge_radius():
+    pts = np.array([[0, 0, 0], [7, 0, 0], [20, 0, 0]], float)
+    asked = []
+
+    def joined(a, b):
+        asked.append((a, b))
+        return True
+    keep = nms_ras(pts, np.array([0.9, 0.8, 0.7]), 5.0, 10.0, joined)
+    assert keep.tolist() == [0, 2] and asked == [(0, 1)]
+    assert nms_ras(pts, np.array([0.9, 0.8, 0.7]), 5.0).tolist() == [0, 1, 2]
 
 
 def test_default_radius_is_half_the_box_in_the_finest_axis():

@@ -16,6 +16,10 @@ Pipeline of one subject:
    with its regressed centre in grid voxels.
 2. :func:`nms_ras` merges duplicates by distance in RAS mm (greedy,
    highest score first); :func:`default_nms_radius` is half the fixed box.
+   Optionally (config ``infer.merge_dark_mm``) two candidates farther apart
+   but joined by an unbroken dark segment on the SWI channel
+   (:func:`dark_bridged`) are one finding too: the two ends of a large
+   microbleed's signal void.
 3. :func:`candidates_table` maps the survivors to RAS mm and SWI voxel ijk
    (only through :mod:`microbleed.io`).
 4. :func:`prune` reads the predicted BOMBS class and the brain mask at each
@@ -64,7 +68,7 @@ from .nets.detector import STRIDE
 
 __all__ = [
     "TilePlan", "plan_tiles", "tiles_to_run", "detect_volume", "detect_volume_monai", "peak_candidates",
-    "default_nms_radius", "nms_ras", "candidates_table", "ball_offsets", "dark_voxels", "prune",
+    "default_nms_radius", "nms_ras", "dark_map", "dark_bridged", "candidates_table", "ball_offsets", "dark_voxels", "prune",
     "DetectParams", "detect_subject", "read_candidates", "load_labels",
     "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
 ]
@@ -331,12 +335,16 @@ def default_nms_radius(affine: np.ndarray, box: int = 20) -> float:
     return 0.5 * box * float(voxel_sizes(affine).min())
 
 
-def nms_ras(points_ras: np.ndarray, scores: np.ndarray, radius_mm: float) -> np.ndarray:
+def nms_ras(points_ras: np.ndarray, scores: np.ndarray, radius_mm: float, merge_mm: float = 0.0,
+            joined: Callable[[int, int], bool] | None = None) -> np.ndarray:
     """Greedy distance NMS: keep the best score, drop everything within ``radius_mm``, repeat.
 
     Args:
         points_ras: ``(N, 3)`` candidate centres, RAS mm.
         scores: ``(N,)``.
+        merge_mm, joined: also drop a candidate within ``merge_mm`` of a kept one
+            when ``joined(kept, candidate)`` (indices into ``points_ras``) is true,
+            e.g. :func:`dark_bridged`; off when ``merge_mm <= radius_mm`` or no ``joined``.
     Returns:
         indices of the kept points ``(M,)``, highest score first (ties: input order).
     """
@@ -344,18 +352,48 @@ def nms_ras(points_ras: np.ndarray, scores: np.ndarray, radius_mm: float) -> np.
     order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
     if len(pts) == 0:
         return order
-    neighbours = cKDTree(pts).query_ball_point(pts, r=float(radius_mm))
+    tree = cKDTree(pts)
+    neighbours = tree.query_ball_point(pts, r=float(radius_mm))
+    far = (tree.query_ball_point(pts, r=float(merge_mm))
+           if joined is not None and merge_mm > radius_mm else None)
     suppressed = np.zeros(len(pts), dtype=bool)
     keep = []
     for idx in order:
         if not suppressed[idx]:
             keep.append(idx)
             suppressed[neighbours[idx]] = True
+            if far is not None:
+                for other in far[idx]:
+                    if not suppressed[other] and joined(idx, other):
+                        suppressed[other] = True
     return np.asarray(keep, dtype=int)
 
 
+def dark_map(swi: np.ndarray, brain: np.ndarray | None, fraction: float) -> np.ndarray:
+    """Brain voxels darker than ``fraction`` x the brain's median SWI (signal voids: microbleeds,
+    veins); ``brain`` ``None``: the voxels where the (skull-stripped) SWI is above 0."""
+    swi = np.asarray(swi, dtype=np.float32)
+    inside = swi > 0 if brain is None else np.asarray(brain) > 0
+    if not inside.any():
+        return np.zeros(swi.shape, dtype=bool)
+    return inside & (swi < fraction * float(np.median(swi[inside])))
+
+
+def dark_bridged(a_ijk: np.ndarray, b_ijk: np.ndarray, dark: np.ndarray, step: float = 0.5) -> bool:
+    """True when every voxel on the straight segment from ``a_ijk`` to ``b_ijk`` (voxel
+    coordinates of ``dark``, sampled every ``step`` voxels, nearest voxel) is dark: the two
+    points lie in one signal void. A point outside the array is not dark."""
+    a, b = np.asarray(a_ijk, dtype=float), np.asarray(b_ijk, dtype=float)
+    n = int(math.ceil(float(np.linalg.norm(b - a)) / step)) + 1
+    pts = np.rint(a + np.linspace(0.0, 1.0, max(n, 2))[:, None] * (b - a)).astype(int)
+    if (pts < 0).any() or (pts >= np.asarray(dark.shape)).any():
+        return False
+    return bool(dark[pts[:, 0], pts[:, 1], pts[:, 2]].all())
+
+
 def candidates_table(cands: np.ndarray, grid_affine: np.ndarray, swi_affine: np.ndarray,
-                     radius_mm: float | None = None, box: int = 20) -> pd.DataFrame:
+                     radius_mm: float | None = None, box: int = 20, merge_mm: float = 0.0,
+                     dark: np.ndarray | None = None) -> pd.DataFrame:
     """NMS in RAS mm, then the candidates file table.
 
     Args:
@@ -363,6 +401,9 @@ def candidates_table(cands: np.ndarray, grid_affine: np.ndarray, swi_affine: np.
         grid_affine: detector input affine (grid voxel ijk -> RAS mm).
         swi_affine: original SWI affine (SWI voxel ijk -> RAS mm).
         radius_mm: NMS radius; ``None``: :func:`default_nms_radius`.
+        merge_mm, dark: candidates up to ``merge_mm`` apart joined by a dark segment of
+            ``dark`` (:func:`dark_map` on the detector grid) are merged as well
+            (:func:`dark_bridged`); off when ``dark`` is ``None``.
     Returns:
         DataFrame ``cand_id, x, y, z`` (RAS mm), ``i, j, k`` (SWI voxel, float),
         ``score``, sorted by score, ``cand_id`` 1..M.
@@ -370,7 +411,8 @@ def candidates_table(cands: np.ndarray, grid_affine: np.ndarray, swi_affine: np.
     cands = np.asarray(cands, dtype=float).reshape(-1, 4)
     radius = default_nms_radius(grid_affine, box) if radius_mm is None else float(radius_mm)
     ras = voxel_to_ras(cands[:, :3], grid_affine).reshape(-1, 3)
-    keep = nms_ras(ras, cands[:, 3], radius)
+    joined = None if dark is None else (lambda a, b: dark_bridged(cands[a, :3], cands[b, :3], dark))
+    keep = nms_ras(ras, cands[:, 3], radius, float(merge_mm), joined)
     ras = ras[keep].reshape(-1, 3)
     ijk = ras_to_voxel(ras, swi_affine).reshape(-1, 3)
     df = pd.DataFrame({"cand_id": np.arange(1, len(keep) + 1),
@@ -463,9 +505,7 @@ def dark_voxels(swi: np.ndarray | None, mask: np.ndarray | None, fraction: float
     swi, brain = np.asarray(swi, dtype=np.float32), np.asarray(mask) > 0
     if swi.shape != brain.shape:
         raise ValueError(f"SWI {swi.shape} and brain mask {brain.shape} must share one grid")
-    if not brain.any():
-        return ~brain
-    return ~brain | (swi < fraction * float(np.median(swi[brain])))
+    return ~brain | dark_map(swi, brain, fraction)
 
 
 def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],
@@ -523,6 +563,8 @@ class DetectParams:
     floor: float = 0.05
     nms_radius_mm: float | None = None
     box: int = 20
+    merge_dark_mm: float = 0.0
+    dark_fraction: float = 0.0
     channels_last: bool | None = None
     device: str = "auto"
     fold_bn: bool = True
@@ -583,7 +625,11 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
     window = _window_for(params.window, card)
     cands = detect_volume(model, volume, device, window, params.overlap, params.floor, params.batch,
                           params.box, params.channels_last, mask=mask, fold_bn=params.fold_bn)
-    table = candidates_table(cands, grid_affine, swi_affine, params.nms_radius_mm, params.box)
+    dark = None
+    if params.merge_dark_mm > 0 and params.dark_fraction > 0:
+        dark = dark_map(volume[0], mask, params.dark_fraction)
+    table = candidates_table(cands, grid_affine, swi_affine, params.nms_radius_mm, params.box,
+                             params.merge_dark_mm, dark)
     write_tsv(table, out_tsv, float_format="%.6g")
     log.info("subject %s: %d candidates after NMS -> %s", subject, len(table), out_tsv)
     return table

@@ -48,6 +48,8 @@ rule detect:
         batch=config["infer"]["batch_size"],
         floor=config["infer"]["candidate_floor"],
         nms_radius_mm=config["infer"]["nms_radius_mm"],
+        merge_dark_mm=config["infer"]["merge_dark_mm"],
+        dark_fraction=config["infer"]["dark_fraction"],
         box=config["detector"]["box_voxels"],
         device=config["device"],
     log:
