@@ -275,9 +275,9 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedule):
-    cfg = {**TINY, "lr_schedule": schedule}
+@pytest.mark.parametrize("schedule, ema", [("constant", 0.0), ("cosine", 0.0), ("cosine", 0.5)])
+def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedule, ema):
+    cfg = {**TINY, "lr_schedule": schedule, "ema_decay": ema}
     inputs = write_cohort(tmp_path / "data")
     train_segmenter(inputs, tmp_path / "straight", cfg, "cpu")
 
@@ -293,7 +293,8 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedu
     monkeypatch.setattr(segment, "save_checkpoint", real_save)
     train_segmenter(inputs, tmp_path / "killed", cfg, "cpu")
 
-    for name, key in [("model.pt", "model"), ("checkpoint.pt", "model"), ("checkpoint.pt", "optimizer")]:
+    for name, key in [("model.pt", "model"), ("checkpoint.pt", "model"), ("checkpoint.pt", "optimizer"),
+                      *([("checkpoint.pt", "ema")] if ema else [])]:
         a = torch.load(tmp_path / "straight" / name, weights_only=True)[key]
         b = torch.load(tmp_path / "killed" / name, weights_only=True)[key]
         if key == "optimizer":
@@ -303,6 +304,34 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedu
             assert torch.equal(a[k], b[k]), (name, k)
     log_rows = (tmp_path / "killed" / "train_log.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in log_rows[1:]] == ["1", "2"]
+
+
+def test_ema_update_is_the_weighted_average_and_copies_counters():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))
+    ema = {k: v.clone() for k, v in net.state_dict().items()}
+    before = {k: v.clone() for k, v in ema.items()}
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(2.0)
+        net[1].num_batches_tracked.fill_(7)
+    segment.ema_update(ema, net, 0.75)
+    assert torch.allclose(ema["0.weight"], 0.75 * before["0.weight"] + 0.25 * net[0].weight)
+    assert torch.allclose(ema["1.running_mean"], 0.25 * torch.full((2,), 2.0))
+    assert int(ema["1.num_batches_tracked"]) == 7
+
+
+def test_ema_training_saves_and_validates_the_weight_average(tmp_path):
+    """With ``ema_decay`` the model kept is the running average of the weights, not the last step's."""
+    inputs = write_cohort(tmp_path / "data")
+    cfg = dict(TINY, epochs=1, ema_decay=0.5, volume_validation_every=1)
+    card = train_segmenter(inputs, tmp_path / "m", cfg, "cpu")
+    ckpt = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
+    saved = torch.load(tmp_path / "m" / "model.pt", weights_only=True)["model"]
+    for key, value in saved.items():
+        assert torch.equal(value, ckpt["ema"][key]), key
+    assert any(not torch.equal(saved[k], ckpt["model"][k]) for k in saved if saved[k].is_floating_point())
+    # the epoch was scored on the averaged weights: its score is the Dice of the saved model
+    assert card["best_score"] == pytest.approx(card["validation_dice"]["total"], abs=1e-9)
 
 
 def test_tampered_model_is_refused(tmp_path):

@@ -46,7 +46,7 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
                       select_device, write_card)
 
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
-           "sample_crops", "scaled_crop", "paint_lesions", "make_loss", "split_subjects", "epoch_lr",
+           "sample_crops", "scaled_crop", "paint_lesions", "make_loss", "split_subjects", "epoch_lr", "ema_update",
            "train_segmenter", "load_segmenter", "network_grid", "segment_volume", "segment_probabilities",
            "segment_image", "segment_subject"]
 
@@ -306,9 +306,21 @@ def epoch_lr(cfg: Mapping[str, Any], epoch: int) -> float:
     raise ValueError(f"segmenter lr_schedule must be constant|cosine, got {kind!r}")
 
 
-def _train_epoch(model, opt, loss_fn, subjects, crop, cfg, epoch: int, device) -> float:
+def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * weights`` for every floating tensor of ``model.state_dict()``
+    (parameters and BatchNorm running statistics); integer buffers (batch counters) are copied."""
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                ema[key].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+            else:
+                ema[key].copy_(value)
+
+
+def _train_epoch(model, opt, loss_fn, subjects, crop, cfg, epoch: int, device,
+                 ema: dict[str, torch.Tensor] | None = None) -> float:
     """One epoch of ``crops_per_epoch`` crops from a generator seeded with ``(seed, epoch)``, at
-    :func:`epoch_lr`; mean loss."""
+    :func:`epoch_lr`; mean loss. ``ema``: updated after every step (:func:`ema_update`, ``ema_decay``)."""
     rng = np.random.default_rng([int(cfg["seed"]), epoch])
     for group in opt.param_groups:
         group["lr"] = epoch_lr(cfg, epoch)
@@ -322,6 +334,8 @@ def _train_epoch(model, opt, loss_fn, subjects, crop, cfg, epoch: int, device) -
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema_update(ema, model, float(cfg["ema_decay"]))
         losses.append(float(loss.detach()))
     return float(np.mean(losses))
 
@@ -344,8 +358,10 @@ def _fingerprint(cfg: Mapping[str, Any], inputs: Sequence[tuple[str, Any, Any]])
             "data": [[str(s), str(i), str(b)] for s, i, b in inputs]}
 
 
-def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device) -> tuple[int, dict | None, float]:
-    """Load the per-epoch checkpoint if it was written with the same config and data.
+def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device,
+            ema: dict[str, torch.Tensor] | None = None) -> tuple[int, dict | None, float]:
+    """Load the per-epoch checkpoint if it was written with the same config and data (and the
+    weight average into ``ema``, when given).
 
     Returns ``(last finished epoch, best state dict or None, best score)``; ``(0, None, -inf)`` for a fresh start.
     """
@@ -358,6 +374,9 @@ def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device)
         return 0, None, -np.inf
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
+    if ema is not None:
+        for key, value in ckpt["ema"].items():
+            ema[key].copy_(value)
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     log.info("resuming segmenter training after epoch %d", ckpt["epoch"])
     return int(ckpt["epoch"]), ckpt["best_model"], float(ckpt["best_score"])
@@ -410,23 +429,30 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
                              np.random.default_rng([int(cfg["seed"]), 2**31 - 1])) if val else None
     ckpt_path = out_dir / "checkpoint.pt"
     fingerprint = _fingerprint(cfg, inputs)
-    start, best_state, best_score = _resume(ckpt_path, fingerprint, model, opt, device)
+    ema = None
+    evaluated = model                          # the network validated and saved: the weight average, if any
+    if float(cfg.get("ema_decay", 0.0)) > 0:
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        evaluated = build_segmenter(_net_config(cfg)).to(device)
+    start, best_state, best_score = _resume(ckpt_path, fingerprint, model, opt, device, ema)
     csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv_log.truncate_after("epoch", start)
     n_epochs, every = int(cfg["epochs"]), int(cfg.get("volume_validation_every", 0))
     for epoch in tqdm(range(start + 1, n_epochs + 1), desc="segmenter", initial=start, total=n_epochs):
         t0 = time.time()
-        loss = _train_epoch(model, opt, loss_fn, train, crop, cfg, epoch, device)
-        dice = (_crop_dice(model, val_crops, int(cfg["batch_size"]), device)
+        loss = _train_epoch(model, opt, loss_fn, train, crop, cfg, epoch, device, ema)
+        if ema is not None:
+            evaluated.load_state_dict(ema)
+        dice = (_crop_dice(evaluated, val_crops, int(cfg["batch_size"]), device)
                 if val_crops else {c: float("nan") for c in (*BOMBS_CLASSES, "total")})
-        volume = (_volume_dice(model, val, cfg, device)
+        volume = (_volume_dice(evaluated, val, cfg, device)
                   if val and every > 0 and (epoch % every == 0 or epoch == n_epochs) else None)
         if every > 0 and val:      # selection on whole volumes: only the epochs that were checked compete
             score = volume["total"] if volume is not None else None
         else:
             score = float(np.nanmean([dice[c] for c in BOMBS_CLASSES])) if val_crops else float(epoch)
         if score is not None and (score >= best_score or best_state is None):
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
             best_score = score
         csv_log.write(epoch=epoch, lr=round(epoch_lr(cfg, epoch), 7), loss=round(loss, 5),
                       seconds=round(time.time() - t0, 2),
@@ -435,9 +461,9 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_model": best_state, "best_score": best_score,
-            "fingerprint": fingerprint})
+            "fingerprint": fingerprint, **({"ema": ema} if ema is not None else {})})
         log.info("segmenter epoch %d: loss %.4f, crop Dice %s, volume Dice %s", epoch, loss, dice, volume)
-    return _finish(out_dir, cfg, model, best_state, best_score, (train, val), device)
+    return _finish(out_dir, cfg, evaluated, best_state, best_score, (train, val), device)
 
 
 def _volume_dice(model, val: Sequence[SegSubject], cfg: Mapping[str, Any], device) -> dict[str, float]:
