@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 CORES   ?= $(shell nproc 2>/dev/null || echo 2)
 SMK     := $(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES)
 
-.PHONY: venv demo test test-all lint dryrun benchmark clean
+.PHONY: venv demo test test-all lint dryrun benchmark benchmark-gpu clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --config config/benchmark.yaml
+
+benchmark-gpu: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --config config/benchmark-gpu.yaml --out benchmarks/RESULTS-gpu.md
 
 clean:
 	rm -rf results .snakemake

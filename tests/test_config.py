@@ -20,13 +20,27 @@ def test_schemas_declare_2020_12(schema):
     assert yaml.safe_load(schema.read_text())["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "benchmark.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "benchmark.yaml", "benchmark-gpu.yaml"])
 def test_shipped_configs_are_valid(name):
     if not (ROOT / "config" / name).exists():
         pytest.skip(f"{name} not written yet")
     cfg = load(name)
     validate(cfg, str(SCHEMA), set_default=True)
     assert cfg["detector"]["loss_weights"] == {"cls": 1.0, "reg": 0.001, "con": 0.01}
+
+
+def test_gpu_benchmark_has_the_papers_sizes():
+    """config/benchmark-gpu.yaml (issue: a second benchmark config with the paper's crops and widths)."""
+    cfg = load("benchmark-gpu.yaml")
+    d, s = cfg["detector"], cfg["segmenter"]
+    assert d["crop"] == [128, 128, 128] and d["widths"] == [16, 32, 64, 128, 256]
+    assert (d["batch_size"], d["lr"], d["momentum"], d["step_size"], d["gamma"]) == (1, 0.01, 0.9, 50, 0.5)
+    assert cfg["preprocess"]["z_slices"] == 224 and cfg["preprocess"]["detector_spacing_mm"] is None
+    assert s["crop"] == [64, 64, 16] and s["widths"] == [16, 32, 64, 128]
+    assert cfg["acquisitions"]["paper"]["voxel_mm"] == [0.5, 0.5, 2.0]
+    assert set(cfg["evaluate_cohorts"]).isdisjoint(load("benchmark.yaml")["evaluate_cohorts"])
+    makefile = (ROOT / "Makefile").read_text()
+    assert "run_all.py --config config/benchmark-gpu.yaml --out benchmarks/RESULTS-gpu.md" in makefile
 
 
 def test_defaults_are_filled():
