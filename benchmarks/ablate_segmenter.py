@@ -1,10 +1,12 @@
 """Segmenter ablations: the SWI segmenter of config/benchmark.yaml trained with a given
-``segmenter.spacing_mm`` (or none) and ``segmenter.augment_lesions``, same data, seed and settings, through
+``segmenter.spacing_mm`` (or none), ``segmenter.augment_lesions`` and any other ``segmenter`` key
+(``--set key=value``, the value read as YAML), same data, seed and settings, through
 :func:`microbleed.segment.train_segmenter` (the function the ``train_segmenter`` rule calls).
 Prints the card's whole-volume Dice on the held-out validation subjects (no test subject).
 
 Run: ``.venv/bin/python benchmarks/ablate_segmenter.py none <out_dir> --results <results> [--lesions on|off]``
-or ``... 1,1,2 <out_dir>``; the folder is a model folder the workflow can use.
+or ``... 1,1,2 <out_dir>``, or ``... none <out_dir> --set ema_decay=0.995``; the folder is a model folder
+the workflow can use.
 """
 from __future__ import annotations
 
@@ -20,17 +22,25 @@ from microbleed.segment import train_segmenter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(spacing: str, out_dir: Path, results: Path, cohort: str = "bench-train", lesions: str | None = None) -> dict:
+def main(spacing: str, out_dir: Path, results: Path, cohort: str = "bench-train", lesions: str | None = None,
+         settings: dict | None = None) -> dict:
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["segmenter"]
     cfg.update(yaml.safe_load((ROOT / "config" / "benchmark.yaml").read_text())["segmenter"])
     cfg["spacing_mm"] = None if spacing == "none" else [float(v) for v in spacing.split(",")]
     if lesions is not None:
         cfg["augment_lesions"] = lesions == "on"
+    schema = yaml.safe_load((ROOT / "config" / "schemas" / "config.schema.yaml").read_text())
+    keys = schema["properties"]["segmenter"]["properties"]
+    for key, value in (settings or {}).items():
+        if key not in keys:
+            raise SystemExit(f"--set {key}: not a key of segmenter (config/schemas/config.schema.yaml)")
+        cfg[key] = value
     subs = sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*"))
     inputs = [(s, str(results / cohort / "preproc" / f"sub-{s}" / f"sub-{s}_desc-preproc_swi.nii.gz"),
                str(results / cohort / "labels" / f"sub-{s}_desc-bombs_dseg.nii.gz")) for s in subs]
     card = train_segmenter(inputs, out_dir, cfg, "cpu")
     out = {"spacing_mm": cfg["spacing_mm"], "augment_lesions": cfg.get("augment_lesions", False),
+           **(settings or {}),
            "validation_subjects": card["validation_subjects"],
            "validation_dice": card["validation_dice"]}
     print(json.dumps(out))
@@ -43,7 +53,10 @@ if __name__ == "__main__":
     ap.add_argument("out_dir")
     ap.add_argument("--results", default=str(ROOT / "results"))
     ap.add_argument("--lesions", choices=["on", "off"], help="segmenter.augment_lesions (default: the config's)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="other segmenter keys, the value read as YAML (e.g. ema_decay=0.995)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    main(args.spacing, Path(args.out_dir), Path(args.results), lesions=args.lesions)
+    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    main(args.spacing, Path(args.out_dir), Path(args.results), lesions=args.lesions, settings=settings)

@@ -160,3 +160,25 @@ def test_flip_tta_segments_the_mirrored_ras_image_and_maps_it_back(tmp_path, mon
     np.testing.assert_array_equal(seen[2], ras[::-1])
     np.testing.assert_array_equal(maps[True], maps[False])
     assert len(np.unique(maps[False])) > 1
+
+
+def test_ablate_segmenter_sets_segmenter_keys_and_refuses_unknown_ones(tmp_path, monkeypatch):
+    """benchmarks/ablate_segmenter.py: the benchmark's segmenter config plus ``--set`` keys reaches
+    train_segmenter; a key the schema does not know stops it before any training."""
+    from benchscripts import load_bench
+    ablate = load_bench("ablate_segmenter")
+    seen = {}
+
+    def fake_train(inputs, out_dir, cfg, device):
+        seen.update(cfg=dict(cfg), inputs=list(inputs))
+        return {"validation_subjects": ["001"], "validation_dice": {"total": 0.5}}
+    monkeypatch.setattr(ablate, "train_segmenter", fake_train)
+    (tmp_path / "bench-train" / "preproc" / "sub-001").mkdir(parents=True)
+    out = ablate.main("none", tmp_path / "m", tmp_path, settings={"ema_decay": 0.99})
+    import yaml
+    bench = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "benchmark.yaml").read_text())
+    assert seen["cfg"]["epochs"] == bench["segmenter"]["epochs"]           # the benchmark's segmenter
+    assert seen["cfg"]["ema_decay"] == 0.99 and out["ema_decay"] == 0.99
+    assert seen["inputs"][0][0] == "001" and seen["inputs"][0][2].endswith("labels/sub-001_desc-bombs_dseg.nii.gz")
+    with pytest.raises(SystemExit, match="no_such_key"):
+        ablate.main("none", tmp_path / "m", tmp_path, settings={"no_such_key": 1})
