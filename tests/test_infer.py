@@ -126,12 +126,25 @@ def test_dark_bridge_merges_the_two_ends_of_one_void_only():
     assert dark_bridged(cands[0, :3], cands[1, :3], dark)
     assert not dark_bridged(cands[1, :3], cands[2, :3], dark)      # bright tissue between them
     assert not dark_bridged([0, 0, 0], [60, 0, 0], np.ones((40, 40, 40), bool))   # leaves the array
+    clipped = np.where(swi < 0.1, 0.0, swi).astype(np.float32)     # normalised SWI: the voids clipped to 0
+    assert (dark_map(clipped, None, 0.4) == dark).all()            # still inside the brain, still dark
     aff = np.eye(4)
     plain = candidates_table(cands, aff, aff, radius_mm=5.0)
     assert len(plain) == 3                                        # 6 mm apart: distance NMS keeps both ends
     merged = candidates_table(cands, aff, aff, radius_mm=5.0, merge_mm=10.0, dark=dark)
     assert merged["score"].tolist() == [0.99, 0.97]               # one finding per void, the best end kept
     assert len(candidates_table(cands, aff, aff, radius_mm=5.0, merge_mm=5.5, dark=dark)) == 3   # too far
+
+
+def test_merge_pairs_script_counts_the_pairs_merging_would_join():
+    """benchmarks/merge_pairs.py on the void-and-pair phantom: two pairs 5-10 mm apart, one joined."""
+    from benchscripts import load_bench
+    swi, cands = _void_and_pair()
+    table = pd.DataFrame(cands[:, :3], columns=["x", "y", "z"])       # identity affine: mm = voxels
+    pairs = load_bench("merge_pairs").subject_pairs
+    assert pairs(table, swi[None], np.eye(4), None, 5.0, 10.0, 0.4) == (2, 1)
+    assert pairs(table, swi[None], np.eye(4), None, 5.0, 6.5, 0.4) == (1, 1)
+    assert pairs(table.iloc[:1], swi[None], np.eye(4), None, 5.0, 10.0, 0.4) == (0, 0)
 
 
 def test_nms_merge_asks_only_about_pairs_within_the_merge_radius():

@@ -58,6 +58,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
@@ -371,9 +372,10 @@ def nms_ras(points_ras: np.ndarray, scores: np.ndarray, radius_mm: float, merge_
 
 def dark_map(swi: np.ndarray, brain: np.ndarray | None, fraction: float) -> np.ndarray:
     """Brain voxels darker than ``fraction`` x the brain's median SWI (signal voids: microbleeds,
-    veins); ``brain`` ``None``: the voxels where the (skull-stripped) SWI is above 0."""
+    veins); ``brain`` ``None``: the voxels where the (skull-stripped) SWI is above 0, holes
+    filled (the normalised SWI is clipped to 0 in the darkest voids, which are inside)."""
     swi = np.asarray(swi, dtype=np.float32)
-    inside = swi > 0 if brain is None else np.asarray(brain) > 0
+    inside = ndimage.binary_fill_holes(swi > 0) if brain is None else np.asarray(brain) > 0
     if not inside.any():
         return np.zeros(swi.shape, dtype=bool)
     return inside & (swi < fraction * float(np.median(swi[inside])))
