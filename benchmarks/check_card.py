@@ -35,7 +35,8 @@ def main(model_dir: Path, results: Path, tol: float, hit_radius_mm: float = 5.0)
                str(root / "derivatives" / "cmb" / f"sub-{s}" / f"sub-{s}_cmb.tsv")) for s in card["data"]["val"]]
     model, _ = load_detector(model_dir, "cpu")
     now = validation_score(model, load_volumes(inputs), torch.device("cpu"), card["training"]["crop"],
-                           int(card["config"]["box_voxels"]), hit_radius_mm)
+                           int(card["config"]["box_voxels"]), hit_radius_mm,
+                           card.get("validation_postprocess"))
     worst = 0.0
     print(f"{model_dir.name}: validation subjects {', '.join(card['data']['val'])} of {cohort}")
     for key in sorted(card["validation"]):

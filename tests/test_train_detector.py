@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(**detector) -> dict:
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["infer"] = {k: cfg["infer"][k] for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction")}
     cfg["detector"].update({"crop": [32, 32, 32], "widths": [2, 2, 4, 4, 4], "crops_per_epoch": 4,
                             "batch_size": 2, "epochs": 3, "validation_fraction": 0.34, "seed": 3})
     cfg["detector"].update(detector)
@@ -70,6 +71,8 @@ def test_outputs_card_and_load(tmp_path):
     assert sorted(card["data"]["train"] + card["data"]["val"]) == ["01", "02", "03"]
     assert card["config"]["variant"] == "rpn+ffm+hspl" and card["config"]["grid"] == {"spacing_mm": [1.0, 1.0, 1.5]}
     assert "mean_sensitivity" in card["validation"] and card["seed"] == 3
+    assert card["validation_postprocess"] == {k: _cfg()["infer"][k]
+                                              for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction")}
     model, card2 = load_detector(tmp_path / "m", "cpu")
     assert len(card2["prototypes"]) == 2 and not model.training
     with torch.no_grad():
@@ -77,6 +80,29 @@ def test_outputs_card_and_load(tmp_path):
     (tmp_path / "m" / "model.pt").write_bytes(b"tampered")
     with pytest.raises(Exception, match="sha256"):
         load_detector(tmp_path / "m", "cpu")
+
+
+def test_validation_candidates_are_post_processed_as_detect_does(monkeypatch):
+    """A false positive (0.9) 7 mm from the CMB's candidate (0.8): the default NMS (10 mm on a
+    1 mm grid) suppresses the CMB's candidate, the inference's 5 mm radius keeps both, the
+    dark-bridge merge (10 mm) joins them again when a dark segment links them; the validation
+    FROC follows the post-processing."""
+    import microbleed.infer as infer
+    from microbleed.data import Volume
+    from microbleed.train import validation_score
+    image = np.ones((2, 40, 40, 40), np.float32)
+    image[0, 10:18, 20, 20] = 0.0                               # a dark segment from (10,20,20) to (17,20,20)
+    vol = Volume("01", image, np.eye(4), np.array([[10.0, 20.0, 20.0]]))
+    cands = np.array([[17.0, 20, 20, 0.9], [10.0, 20, 20, 0.8]])
+    monkeypatch.setattr(infer, "detect_volume", lambda *a, **k: cands)
+    run = lambda post: validation_score(None, [vol], torch.device("cpu"), (32, 32, 32), 20, 5.0, post)
+    assert run(None)["sens_at_8"] == 0.0                        # the CMB's candidate suppressed
+    five = run({"nms_radius_mm": 5.0, "merge_dark_mm": 0.0, "dark_fraction": 0.6})
+    assert five["sens_at_1"] == 1.0 and five["sens_at_0.5"] == 0.5 and five["threshold_at_1"] == 0.8
+    merged = run({"nms_radius_mm": 5.0, "merge_dark_mm": 10.0, "dark_fraction": 0.6})
+    assert merged["sens_at_8"] == 0.0                           # one void: one finding, 7 mm off the label
+    image[0, 14, 20, 20] = 1.0                                  # the segment broken: no merge
+    assert run({"nms_radius_mm": 5.0, "merge_dark_mm": 10.0, "dark_fraction": 0.6}) == five
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):

@@ -78,23 +78,38 @@ def split_subjects(volumes: Sequence[Volume], fraction: float, seed: int) -> tup
 
 
 def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
-                     window: Sequence[int], box: int, hit_radius_mm: float) -> dict[str, float]:
+                     window: Sequence[int], box: int, hit_radius_mm: float,
+                     postprocess: Mapping[str, Any] | None = None) -> dict[str, float]:
     """FROC summary of ``model`` on whole validation volumes (see module docstring).
+
+    Args:
+        postprocess: the inference's candidate post-processing (config ``infer``
+            keys ``nms_radius_mm``, ``merge_dark_mm``, ``dark_fraction``), applied
+            with :func:`microbleed.infer.candidates_table` exactly as the
+            ``detect`` rule does, so that the operating threshold read from the
+            card is set on the candidates it will be applied to; ``None`` or a
+            missing key: NMS at :func:`microbleed.infer.default_nms_radius`, no
+            dark-bridge merging. The brain is the filled ``SWI > 0`` region
+            (:func:`microbleed.infer.dark_map` without a mask).
 
     Returns:
         :func:`microbleed.metrics.froc_summary` of the candidates after NMS
         (``mean_sensitivity``, ``sens_at_<fp>``, ...); NaN without labelled CMBs.
     """
-    from .infer import default_nms_radius, detect_volume, nms_ras
+    from .infer import candidates_table, dark_map, detect_volume
     from .metrics import SubjectData, froc_curve, froc_summary
+    post = dict(postprocess or {})
+    radius = post.get("nms_radius_mm")
+    merge_mm, fraction = float(post.get("merge_dark_mm") or 0.0), float(post.get("dark_fraction") or 0.0)
     subjects = []
     for vol in volumes:
         cands = detect_volume(model, vol.image, device, window=window, overlap=0.25, box=box)
-        ras = voxel_to_ras(cands[:, :3], vol.affine) if len(cands) else np.zeros((0, 3))
-        keep = nms_ras(ras, cands[:, 3], default_nms_radius(vol.affine, box))
+        dark = dark_map(vol.image[0], None, fraction) if merge_mm > 0 and fraction > 0 else None
+        table = candidates_table(cands, vol.affine, vol.affine, radius, box, merge_mm, dark)
         labels = voxel_to_ras(vol.centres, vol.affine) if len(vol.centres) else np.zeros((0, 3))
         subjects.append(SubjectData(vol.subject, "cmb" if len(labels) else "normal", labels,
-                                    ras[keep], cands[keep, 3]))
+                                    table[["x", "y", "z"]].to_numpy(float).reshape(-1, 3),
+                                    table["score"].to_numpy(float)))
     return froc_summary(froc_curve(subjects, hit_radius_mm))
 
 
@@ -115,7 +130,8 @@ def _grid_entries(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _fingerprint(cfg: Mapping[str, Any], subjects: Sequence[str]) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed."""
     d = {k: v for k, v in cfg["detector"].items() if k not in _RESUMABLE}
-    return {"detector": d, "subjects": list(subjects), "grid": grid_spec(cfg["preprocess"])}
+    return {"detector": d, "subjects": list(subjects), "grid": grid_spec(cfg["preprocess"]),
+            "infer": dict(cfg.get("infer") or {})}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -240,7 +256,7 @@ def _write_model(run: _Run, out_dir: Path, cfg: Mapping[str, Any], split: Mappin
             "data": split, "seed": int(d["seed"]), "device": str(device),
             "selection": {"rule": "max FROC mean sensitivity (1/8..8 FP/subject) on validation; ties: later epoch",
                           "best_epoch": run.best_epoch, "epochs": run.epoch},
-            "validation": run.best_metrics}
+            "validation": run.best_metrics, "validation_postprocess": dict(cfg.get("infer") or {})}
     write_card(out_dir, card)
     return card
 
@@ -255,7 +271,10 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         out_dir: model folder; gets model.pt, card.json, train_log.csv, checkpoint.pt.
         cfg: the workflow config (keys ``detector``, ``preprocess.z_slices`` and
             ``preprocess.detector_spacing_mm`` (:func:`microbleed.preprocess.grid_spec`),
-            ``evaluate.hit_radius_mm``).
+            ``evaluate.hit_radius_mm``; optional ``infer`` with the inference's
+            ``nms_radius_mm``, ``merge_dark_mm``, ``dark_fraction``, the
+            post-processing of validation (:func:`validation_score`), recorded in
+            the card as ``validation_postprocess``).
         device: torch device (``microbleed.runtime.select_device``).
         cohort: name of the training cohort, for the card.
     Returns:
@@ -300,7 +319,8 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         every = int(d.get("validate_every", 1))
         validate = bool(val_vols) and (run.epoch % every == 0 or run.epoch == int(d["epochs"]))
         metrics = (validation_score(run.model, val_vols, device, window, int(d["box_voxels"]),
-                                    float(cfg["evaluate"]["hit_radius_mm"])) if validate else {})
+                                    float(cfg["evaluate"]["hit_radius_mm"]), cfg.get("infer"))
+                   if validate else {})
         if validate or not val_vols:
             run.consider(metrics)
         csv.write(epoch=run.epoch, lr=lr, val_score=metrics.get("mean_sensitivity", math.nan),
