@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(**detector) -> dict:
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    cfg["infer"] = {k: cfg["infer"][k] for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction")}
     cfg["detector"].update({"crop": [32, 32, 32], "widths": [2, 2, 4, 4, 4], "crops_per_epoch": 4,
                             "batch_size": 2, "epochs": 3, "validation_fraction": 0.34, "seed": 3})
     cfg["detector"].update(detector)
@@ -103,6 +102,15 @@ def test_validation_candidates_are_post_processed_as_detect_does(monkeypatch):
     assert merged["sens_at_8"] == 0.0                           # one void: one finding, 7 mm off the label
     image[0, 14, 20, 20] = 1.0                                  # the segment broken: no merge
     assert run({"nms_radius_mm": 5.0, "merge_dark_mm": 10.0, "dark_fraction": 0.6}) == five
+
+
+def test_train_rule_passes_the_postprocess_keys():
+    from microbleed.train import POSTPROCESS_KEYS
+    rule = (ROOT / "workflow" / "rules" / "train.smk").read_text()
+    import ast
+    import re
+    found = re.search(r'"infer": \{k: config\["infer"\]\[k\] for k in (\([^)]*\))\}', rule)
+    assert found and ast.literal_eval(found.group(1)) == POSTPROCESS_KEYS
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):

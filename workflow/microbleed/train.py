@@ -127,11 +127,20 @@ def _grid_entries(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"grid": grid, **({"z_slices": grid["z_slices"]} if "z_slices" in grid else {})}
 
 
+POSTPROCESS_KEYS = ("nms_radius_mm", "merge_dark_mm", "dark_fraction")
+
+
+def _postprocess(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of config ``infer`` that shape validation candidates (:func:`validation_score`)."""
+    infer = cfg.get("infer") or {}
+    return {k: infer[k] for k in POSTPROCESS_KEYS if k in infer}
+
+
 def _fingerprint(cfg: Mapping[str, Any], subjects: Sequence[str]) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed."""
     d = {k: v for k, v in cfg["detector"].items() if k not in _RESUMABLE}
     return {"detector": d, "subjects": list(subjects), "grid": grid_spec(cfg["preprocess"]),
-            "infer": dict(cfg.get("infer") or {})}
+            "infer": _postprocess(cfg)}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -256,7 +265,7 @@ def _write_model(run: _Run, out_dir: Path, cfg: Mapping[str, Any], split: Mappin
             "data": split, "seed": int(d["seed"]), "device": str(device),
             "selection": {"rule": "max FROC mean sensitivity (1/8..8 FP/subject) on validation; ties: later epoch",
                           "best_epoch": run.best_epoch, "epochs": run.epoch},
-            "validation": run.best_metrics, "validation_postprocess": dict(cfg.get("infer") or {})}
+            "validation": run.best_metrics, "validation_postprocess": _postprocess(cfg)}
     write_card(out_dir, card)
     return card
 
@@ -319,7 +328,7 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         every = int(d.get("validate_every", 1))
         validate = bool(val_vols) and (run.epoch % every == 0 or run.epoch == int(d["epochs"]))
         metrics = (validation_score(run.model, val_vols, device, window, int(d["box_voxels"]),
-                                    float(cfg["evaluate"]["hit_radius_mm"]), cfg.get("infer"))
+                                    float(cfg["evaluate"]["hit_radius_mm"]), _postprocess(cfg))
                    if validate else {})
         if validate or not val_vols:
             run.consider(metrics)

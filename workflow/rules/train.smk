@@ -61,7 +61,8 @@ rule train_detector:
             "detector": {**config["detector"], "variant": wc.variant.replace("-", "+")},
             "preprocess": {k: config["preprocess"].get(k) for k in ("z_slices", "detector_spacing_mm")},
             "evaluate": {"hit_radius_mm": config["evaluate"]["hit_radius_mm"]},
-            # validation candidates are post-processed as the detect rule does (operating threshold)
+            # validation candidates are post-processed as the detect rule does (operating threshold);
+            # the keys of microbleed.train.POSTPROCESS_KEYS (not imported here: torch at parse time)
             "infer": {k: config["infer"][k] for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction")},
         },
         device=config["device"],
