@@ -88,7 +88,8 @@ def collect(snapshot_root: str | Path) -> dict[tuple[str, str], dict[str, pd.Dat
 
 def _detection_rows(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], internal: str,
                     external: Sequence[str]) -> list[list[str]]:
-    """Table 1 + 3 rows: method, internal (sens, prec, FP_avg cmb, FP_avg normal), first external."""
+    """Table 1 + 3 rows: method, internal (sens, prec, FP_avg cmb, FP_avg normal), first external (the same
+    four; the paper's external set had no normal subjects, so its cell there is ours alone)."""
     by_method: dict[str, dict[str, pd.DataFrame]] = {}
     for (segin, cohort), tables in found.items():
         det = tables.get("detection")
@@ -103,12 +104,12 @@ def _detection_rows(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], in
     for method in [*by_method, *(m for m in PAPER_DETECTION if m not in by_method)]:
         paper = PAPER_DETECTION.get(method, (None,) * 7)
         cells = [method]
-        for cohort, groups, offset in ((internal, ("cmb", "cmb", "cmb", "normal"), 0), (ext, ("cmb",) * 3, 4)):
+        groups, keys = ("cmb", "cmb", "cmb", "normal"), ("sensitivity", "precision", "fp_avg", "fp_avg")
+        for cohort, papers in ((internal, paper[:4]), (ext, (*paper[4:7], None))):
             t = by_method.get(method, {}).get(cohort)
-            keys = ("sensitivity", "precision", "fp_avg", "fp_avg") if offset == 0 else ("sensitivity", "precision", "fp_avg")
-            for n, (g, k) in enumerate(zip(groups, keys)):
+            for g, k, p in zip(groups, keys, papers):
                 ours = t.loc[g, k] if t is not None and g in t.index else None
-                cells.append(_cell(ours, paper[offset + n], 100.0 if k != "fp_avg" else 1.0))
+                cells.append(_cell(ours, p, 100.0 if k != "fp_avg" else 1.0))
         out.append(cells)
     return out
 
@@ -122,8 +123,6 @@ def _localization_rows(found, internal: str, external: Sequence[str]) -> list[li
         kind = "internal" if cohort == internal else "external" if cohort in external else None
         paper = PAPER_LOCALIZATION.get((kind, segin), {})
         for _, r in loc.iterrows():
-            if r["region"] == "none":
-                continue
             p = paper.get(r["region"], (None, None, None))
             efp = _cell(r.get("efp_avg"), p[2] if len(p) > 2 else None) if r["region"] == "total" else ""
             rows.append([cohort, segin, r["region"], _cell(r.get("dice_mean"), p[0], digits=3),
@@ -153,7 +152,7 @@ def render_results(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], int
     """RESULTS.md text: run facts, then Tables 1/3, 2 and the FROC summary (``ours (paper)``)."""
     facts = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     det_head = ["method", f"{internal} sens %", "prec %", "FP_avg", "FP_avg normal",
-                f"{external[0] if external else 'external'} sens %", "prec %", "FP_avg"]
+                f"{external[0] if external else 'external'} sens %", "prec %", "FP_avg", "FP_avg normal"]
     loc_head = ["cohort", "segmenter input", "region", "Dice", "LA", "correct/detected", "EFP_avg"]
     froc_head = ["cohort", "method", "@1/8", "@1/4", "@1/2", "@1", "@2", "@4", "@8", "mean", "AUC-PR"]
     return "\n\n".join([
@@ -166,6 +165,32 @@ def render_results(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], int
         "## Anatomical localisation (paper Table 2)", _md(loc_head, _localization_rows(found, internal, external)),
         "## FROC: sensitivity at FP_avg, mean, AUC-PR (paper Fig. 9)", _md(froc_head, _froc_rows(found)),
     ]) + "\n"
+
+
+def copy_plots(snapshot_root: str | Path, dest: str | Path) -> list[Path]:
+    """Copy each snapshot's FROC and PR plots (``segin-<input>/<cohort>/{froc,pr}.png``) to
+    ``dest/<cohort>_<input>_{froc,pr}.png`` (results/ is not versioned; benchmarks/ is); older
+    plots in ``dest`` are removed first, so the folder holds this run's only. Returns the copies."""
+    dest = Path(dest)
+    for old in dest.glob("*.png"):
+        old.unlink()
+    copies = []
+    for png in sorted(Path(snapshot_root).glob("segin-*/*/*.png")):
+        if png.stem in ("froc", "pr"):
+            target = dest / f"{png.parent.name}_{png.parent.parent.name.removeprefix('segin-')}_{png.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, target)
+            copies.append(target)
+    return copies
+
+
+def plots_section(copies: Sequence[Path], out_dir: Path) -> str:
+    """Markdown image links to ``copies``, relative to the folder of RESULTS.md."""
+    if not copies:
+        return ""
+    lines = ["", "## Plots (FROC and precision-recall per cohort and segmenter input)", ""]
+    lines += [f"![{p.stem}]({os.path.relpath(p, out_dir)})" for p in copies]
+    return "\n".join(lines) + "\n"
 
 
 def _git_commit() -> str:
@@ -265,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
     text = render_results(collect(snapshot_root), internal, external, meta)
     if not overrides:  # an experiment's page holds its own tables only
+        out_dir = Path(args.out).resolve().parent
+        text += plots_section(copy_plots(snapshot_root, out_dir / "plots" / Path(args.out).stem), out_dir)
         text += speed_sections(ROOT / "benchmarks" / "results")
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

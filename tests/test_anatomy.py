@@ -135,22 +135,36 @@ def test_aseg_without_aparc_gives_unspecified_lobes(dk, dk_maps):
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["RAS", "LAS"])
-def test_wm_hypointensities_without_aparc_take_the_side_of_ras_x(flip):
-    """No aparc: WM hypointensities (77) across the midline are left where RAS x < 0, right elsewhere."""
+@pytest.mark.parametrize("origin_shift", [0.0, 12.0], ids=["midline-origin", "off-centre-origin"])
+def test_wm_hypointensities_without_aparc_take_the_side_of_their_hemisphere(flip, origin_shift):
+    """No aparc: WM hypointensities (77) across the midline take the side of the nearer hemisphere's
+    white matter (2 left, 41 right), also when the scanner origin is 12 mm off the midline."""
     aseg = np.zeros((40, 12, 10), np.int64)
-    aseg[4:20, 2:10, 2:8] = 2                      # array half i < 20 ...
-    aseg[20:36, 2:10, 2:8] = 41
+    left_half = slice(20, 36) if flip else slice(4, 20)        # left = RAS x < 0 at the midline origin
+    right_half = slice(4, 20) if flip else slice(20, 36)
+    aseg[left_half, 2:10, 2:8] = 2
+    aseg[right_half, 2:10, 2:8] = 41
     aseg[10:30, 4:8, 3:7] = 77                     # a lesion band straddling i = 20
     aff = np.diag([-1.5 if flip else 1.5, 1.0, 2.0, 1.0])
-    aff[0, 3] = 19.5 * 1.5 if flip else -19.5 * 1.5   # RAS x = 0 between voxels i = 19 and 20
+    aff[0, 3] = (19.5 * 1.5 if flip else -19.5 * 1.5) + origin_shift   # midline between i = 19 and 20
     aff[1, 3], aff[2, 3] = -30.0, 12.0
-    x = voxel_to_ras(np.argwhere(aseg == 77).astype(float), aff)[:, 0]
-    expected = np.where(x < 0, 13, 14)
+    i = np.argwhere(aseg == 77)[:, 0]
+    expected = np.where((i >= 20) == flip, 13, 14)
     _, mars = A.bombs_from_aseg(aseg, aff, capsule_rule=False)      # labelled box starts at i = 4
     assert np.array_equal(mars[aseg == 77], expected)
     assert set(expected) == {13, 14}
     assert np.array_equal(A.mars_map(aseg, aff)[aseg == 77], expected)
-    assert A.mars_name(int(expected[0])) == ("right" if flip else "left") + " lobar (unspecified)"
+    by_x = np.where(voxel_to_ras(np.argwhere(aseg == 77).astype(float), aff)[:, 0] < 0, 13, 14)
+    assert np.array_equal(by_x, expected) == (origin_shift == 0.0), "the fixture tells the two rules apart"
+
+
+def test_wm_hypointensities_without_any_hemisphere_fall_back_to_ras_x():
+    aseg = np.zeros((40, 12, 10), np.int64)
+    aseg[10:30, 4:8, 3:7] = 77
+    aff = np.diag([1.5, 1.0, 2.0, 1.0])
+    aff[0, 3] = -19.5 * 1.5
+    x = voxel_to_ras(np.argwhere(aseg == 77).astype(float), aff)[:, 0]
+    assert np.array_equal(A.mars_map(aseg, aff)[aseg == 77], np.where(x < 0, 13, 14))
 
 
 def _resampled_grid(aff_src, shape_src, orient):

@@ -10,7 +10,7 @@ import pytest
 from microbleed.data import load_detector_input
 from microbleed.infer import DetectParams, detect_subject
 from microbleed.io import InputError, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras
-from microbleed.preprocess import (card_grid, check_detector_grid, detector_grid_mask, detector_grid_shape,
+from microbleed.preprocess import (card_grid, check_detector_grid, check_slice_axis, detector_grid_mask, detector_grid_shape,
                                    detector_input, grid_spec, resampling_affine, to_detector_grid)
 from test_infer_fakes import DarkCentroidNet, blob_image
 
@@ -49,6 +49,28 @@ def test_resampling_affine_keeps_the_slab_corners():
     new = resampling_affine(aff, (50, 40, 30), (60, 36, 50))
     for corner_in, corner_out in (([-0.5] * 3, [-0.5] * 3), ([49.5, 39.5, 29.5], [59.5, 35.5, 49.5])):
         assert np.allclose(voxel_to_ras(np.array([corner_in]), aff), voxel_to_ras(np.array([corner_out]), new))
+
+
+def test_slice_count_grid_refuses_a_coronal_scan_and_takes_any_axial_one(tmp_path):
+    """The paper's z-interpolation (z_slices) upsamples S only: an acquisition whose thick axis runs
+    anterior-posterior must be refused (by name) rather than interpolated along the wrong axis."""
+    coronal = _affine((0.5, 0.5, 2.0), "LIA")       # slices (third voxel axis) run A-P
+    axial_lia = _affine((0.5, 2.0, 0.5), "LIA")     # the same voxel order, thick axis I-S
+    with pytest.raises(InputError, match=r"07.*runs A-P"):
+        check_slice_axis(coronal, {"z_slices": 224}, subject="07", path="swi.nii.gz")
+    check_slice_axis(axial_lia, {"z_slices": 224}, subject="07")
+    check_slice_axis(_affine((1.0, 1.0, 1.02), "LAS"), 224)                       # near isotropic
+    check_slice_axis(coronal, SPACING)                                             # the mm grid takes it
+    rng = np.random.default_rng(0)
+    shape = (20, 16, 12)
+    swi, phase = tmp_path / "swi.nii.gz", tmp_path / "phase.nii.gz"
+    save_image(rng.random(shape).astype(np.float32), coronal, swi)
+    save_image(rng.random(shape).astype(np.float32), coronal, phase)
+    with pytest.raises(InputError) as err:
+        detector_input(swi, phase, tmp_path / "out.nii.gz", {"z_slices": 24}, subject="07")
+    assert "07" in str(err.value) and "swi.nii.gz" in str(err.value)
+    assert not (tmp_path / "out.nii.gz").exists(), "nothing half-written"
+    detector_input(swi, phase, tmp_path / "out.nii.gz", SPACING, subject="07")
 
 
 def test_paper_grid_is_the_z_interpolation():

@@ -25,10 +25,11 @@ def _write(d: Path, det_rows, loc_rows, froc_rows):
 def test_render_results(run_all, tmp_path):
     det = [("rpn+ffm+hspl", "cmb", 0.9, 0.5, 1.25), ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.5),
            ("rpn+ffm+hspl+pruning(swi)", "cmb", 0.9, 0.75, 0.5), ("rpn+ffm+hspl+pruning(swi)", "normal", None, 0.0, 0.0)]
-    loc = [("lobar", 0.8, 1.0, 3, 3, None), ("total", 0.7, 0.75, 3, 4, 0.25)]
+    loc = [("none", 0.97, None, 0, 0, None), ("lobar", 0.8, 1.0, 3, 3, None), ("total", 0.7, 0.75, 3, 4, 0.25)]
     froc = [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66)]
     _write(tmp_path / "segin-swi" / "int", det, loc, froc)
-    _write(tmp_path / "segin-swi" / "ext", [("rpn+ffm+hspl", "cmb", 0.8, 0.4, 2.0)], loc, froc)
+    _write(tmp_path / "segin-swi" / "ext", [("rpn+ffm+hspl", "cmb", 0.8, 0.4, 2.0),
+                                            ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.33)], loc, froc)
     _write(tmp_path / "segin-t1" / "int", [("rpn+ffm+hspl+pruning(t1)", "cmb", 0.85, 0.8, 0.4)], loc, froc)
     found = run_all.collect(tmp_path)
     assert set(found) == {("swi", "int"), ("swi", "ext"), ("t1", "int")}
@@ -38,6 +39,8 @@ def test_render_results(run_all, tmp_path):
     hspl = rows["rpn+ffm+hspl"]
     assert "90.00 (94.66)" in hspl and "50.00 (78.02)" in hspl and "1.25 (0.86)" in hspl
     assert "0.50 (0.85)" in hspl and "80.00 (93.89)" in hspl and "2.00 (2.01)" in hspl
+    assert hspl.rstrip(" |").endswith("0.33"), "external normals' FP_avg, no paper figure"
+    assert "| int | swi | none | 0.970 | n/a |" in text, "Dice of the none class reported"
     assert "75.00 (84.52)" in rows["rpn+ffm+hspl+pruning(swi)"]
     assert "85.00 (94.66)" in rows["rpn+ffm+hspl+pruning(t1)"] and "n/a" in rows["rpn+ffm+hspl+pruning(t1)"]
     assert "n/a (88.00)" in rows["two-stage YOLOv2 + 3D CNN (paper only)"]
@@ -53,3 +56,22 @@ def test_speed_sections_gather_script_reports(tmp_path):
     out = mod.speed_sections(tmp_path)
     assert out.index("### Simulation") < out.index("### Segmenter speed") and "| a |" in out
     assert mod.speed_sections(tmp_path / "none") == ""
+
+
+def test_plots_are_copied_out_of_results_and_linked(run_all, tmp_path):
+    snap = tmp_path / "results" / "benchmark"
+    for segin in ("swi", "t1"):
+        d = snap / f"segin-{segin}" / "bench-test"
+        d.mkdir(parents=True)
+        for name in ("froc.png", "pr.png", "other.png"):
+            (d / name).write_bytes(b"\x89PNG" + segin.encode())
+    dest = tmp_path / "benchmarks" / "plots" / "RESULTS"
+    dest.mkdir(parents=True)
+    (dest / "stale_swi_froc.png").write_bytes(b"old")
+    copies = run_all.copy_plots(snap, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["bench-test_swi_froc.png", "bench-test_swi_pr.png",
+                                                      "bench-test_t1_froc.png", "bench-test_t1_pr.png"]
+    assert (dest / "bench-test_t1_pr.png").read_bytes() == b"\x89PNGt1"
+    text = run_all.plots_section(copies, tmp_path / "benchmarks")
+    assert "![bench-test_swi_froc](plots/RESULTS/bench-test_swi_froc.png)" in text
+    assert run_all.plots_section([], tmp_path) == ""

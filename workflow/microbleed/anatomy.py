@@ -283,16 +283,24 @@ def mars_map(aseg: np.ndarray, affine: np.ndarray, capsule: np.ndarray | None = 
     Cerebral white matter takes the label of the nearest lobar voxel (in mm) of
     its own hemisphere (WM hypointensities: of either); hippocampus and amygdala are
     temporal. Without aparc cortical labels they stay ``lobar (unspecified)``; WM
-    hypointensities (77-79, no hemisphere in aseg) then take the side of the RAS
-    ``x`` of each voxel through ``affine`` (``x < 0``: left, else right).
+    hypointensities (77-79, no hemisphere in aseg) then take the side of the nearer
+    (in mm) cerebral white matter or cortex (2/3 left, 41/42 right), or, in an aseg
+    with neither hemisphere, of the RAS ``x`` of each voxel (``x < 0``: left): the
+    scanner origin need not lie on the midline.
     ``capsule`` (from :func:`capsule_labels`) overrides where non-zero.
     """
     out = _lookup(aseg, _mars_direct)
     hypo = np.isin(aseg, (77, 78, 79))
     if hypo.any():
         ijk = np.argwhere(hypo)
-        x = ijk @ np.asarray(affine, dtype=float)[0, :3] + float(affine[0, 3])
-        out[tuple(ijk.T)] = np.where(x < 0, _MARS_INDEX["left lobar (unspecified)"],
+        left, right = np.isin(aseg, (2, 3)), np.isin(aseg, (41, 42))
+        if left.any() and right.any():
+            vs = voxel_sizes(affine)
+            is_left = (ndimage.distance_transform_edt(~left, sampling=vs)[hypo]
+                       <= ndimage.distance_transform_edt(~right, sampling=vs)[hypo])
+        else:
+            is_left = ijk @ np.asarray(affine, dtype=float)[0, :3] + float(affine[0, 3]) < 0
+        out[tuple(ijk.T)] = np.where(is_left, _MARS_INDEX["left lobar (unspecified)"],
                                      _MARS_INDEX["right lobar (unspecified)"])
     lobes = (out >= 1) & (out <= 12)
     if lobes.any():

@@ -38,7 +38,7 @@ __all__ = [
     "phase_sign_evidence", "resolve_phase_sign",
     "robust_minmax", "preprocess_swi_phase", "preprocess_t1",
     "resampling_affine", "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
-    "resample_axes", "interpolate_z", "grid_spec", "card_grid", "detector_grid_shape", "to_detector_grid",
+    "resample_axes", "interpolate_z", "grid_spec", "card_grid", "detector_grid_shape", "to_detector_grid", "check_slice_axis",
     "check_detector_grid", "detector_input", "detector_grid_mask", "given_mask_path",
 ]
 
@@ -565,19 +565,48 @@ def check_detector_grid(shape, affine: np.ndarray, grid, *, subject: str | None 
                          f"preprocess.detector_spacing_mm {want.tolist()}", subject=subject, path=path)
 
 
+def check_slice_axis(affine: np.ndarray, grid, *, subject: str | None = None, path=None,
+                     rel_tol: float = 0.05) -> None:
+    """Raise :class:`InputError` when the slice-count grid (``{"z_slices": n}``, the paper's
+    z-interpolation) meets a scan whose thickest voxel axis is not inferior-superior.
+
+    The slice-count grid interpolates the RAS third axis (S) only, as the paper does for its
+    axial SWI; on a coronal or sagittal acquisition that would upsample an already fine axis
+    and leave the thick one as it is. The grid in mm (``{"spacing_mm": [x, y, z]}``, the
+    default) resamples every axis and takes any slice direction. Nothing to check for it,
+    nor for near-isotropic voxels (no axis more than ``rel_tol`` thicker than S).
+    """
+    if "z_slices" not in _as_grid(grid):
+        return
+    sizes = voxel_sizes(affine)
+    ornt = nib.orientations.io_orientation(affine)
+    s_axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    thick = int(np.argmax(sizes))
+    if sizes[s_axis] < (1.0 - rel_tol) * sizes[thick]:
+        direction = "LRAPSI"[2 * int(ornt[thick, 0]):2 * int(ornt[thick, 0]) + 2]
+        raise InputError(f"the detector's grid is a slice count (z_slices {_as_grid(grid)['z_slices']}, axial "
+                         f"scans only) but this scan's thickest voxel axis ({sizes[thick]:.2f} mm) runs "
+                         f"{direction[0]}-{direction[1]}, not inferior-superior ({sizes[s_axis]:.2f} mm): a "
+                         f"coronal or sagittal acquisition needs a detector trained on a grid in mm "
+                         f"(preprocess.detector_spacing_mm)", subject=subject, path=path)
+
+
 def detector_input(swi_path, phase_path, out_path, grid, subject: str | None = None) -> Path:
     """Write the 4D detector input ``(X', Y', Z', 2)`` [swi, phase], float32.
 
     The volumes are first reordered to RAS (:func:`microbleed.io.to_canonical`,
     a permutation/flip, no interpolation), so the detector sees every cohort
-    (LAS, LIA, ...) in one orientation with the slice axis third; then resampled
-    to the detector grid ``grid`` (:func:`to_detector_grid`, :func:`grid_spec`).
+    (LAS, LIA, ...) in one orientation (inferior-superior third); then resampled
+    to the detector grid ``grid`` (:func:`to_detector_grid`, :func:`grid_spec`). The
+    slice-count grid takes axial scans only (:func:`check_slice_axis`); the grid in mm
+    takes any slice direction.
     The affine follows both steps, so every RAS position is unchanged and
     detections map back through it.
     """
     swi, aff = load_volume(swi_path, subject)
     phase, p_aff = load_volume(phase_path, subject, allow_zero=True)
     check_same_grid(swi.shape, aff, phase.shape, p_aff, subject=subject, path_b=phase_path)
+    check_slice_axis(aff, grid, subject=subject, path=swi_path)
     swi_i, new_aff = to_detector_grid(swi, aff, grid)
     phase_i, _ = to_detector_grid(phase, aff, grid)
     return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)
