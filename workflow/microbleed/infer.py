@@ -464,9 +464,9 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     ``radius_mm = 0`` reads the centre voxel only (the paper); ``none_fraction = 1``
     keeps a point while any brain voxel lies in its ball.
 
-    **Decision** (``infer.region_radius_mm`` 6 mm, ``infer.none_fraction`` 0.5, chosen on
-    the held-out validation subjects of the benchmark's training cohort,
-    benchmarks/results/pruning.md; ``infer.dark_fraction`` 0.4, see :func:`prune`): the
+    **Decision** (``infer.region_radius_mm`` 6 mm, ``infer.none_fraction`` 0.7,
+    ``infer.dark_fraction`` 0.6, see :func:`prune`; chosen on the held-out validation
+    subjects of the benchmark's training cohort, benchmarks/results/pruning.md): the
     segmenter labels a lesion by the lesion itself as much as by its surroundings
     (CMB-like spots in the ventricles come out as brain at their centre, large CMBs as
     ``none``), so the majority of a ball larger than a microbleed decides, not the
