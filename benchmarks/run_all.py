@@ -193,6 +193,15 @@ def plots_section(copies: Sequence[Path], out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def notes_section(path: Path) -> str:
+    """The hand-written account of the run (``benchmarks/notes/<RESULTS stem>.md``: how it was made,
+    what changed since the last one, which targets are met), kept in its own file so that
+    re-assembling the tables does not erase it; empty when there is none."""
+    if not path.exists():
+        return ""
+    return f"\n<!-- from {path.parent.name}/{path.name}, written by hand -->\n{path.read_text().strip()}\n"
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -291,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render_results(collect(snapshot_root), internal, external, meta)
     if not overrides:  # an experiment's page holds its own tables only
         out_dir = Path(args.out).resolve().parent
+        text += notes_section(out_dir / "notes" / f"{Path(args.out).stem}.md")
         text += plots_section(copy_plots(snapshot_root, out_dir / "plots" / Path(args.out).stem), out_dir)
         text += speed_sections(ROOT / "benchmarks" / "results")
     Path(args.out).write_text(text)

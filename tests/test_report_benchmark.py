@@ -75,3 +75,10 @@ def test_plots_are_copied_out_of_results_and_linked(run_all, tmp_path):
     text = run_all.plots_section(copies, tmp_path / "benchmarks")
     assert "![bench-test_swi_froc](plots/RESULTS/bench-test_swi_froc.png)" in text
     assert run_all.plots_section([], tmp_path) == ""
+
+
+def test_hand_notes_survive_reassembly(run_all, tmp_path):
+    assert run_all.notes_section(tmp_path / "RESULTS.md") == ""
+    (tmp_path / "RESULTS.md").write_text("## How this run was made\n\nby hand\n")
+    text = run_all.notes_section(tmp_path / "RESULTS.md")
+    assert text.startswith("\n<!-- from ") and "## How this run was made" in text and text.endswith("by hand\n")
