@@ -16,13 +16,14 @@ AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
 AFFINE[:3, 3] = [-20.0, -30.0, -10.0]
 
 
-def synth_volume(shape=(48, 48, 48), spheres=(), tubes=(), seed=0, radius=2.0) -> np.ndarray:
+def synth_volume(shape=(48, 48, 48), spheres=(), tubes=(), seed=0, radius=2.0, tube_phase=0.85) -> np.ndarray:
     """``(2, X, Y, Z)`` float32 in [0, 1]: brain-like background 0.6 with noise.
 
     spheres: voxel centres of dark spheres (SWI 0.1, phase 0.15: a CMB, dark in both).
     tubes: ``(axis, (a, b))`` dark tubes along ``axis`` through the other two
-    coordinates (SWI 0.15, phase 0.85: a vein-like line, bright phase like a
-    diamagnetic mimic so the two channels tell it apart).
+    coordinates (SWI 0.15, phase ``tube_phase``): 0.85, bright phase, a diamagnetic
+    line that the phase channel tells apart; 0.15, a vein (paramagnetic like a CMB:
+    only its shape tells it apart).
     """
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
@@ -33,14 +34,14 @@ def synth_volume(shape=(48, 48, 48), spheres=(), tubes=(), seed=0, radius=2.0) -
     for axis, (a, b) in tubes:
         other = [i for i in range(3) if i != axis]
         inside = (grid[other[0]] - a) ** 2 + (grid[other[1]] - b) ** 2 <= 1.5 ** 2
-        img[0][inside], img[1][inside] = 0.15, 0.85
+        img[0][inside], img[1][inside] = 0.15, tube_phase
     return np.clip(img, 0, 1)
 
 
-def make_subject(tmp: Path, subject: str, spheres=(), tubes=(), shape=(48, 48, 48), seed=0
+def make_subject(tmp: Path, subject: str, spheres=(), tubes=(), shape=(48, 48, 48), seed=0, tube_phase=0.85
                  ) -> tuple[str, str, str]:
     """Write a 4D detector input and a CMB TSV (RAS mm); return ``(subject, image, tsv)``."""
-    img = synth_volume(shape, spheres, tubes, seed)
+    img = synth_volume(shape, spheres, tubes, seed, tube_phase=tube_phase)
     image_path = tmp / f"sub-{subject}_desc-detector_input.nii.gz"
     save_image(np.moveaxis(img, 0, 3), AFFINE, image_path)
     ras = voxel_to_ras(np.asarray(spheres, float).reshape(-1, 3), AFFINE)
