@@ -276,13 +276,14 @@ def test_deepbet_backend_runs_offline(tmp_path, monkeypatch):
 
 
 def test_detector_input_is_ras_ordered_whatever_the_acquisition(tmp_path):
-    """A LIA SWI: the 4D detector input is RAS-ordered and every voxel keeps its RAS position."""
+    """An axial LIA SWI: the 4D detector input is RAS-ordered and every voxel keeps its RAS position
+    (a coronal one is refused by the slice-count grid: test_detector_grid.py)."""
     import nibabel as nib
     from microbleed.io import load_volume as _load, save_image as _save, to_canonical, voxel_to_ras
     from microbleed.preprocess import detector_input
     rng = np.random.default_rng(4)
     swi = rng.random((10, 6, 12)).astype(np.float32) + 0.1
-    lia = np.array([[-0.9, 0, 0, 50], [0, 0, 2.0, -30], [0, -0.8, 0, 40], [0, 0, 0, 1]])
+    lia = np.array([[-0.9, 0, 0, 50], [0, 0, 0.8, -30], [0, -2.0, 0, 40], [0, 0, 0, 1]])  # axial: 2 mm I-S
     _save(swi, lia, tmp_path / "swi.nii.gz")
     _save(swi * 0 + 0.5, lia, tmp_path / "phase.nii.gz")
     out = detector_input(tmp_path / "swi.nii.gz", tmp_path / "phase.nii.gz", tmp_path / "in.nii.gz",
