@@ -114,6 +114,12 @@ def _detection_rows(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], in
     return out
 
 
+def _counts(r) -> str:
+    """``correct/detected`` of a localisation row; empty where the row has none (the ``none`` class)."""
+    c, d = r.get("n_correct"), r.get("n_detected")
+    return "" if c is None or d is None or pd.isna(c) or pd.isna(d) else f"{int(c)}/{int(d)}"
+
+
 def _localization_rows(found, internal: str, external: Sequence[str]) -> list[list[str]]:
     rows = []
     for (segin, cohort), tables in sorted(found.items()):
@@ -126,7 +132,7 @@ def _localization_rows(found, internal: str, external: Sequence[str]) -> list[li
             p = paper.get(r["region"], (None, None, None))
             efp = _cell(r.get("efp_avg"), p[2] if len(p) > 2 else None) if r["region"] == "total" else ""
             rows.append([cohort, segin, r["region"], _cell(r.get("dice_mean"), p[0], digits=3),
-                         _cell(r.get("la"), p[1]), f"{int(r.get('n_correct', 0))}/{int(r.get('n_detected', 0))}", efp])
+                         _cell(r.get("la"), p[1]), _counts(r), efp])
     return rows
 
 

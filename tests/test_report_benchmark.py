@@ -25,7 +25,7 @@ def _write(d: Path, det_rows, loc_rows, froc_rows):
 def test_render_results(run_all, tmp_path):
     det = [("rpn+ffm+hspl", "cmb", 0.9, 0.5, 1.25), ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.5),
            ("rpn+ffm+hspl+pruning(swi)", "cmb", 0.9, 0.75, 0.5), ("rpn+ffm+hspl+pruning(swi)", "normal", None, 0.0, 0.0)]
-    loc = [("none", 0.97, None, 0, 0, None), ("lobar", 0.8, 1.0, 3, 3, None), ("total", 0.7, 0.75, 3, 4, 0.25)]
+    loc = [("none", 0.97, None, None, None, None), ("lobar", 0.8, 1.0, 3, 3, None), ("total", 0.7, 0.75, 3, 4, 0.25)]
     froc = [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66)]
     _write(tmp_path / "segin-swi" / "int", det, loc, froc)
     _write(tmp_path / "segin-swi" / "ext", [("rpn+ffm+hspl", "cmb", 0.8, 0.4, 2.0),
