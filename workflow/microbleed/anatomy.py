@@ -291,10 +291,11 @@ def mars_map(aseg: np.ndarray, affine: np.ndarray, capsule: np.ndarray | None = 
     """
     out = _lookup(aseg, _mars_direct)
     hypo = np.isin(aseg, (77, 78, 79))
+    lobes = (out >= 1) & (out <= 12)
     if hypo.any():
         ijk = np.argwhere(hypo)
         left, right = np.isin(aseg, (2, 3)), np.isin(aseg, (41, 42))
-        if left.any() and right.any():
+        if not lobes.any() and left.any() and right.any():    # with lobes, the fill below decides
             vs = voxel_sizes(affine)
             is_left = (ndimage.distance_transform_edt(~left, sampling=vs)[hypo]
                        <= ndimage.distance_transform_edt(~right, sampling=vs)[hypo])
@@ -302,7 +303,6 @@ def mars_map(aseg: np.ndarray, affine: np.ndarray, capsule: np.ndarray | None = 
             is_left = ijk @ np.asarray(affine, dtype=float)[0, :3] + float(affine[0, 3]) < 0
         out[tuple(ijk.T)] = np.where(is_left, _MARS_INDEX["left lobar (unspecified)"],
                                      _MARS_INDEX["right lobar (unspecified)"])
-    lobes = (out >= 1) & (out <= 12)
     if lobes.any():
         for ids, idx in (((17, 18), 5), ((53, 54), 6)):
             out[np.isin(aseg, ids)] = idx
