@@ -199,6 +199,53 @@ def plots_section(copies: Sequence[Path], out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def snapshot_models(models_dir: str | Path, snapshot_root: str | Path) -> None:
+    """Copy each model's ``card.json`` and ``train_log.csv`` (``results/models/<name>/``) to
+    ``snapshot_root/models/<name>/``, beside the metric snapshots, so that the training account of
+    RESULTS.md can be re-assembled from the snapshot alone."""
+    for card in sorted(Path(models_dir).glob("*/card.json")):
+        dst = Path(snapshot_root) / "models" / card.parent.name
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("card.json", "train_log.csv"):
+            if (card.parent / name).exists():
+                shutil.copyfile(card.parent / name, dst / name)
+
+
+def _validation_curve(log: pd.DataFrame) -> tuple[str, pd.Series]:
+    """(column, scores by epoch) of the model-selection score in a training log: the detector's
+    validation FROC mean (``val_score``), the segmenter's whole-volume mean Dice of lobar, deep and
+    infratentorial (``val_volume_dice_total``)."""
+    for col in ("val_volume_dice_total", "val_score"):
+        if col in log:
+            curve = pd.to_numeric(log[col], errors="coerce")
+            return col, pd.Series(curve.to_numpy(), index=log["epoch"]).dropna()
+    return "", pd.Series(dtype=float)
+
+
+def training_section(models_dir: str | Path) -> str:
+    """What training cost and what it chose, per model (``<models_dir>/<name>/{card.json,train_log.csv}``):
+    epochs run, the epoch the selection rule kept (the best validation score; ties: the later
+    epoch), that score, the score at every validation check, and the minutes of training (sum of
+    the log's per-epoch seconds, validation included). Empty when no model has a log."""
+    rows = []
+    for log_path in sorted(Path(models_dir).glob("*/train_log.csv")):
+        log = pd.read_csv(log_path)
+        if log.empty or "epoch" not in log:
+            continue
+        col, curve = _validation_curve(log)
+        best = curve[curve == curve.max()].index.max() if len(curve) else None
+        score = "validation FROC mean" if col == "val_score" else "validation Dice (lobar, deep, infra.)"
+        checks = ", ".join(f"{int(e)}: {v:.3f}" for e, v in curve.items())
+        minutes = pd.to_numeric(log.get("seconds"), errors="coerce").sum() / 60 if "seconds" in log else float("nan")
+        rows.append([log_path.parent.name, str(int(log["epoch"].max())),
+                     "n/a" if best is None else str(int(best)),
+                     "n/a" if best is None else f"{curve[best]:.3f} ({score})", checks or "n/a", f"{minutes:.1f}"])
+    if not rows:
+        return ""
+    head = ["model", "epochs", "kept epoch", "its score", "score at each check (epoch: score)", "training min"]
+    return "\n## Training (what each model cost and which epoch it kept)\n\n" + _md(head, rows) + "\n"
+
+
 def notes_section(path: Path) -> str:
     """The hand-written account of the run (``benchmarks/notes/<RESULTS stem>.md``: how it was made,
     what changed since the last one, which targets are met), kept in its own file so that
@@ -253,6 +300,7 @@ def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path,
             dst = snapshot_root / f"segin-{segin}" / cohort
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst)
+    snapshot_models(ROOT / "results" / "models", snapshot_root)
     return time.time() - start, code
 
 
@@ -304,7 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": args.config + "".join(f" + {o}" for o in args.override) + (f" (Snakemake {' '.join(args.snakemake_args)})" if args.snakemake_args else ""),
             "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
     text = render_results(collect(snapshot_root), internal, external, meta)
-    if not overrides:  # an experiment's page holds its own tables only
+    models = snapshot_root / "models"
+    text += training_section(models if models.is_dir() else ROOT / "results" / "models")
+    if not overrides:  # an experiment's page holds its own tables and training only
         out_dir = Path(args.out).resolve().parent
         text += notes_section(out_dir / "notes" / f"{Path(args.out).stem}.md")
         text += plots_section(copy_plots(snapshot_root, out_dir / "plots" / Path(args.out).stem), out_dir)

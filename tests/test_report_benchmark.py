@@ -82,3 +82,29 @@ def test_hand_notes_survive_reassembly(run_all, tmp_path):
     (tmp_path / "RESULTS.md").write_text("## How this run was made\n\nby hand\n")
     text = run_all.notes_section(tmp_path / "RESULTS.md")
     assert text.startswith("\n<!-- from ") and "## How this run was made" in text and text.endswith("by hand\n")
+
+
+def test_training_section_reports_cost_and_kept_epoch(run_all, tmp_path):
+    assert run_all.training_section(tmp_path) == ""
+    det = tmp_path / "results" / "models" / "detector_rpn"
+    seg = tmp_path / "results" / "models" / "segmenter_swi"
+    det.mkdir(parents=True)
+    seg.mkdir(parents=True)
+    pd.DataFrame({"epoch": [1, 2, 3, 4], "loss": [1, 0.5, 0.4, 0.3], "val_score": [None, 0.9, None, 0.9],
+                  "seconds": [30, 30, 30, 30]}).to_csv(det / "train_log.csv", index=False)
+    pd.DataFrame({"epoch": [1, 2, 3], "val_volume_dice_total": [0.5, 0.8, 0.7], "val_dice_total": [0.9, 0.1, 0.1],
+                  "seconds": [60, 60, 60]}).to_csv(seg / "train_log.csv", index=False)
+    for d in (det, seg):
+        (d / "card.json").write_text("{}")
+    (seg / "checkpoint.pt").write_bytes(b"big")
+    snap = tmp_path / "snap"
+    run_all.snapshot_models(tmp_path / "results" / "models", snap)
+    assert sorted(p.name for p in (snap / "models" / "segmenter_swi").iterdir()) == ["card.json", "train_log.csv"]
+    text = run_all.training_section(snap / "models")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    # tie at 0.9: the later epoch is kept; 4 epochs of 30 s = 2.0 min
+    assert rows["detector_rpn"][1:3] == ["4", "4"] and rows["detector_rpn"][3].startswith("0.900 (validation FROC")
+    assert rows["detector_rpn"][4] == "2: 0.900, 4: 0.900" and rows["detector_rpn"][5].strip(" |") == "2.0"
+    # the segmenter is chosen on whole volumes (not the per-crop Dice column): epoch 2
+    assert rows["segmenter_swi"][2] == "2" and rows["segmenter_swi"][3].startswith("0.800 (validation Dice")
+    assert rows["segmenter_swi"][5].strip(" |") == "3.0"
