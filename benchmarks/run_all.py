@@ -9,7 +9,9 @@ workflow runs once with that input (a merged copy of the config under
 of every evaluated cohort are copied to ``results/benchmark/segin-<input>/<cohort>/``.
 Then the tables are assembled, shaped like the paper's Tables 1-3 with the
 paper's numbers beside ours (``ours (paper)``), plus the FROC summary, the
-machine, date, git commit and wall time.
+machine, date, git commit and wall time; then what each model's training cost
+and kept (``results/benchmark/models/``) and where the time went, per rule
+(Snakemake's ``benchmark:`` records of each pass, ``results/benchmark/jobs-<input>/``).
 
 The first cohort of ``evaluate_cohorts`` is the *internal* test set (the
 paper's GMC), the others *external* (SNUH), unless ``--internal``/``--external``
@@ -211,6 +213,49 @@ def snapshot_models(models_dir: str | Path, snapshot_root: str | Path) -> None:
                 shutil.copyfile(card.parent / name, dst / name)
 
 
+def snapshot_jobs(bench_dir: str | Path, snapshot_root: str | Path, segin: str, since: float) -> int:
+    """Copy the Snakemake ``benchmark:`` records (``results/benchmarks/<rule>/<job>.tsv``) written since
+    ``since`` (epoch seconds: the start of the pass) to ``snapshot_root/jobs-<segin>/<rule>/``, so
+    that each pass keeps its own jobs (the t1 pass re-runs ``segment`` onto the same paths).
+    Returns the number of records copied."""
+    dst_root = Path(snapshot_root) / f"jobs-{segin}"
+    shutil.rmtree(dst_root, ignore_errors=True)
+    n = 0
+    for tsv in sorted(Path(bench_dir).glob("*/*.tsv")):
+        if tsv.stat().st_mtime >= since:
+            dst = dst_root / tsv.parent.name / tsv.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tsv, dst)
+            n += 1
+    return n
+
+
+def time_section(snapshot_root: str | Path) -> str:
+    """Where the wall time went: per pass and rule, the jobs run, their summed and median wall
+    seconds (Snakemake's ``s``) and the largest peak memory (``max_rss``, MB), from
+    ``snapshot_root/jobs-<segin>/`` (:func:`snapshot_jobs`); jobs ran up to ``--cores`` at a time,
+    so the sums add to more than the pass's wall time when jobs overlapped. Empty without records."""
+    rows, total = [], 0.0
+    for pass_dir in sorted(Path(snapshot_root).glob("jobs-*")):
+        for rule_dir in sorted(p for p in pass_dir.iterdir() if p.is_dir()):
+            tables = [pd.read_csv(t, sep="\t") for t in sorted(rule_dir.glob("*.tsv"))]
+            tables = [t for t in tables if not t.empty and "s" in t]
+            if not tables:
+                continue
+            jobs = pd.concat(tables, ignore_index=True)
+            secs = pd.to_numeric(jobs["s"], errors="coerce")
+            rss = pd.to_numeric(jobs.get("max_rss"), errors="coerce") if "max_rss" in jobs else pd.Series([float("nan")])
+            total += secs.sum()
+            rows.append([pass_dir.name.removeprefix("jobs-"), rule_dir.name, str(len(jobs)), f"{secs.sum() / 60:.1f}",
+                         f"{secs.median():.1f}", "n/a" if rss.isna().all() else f"{rss.max():.0f}"])
+    if not rows:
+        return ""
+    rows.sort(key=lambda r: -float(r[3]))
+    head = ["pass", "rule", "jobs", "job minutes (sum)", "median s per job", "peak memory MB"]
+    return ("\n## Where the time went (Snakemake benchmark records, per pass and rule)\n\n"
+            + _md(head, rows) + f"\n\nSum over all jobs: {total / 60:.1f} min.\n")
+
+
 def _validation_curve(log: pd.DataFrame) -> tuple[str, pd.Series]:
     """(column, scores by epoch) of the model-selection score in a training log: the detector's
     validation FROC mean (``val_score``), the segmenter's whole-volume mean Dice of lobar, deep and
@@ -301,6 +346,7 @@ def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path,
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst)
     snapshot_models(ROOT / "results" / "models", snapshot_root)
+    snapshot_jobs(ROOT / "results" / "benchmarks", snapshot_root, segin, start)
     return time.time() - start, code
 
 
@@ -354,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render_results(collect(snapshot_root), internal, external, meta)
     models = snapshot_root / "models"
     text += training_section(models if models.is_dir() else ROOT / "results" / "models")
+    text += time_section(snapshot_root)
     if not overrides:  # an experiment's page holds its own tables and training only
         out_dir = Path(args.out).resolve().parent
         text += notes_section(out_dir / "notes" / f"{Path(args.out).stem}.md")

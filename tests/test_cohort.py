@@ -35,6 +35,18 @@ def test_bids_table_optional_files(tmp_path):
     assert df.loc[0, "t1"] == "" and df.loc[1, "t1"] == str(t1)
 
 
+def test_bids_free_group_values_fall_back_to_the_labels(tmp_path, caplog):
+    """BIDS `group` is free text (patient/control, n/a): only cmb|normal are taken; others become ""
+    (the group is then read from the labels), with a warning, instead of a group no table row holds."""
+    _bids(tmp_path, ["01", "02", "03"])
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03"], "group": ["patient", "n/a", " Normal"]}).to_csv(
+        tmp_path / "participants.tsv", sep="\t", index=False)
+    with caplog.at_level("WARNING", logger="microbleed.cohort"):
+        df = cohort_table("b", {"bids": str(tmp_path)})
+    assert list(df["group"]) == ["", "", "normal"]
+    assert "n/a" in caplog.text and "patient" in caplog.text
+
+
 @pytest.mark.parametrize("bad", ["../etc", "a_b", "x y", ""])
 def test_bad_subject_ids_are_refused(tmp_path, bad):
     table = tmp_path / "subjects.tsv"

@@ -133,3 +133,17 @@ def test_canonical_roundtrip_keeps_world_positions(codes):
     np.testing.assert_array_equal(back, data)
     np.testing.assert_allclose(back_aff, ras)
     np.testing.assert_array_equal(reorient_like(back, back_aff, other_aff, other.shape), other)
+
+
+def test_labels_stored_as_floats_are_rounded_and_nan_refused(tmp_path):
+    """An aseg written as float32 with scaling noise (41.99999) reads as 41 only if truncated: right
+    white matter would become a ventricle. NaN in a float label map is refused, not cast to INT_MIN."""
+    data = np.full((4, 4, 4), 41.99999, np.float32)
+    data[0] = 2.00001
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "aseg.nii.gz")
+    labels, _ = load_volume(tmp_path / "aseg.nii.gz", "01", dtype=np.int16)
+    assert labels.dtype == np.int16 and set(np.unique(labels)) == {2, 42}
+    data[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "aseg.nii.gz")
+    with pytest.raises(InputError, match="NaN"):
+        load_volume(tmp_path / "aseg.nii.gz", "01", dtype=np.int16)

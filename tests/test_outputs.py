@@ -135,3 +135,11 @@ def test_qc_panels_are_centred_on_the_detection(ijk):
         assert (u1 - u0) / patch.shape[0] == pytest.approx(sizes[0])          # mm per pixel, not transposed
         assert (v1 - v0) / patch.shape[1] == pytest.approx(sizes[1])
 
+
+def test_qc_planes_are_named_from_the_orientation():
+    """An LIA image's array axis 1 runs I-S: its normal plane is axial, not coronal."""
+    from microbleed.outputs import QC_PLANES, qc_planes
+    assert qc_planes(np.diag([0.5, 0.7, 2.0, 1.0])) == list(QC_PLANES)
+    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+    assert qc_planes(lia) == [(1, "axial (i-k)"), (2, "coronal (i-j)"), (0, "sagittal (j-k)")]
+

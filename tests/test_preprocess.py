@@ -119,6 +119,29 @@ def test_phase_units(lo, hi, units, first):
     assert P.detect_phase_units(ph, "radians") == "radians"
 
 
+@pytest.mark.parametrize("lo,hi,units,scale", [
+    (-2048, 2047, "scanner", math.pi / 2048),        # 12-bit signed: the old 4096 floor made this +-pi/2
+    (-4095, 4096, "scanner", math.pi / 4096),        # the sign-flipped -4096..4095
+    (-3142, 3141, "milliradians", 1e-3),             # GE: used to be scaled as -4096..4095 levels
+])
+def test_phase_units_read_the_scale_from_the_range(lo, hi, units, scale):
+    ph = np.round(np.linspace(lo, hi, 5000))
+    assert P.detect_phase_units(ph) == units
+    rad = P.phase_to_radians(ph, units)
+    assert rad.max() == pytest.approx(hi * scale, abs=1e-6) and rad.min() == pytest.approx(lo * scale, abs=1e-6)
+    assert np.abs(rad).max() <= math.pi + 1e-3
+
+
+def test_phase_units_refuse_integers_of_no_known_scale_and_accept_unwrapped_radians(caplog):
+    with pytest.raises(InputError, match=r"integer phase range \[-1500, 1500\].*phase_units") as exc:
+        P.detect_phase_units(np.round(np.linspace(-1500, 1500, 500)), subject="07", path="p.nii.gz")
+    assert "07" in str(exc.value) and "p.nii.gz" in str(exc.value)
+    unwrapped = np.linspace(-5.0, 13.8, 500)             # ROMEO-style unwrapped radians: not degrees
+    with caplog.at_level("WARNING", logger="microbleed.preprocess"):
+        assert P.detect_phase_units(unwrapped) == "radians"
+    assert "unwrapped" in caplog.text
+
+
 def test_homodyne_removes_background_and_wraps_keeps_dipole_sign():
     aff = make_affine((0, 0, 0), (1.0, 1.0, 2.0), (0, 0, 0))
     shape = (64, 64, 32)

@@ -108,3 +108,22 @@ def test_training_section_reports_cost_and_kept_epoch(run_all, tmp_path):
     # the segmenter is chosen on whole volumes (not the per-crop Dice column): epoch 2
     assert rows["segmenter_swi"][2] == "2" and rows["segmenter_swi"][3].startswith("0.800 (validation Dice")
     assert rows["segmenter_swi"][5].strip(" |") == "3.0"
+
+
+def test_time_section_sums_this_pass_jobs_by_rule(run_all, tmp_path):
+    import os
+    bench = tmp_path / "results" / "benchmarks"
+    cols = "s\th:m:s\tmax_rss\n"
+    for rule, job, secs, rss in [("train_detector", "rpn", 600.0, 2000.0), ("detect", "a_001", 10.0, 700.0),
+                                 ("detect", "a_002", 20.0, 900.0), ("detect", "old_003", 99.0, 5000.0)]:
+        (bench / rule).mkdir(parents=True, exist_ok=True)
+        (bench / rule / f"{job}.tsv").write_text(cols + f"{secs}\t0:00:00\t{rss}\n")
+    os.utime(bench / "detect" / "old_003.tsv", (1000.0, 1000.0))      # a job of an earlier run: not this pass
+    snap = tmp_path / "snap"
+    assert run_all.time_section(snap) == ""
+    assert run_all.snapshot_jobs(bench, snap, "swi", since=2000.0) == 3
+    text = run_all.time_section(snap)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| swi")]
+    assert [r[1] for r in rows] == ["train_detector", "detect"]                       # most minutes first
+    assert rows[1][2:5] == ["2", "0.5", "15.0"] and rows[1][5].strip(" |") == "900"
+    assert "Sum over all jobs: 10.5 min." in text

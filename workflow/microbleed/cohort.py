@@ -13,6 +13,7 @@ strings mark absent optional files.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,8 @@ from typing import Any, Mapping
 import pandas as pd
 
 from .io import InputError, read_tsv
+
+log = logging.getLogger(__name__)
 
 __all__ = ["COLUMNS", "SUBJECT_RE", "COHORT_RE", "simulated_root", "bids_paths",
            "simulated_subjects", "cohort_table", "check_subject_id"]
@@ -72,7 +75,14 @@ def _bids_table(root: Path, name: str) -> pd.DataFrame:
     if part.exists():
         df = read_tsv(part, required=["participant_id"])
         ids = [s[4:] if s.startswith("sub-") else s for s in df["participant_id"]]
-        groups = list(df["group"]) if "group" in df.columns else [""] * len(ids)
+        groups = [str(g).strip().lower() for g in df["group"]] if "group" in df.columns else [""] * len(ids)
+        other = sorted({g for g in groups if g not in ("", "cmb", "normal")})
+        if other:
+            # BIDS leaves `group` free (patient/control, n/a): only cmb|normal are ours; the others
+            # are read from the labels (a subject with a CMB table row is cmb), as without the column.
+            log.warning("cohort %r (%s): group value(s) %s are not cmb|normal: those subjects' group is "
+                        "taken from their labels", name, part, other)
+            groups = [g if g in ("cmb", "normal") else "" for g in groups]
     else:
         ids = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir())
         groups = [""] * len(ids)

@@ -172,11 +172,15 @@ def load_volume(path: str | os.PathLike, subject: str | None = None, *, dtype=np
                          subject=subject, path=path) from exc
     if data.ndim == 4:
         data = data[..., 0]
-    data = np.asarray(data, dtype=dtype)
     if np.issubdtype(data.dtype, np.floating):
         bad = ~np.isfinite(data)
         if bad.any():
             raise InputError(f"{int(bad.sum())} voxels are NaN or infinite", subject=subject, path=path)
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            # a label map stored as floats (scaling, a float conversion): round, do not truncate
+            # (41.99999 is 41 truncated: right cerebral white matter read as a ventricle)
+            data = np.rint(data)
+    data = np.asarray(data, dtype=dtype)
     if not allow_zero and not np.any(data):
         raise InputError("image is empty (all voxels are zero)", subject=subject, path=path)
     return data, np.asarray(img.affine, dtype=float)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -117,12 +118,27 @@ def _plane(vol: np.ndarray, ijk: np.ndarray, axis: int, half: np.ndarray) -> tup
                             lo[1] - ijk[axes[1]] - 0.5, hi[1] - ijk[axes[1]] - 0.5]
 
 
-QC_PLANES = ((2, "axial (i-j)"), (1, "coronal (i-k)"), (0, "sagittal (j-k)"))
+QC_PLANES = ((2, "axial (i-j)"), (1, "coronal (i-k)"), (0, "sagittal (j-k)"))  # a RAS-ordered image's
+
+
+def qc_planes(affine: np.ndarray) -> list[tuple[int, str]]:
+    """``[(normal array axis, title)]`` of the axial, coronal and sagittal panels of an image in any
+    voxel order: the plane normal to the axis that runs I-S is axial, A-P coronal, L-R sagittal
+    (from the affine's axis codes, so an LIA or PIR image gets the right titles). The title names
+    the two array axes shown, e.g. ``axial (i-k)`` for LIA. Equals :data:`QC_PLANES` for RAS."""
+    codes = nib.aff2axcodes(affine)
+    kind = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal", "L": "sagittal", "R": "sagittal"}
+    order = {"axial": 0, "coronal": 1, "sagittal": 2}
+    planes = []
+    for axis, code in enumerate(codes):
+        shown = "-".join("ijk"[a] for a in range(3) if a != axis)
+        planes.append((order[kind[code]], axis, f"{kind[code]} ({shown})"))
+    return [(axis, title) for _, axis, title in sorted(planes)]
 
 
 def qc_patches(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapping,
                half_width_mm: float = 16.0) -> list[tuple[str, str, np.ndarray, list[float]]]:
-    """The six panels of :func:`qc_montage`: SWI then phase, in the planes of :data:`QC_PLANES`.
+    """The six panels of :func:`qc_montage`: SWI then phase, axial, coronal, sagittal (:func:`qc_planes`).
 
     Returns:
         ``[(image, plane, patch, extent)]``: ``patch`` ``(n_u, n_v)`` is the slice through
@@ -135,7 +151,7 @@ def qc_patches(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapp
     half = np.ceil(half_width_mm / vox)
     out = []
     for name, vol in (("SWI", swi), ("phase", phase)):
-        for axis, title in QC_PLANES:
+        for axis, title in qc_planes(affine):
             patch, ext = _plane(vol, ijk, axis, half)
             u, v = [a for a in range(3) if a != axis]
             out.append((name, title, patch, [ext[0] * vox[u], ext[1] * vox[u], ext[2] * vox[v], ext[3] * vox[v]]))

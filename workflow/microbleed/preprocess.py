@@ -198,62 +198,103 @@ def skull_strip(swi_path, out_mask, *, t1_path=None, backend: str = "auto", mask
 
 
 # --------------------------------------------------------------------------- phase
+#: Integer scanner levels must fill at least this share of their power-of-two range (wrapped phase
+#: covers the whole circle); milliradians (-3142..3142) fill ~77 % of -4096..4096 and are told apart.
+SCANNER_MIN_FILL = 0.9
+
+
+def _pow2(x: float) -> int:
+    """Smallest power of two ``>= x`` (at least 2)."""
+    return 1 << max(1, int(math.ceil(math.log2(max(float(x), 2.0)))))
+
+
+def _scanner_span(lo: float, hi: float) -> tuple[bool, int]:
+    """(signed, levels) of integer scanner phase: signed data ``-L..L`` (L = smallest power of two
+    ``>= max(-lo, hi)``, so that a sign-flipped ``-4095..4096`` keeps L = 4096), unsigned ``0..N``
+    (N = smallest power of two ``>= hi``)."""
+    if lo < 0:
+        return True, _pow2(max(-lo, hi))
+    return False, _pow2(hi)
+
+
+def _scanner_fill(lo: float, hi: float) -> float:
+    """Share of its power-of-two range (``2 L`` signed, ``N`` unsigned) that ``[lo, hi]`` covers."""
+    signed, levels = _scanner_span(lo, hi)
+    return (hi - lo) / (2 * levels if signed else levels)
+
+
 def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str | None = None,
                        path=None) -> str:
-    """Units of a phase image: ``radians`` or ``scanner`` (integer levels).
+    """Units of a phase image: ``radians``, ``scanner`` (integer levels) or ``milliradians``.
 
-    ``auto``: integer-valued data whose range exceeds ``[-pi, pi]`` by more than
-    a rounding margin are scanner units (e.g. ``-4096..4095`` or ``0..4095``);
-    anything else is radians. ``radians``/``scanner`` are returned as given.
+    ``auto`` decides from the value range (wrapped phase covers the whole circle):
+
+    - range within ``2 pi`` (plus a rounding margin): ``radians``;
+    - extremes at -180/180 or 0/360 (integer or not): degrees, refused;
+    - integer data filling at least 90 % of a power-of-two range (``-4096..4095``, ``0..4095``,
+      ``-2048..2047``, ``0..65535``, a sign-flipped ``-4095..4096``): ``scanner``;
+    - integer data within +-3142 spanning at least 90 % of ``2000 pi``: ``milliradians`` (GE, some
+      Philips exports);
+    - other integer data: refused, since no scale can be read from them;
+    - non-integer data beyond ``2 pi``: unwrapped ``radians`` (with a warning).
+
+    ``radians``/``scanner``/``milliradians`` are returned as given.
 
     Raises:
-        InputError: (``auto`` only) the range exceeds ``2 pi`` but stays within
-            ``[-180, 360]``: degrees, which are refused rather than guessed.
+        InputError: (``auto`` only) degrees, or integer data of no known convention; the message
+            names the subject and file and says to set ``preprocess.phase_units``.
     """
-    if units not in ("auto", "radians", "scanner"):
-        raise ValueError(f"phase_units must be auto|radians|scanner, got {units!r}")
+    if units not in ("auto", "radians", "scanner", "milliradians"):
+        raise ValueError(f"phase_units must be auto|radians|scanner|milliradians, got {units!r}")
     if units != "auto":
         return units
     finite = phase[np.isfinite(phase)]
     lo, hi = float(finite.min()), float(finite.max())
-    if lo >= -180.5 and hi <= 360.5 and (hi - lo) > 2 * math.pi + 0.5:
+    extent = hi - lo
+    if extent <= 2 * math.pi + 0.5:
+        return "radians"
+    if (lo < -170 and 170 < hi <= 180.5) or (-0.5 <= lo < 10 and 350 < hi <= 360.5):
         raise InputError(f"phase range [{lo:g}, {hi:g}] looks like degrees (-180..180 or 0..360), which "
                          "are not supported: convert to radians, or set preprocess.phase_units "
-                         "(radians|scanner) if these really are radians or scanner units",
+                         "(radians|scanner|milliradians) if the values are in those units",
                          subject=subject, path=path)
-    integer = bool(np.all(np.abs(finite - np.round(finite)) < 1e-3))
-    if integer and (hi - lo) > 2 * math.pi + 0.5:
-        return "scanner"
-    if (hi - lo) > 2 * math.pi + 0.5:
-        log.warning("subject %s: %s: phase range [%g, %g] exceeds 2*pi and is not integer: "
-                    "taken as (unwrapped) radians", subject, path, lo, hi)
+    if bool(np.all(np.abs(finite - np.round(finite)) < 1e-3)):
+        if _scanner_fill(lo, hi) >= SCANNER_MIN_FILL:
+            return "scanner"
+        if max(-lo, hi) <= 1000 * math.pi + 1 and extent >= SCANNER_MIN_FILL * 2000 * math.pi:
+            return "milliradians"
+        raise InputError(f"integer phase range [{lo:g}, {hi:g}] fills {100 * _scanner_fill(lo, hi):.0f} % of "
+                         "its power-of-two range and is not milliradians (-3142..3142): the scale of these "
+                         "values cannot be told; set preprocess.phase_units (scanner|milliradians|radians)",
+                         subject=subject, path=path)
+    log.warning("subject %s: %s: phase range [%g, %g] exceeds 2*pi and is not integer: "
+                "taken as (unwrapped) radians", subject, path, lo, hi)
     return "radians"
-
-
-def _levels(extent: float) -> int:
-    """Smallest power of two ``>= extent`` and at least 4096 (12-bit scanners)."""
-    return max(4096, 1 << int(math.ceil(math.log2(max(extent, 1.0)))))
 
 
 def phase_to_radians(phase: np.ndarray, units: str) -> np.ndarray:
     """Convert phase to radians (float32).
 
-    Scanner units: signed data ``-L..L-1`` map by ``x * pi / L``; unsigned data
-    ``0..N-1`` map by ``x * 2 pi / N - pi``; ``L`` and ``N`` are the smallest
-    powers of two that hold the data, at least 4096 (the usual 12-bit
-    ``-4096..4095`` and ``0..4095``). Other conventions (e.g. milliradians)
-    are not scanner units: convert them to radians before the workflow.
+    Scanner units: signed data ``-L..L`` map by ``x * pi / L``; unsigned data ``0..N`` map by
+    ``x * 2 pi / N - pi``; ``L`` and ``N`` are the smallest powers of two that hold the data (the
+    usual 12-bit ``-4096..4095`` and ``0..4095``; a warning when the data fill under 90 % of that
+    range, since a scale read from such data is a guess). Milliradians: ``x / 1000``.
     """
     phase = np.asarray(phase, dtype=np.float64)
     if units == "radians":
         return phase.astype(np.float32)
+    if units == "milliradians":
+        return (phase / 1000.0).astype(np.float32)
     if units != "scanner":
-        raise ValueError(f"units must be radians|scanner, got {units!r}")
-    if phase.min() < 0:
-        half = _levels(max(-phase.min(), phase.max() + 1))
-        return (phase * math.pi / half).astype(np.float32)
-    full = _levels(phase.max() + 1)
-    return (phase * 2 * math.pi / full - math.pi).astype(np.float32)
+        raise ValueError(f"units must be radians|scanner|milliradians, got {units!r}")
+    lo, hi = float(np.nanmin(phase)), float(np.nanmax(phase))
+    signed, levels = _scanner_span(lo, hi)
+    if _scanner_fill(lo, hi) < SCANNER_MIN_FILL:
+        log.warning("scanner phase [%g, %g] fills %.0f %% of %s: scale taken from the data's extremes",
+                    lo, hi, 100 * _scanner_fill(lo, hi), f"-{levels}..{levels}" if signed else f"0..{levels}")
+    if signed:
+        return (phase * math.pi / levels).astype(np.float32)
+    return (phase * 2 * math.pi / levels - math.pi).astype(np.float32)
 
 
 def homodyne_highpass(phase_rad: np.ndarray, affine: np.ndarray, fwhm_mm: float,
