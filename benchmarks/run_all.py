@@ -341,10 +341,12 @@ def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path,
     code = subprocess.run(cmd, cwd=ROOT).returncode
     for cohort in cfg.get("evaluate_cohorts", []):
         src = ROOT / "results" / cohort / "metrics"
-        if src.is_dir():
-            dst = snapshot_root / f"segin-{segin}" / cohort
-            shutil.rmtree(dst, ignore_errors=True)
+        dst = snapshot_root / f"segin-{segin}" / cohort
+        shutil.rmtree(dst, ignore_errors=True)
+        if (src / "detection.tsv").exists() and (src / "detection.tsv").stat().st_mtime >= start:
             shutil.copytree(src, dst)
+        else:  # the pass did not evaluate this cohort (a job failed under --keep-going): no stale tables
+            print(f"run_all: {segin} pass wrote no metrics for {cohort}; its rows are left empty", file=sys.stderr)
     snapshot_models(ROOT / "results" / "models", snapshot_root)
     snapshot_jobs(ROOT / "results" / "benchmarks", snapshot_root, segin, start)
     return time.time() - start, code
@@ -397,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()})",
             "config": args.config + "".join(f" + {o}" for o in args.override) + (f" (Snakemake {' '.join(args.snakemake_args)})" if args.snakemake_args else ""),
             "wall time": ", ".join(f"{k}: {v / 60:.1f} min (exit {codes[k]})" for k, v in walls.items()) or "n/a"}
-    text = render_results(collect(snapshot_root), internal, external, meta)
+    found = {k: v for k, v in collect(snapshot_root).items()       # configured inputs and cohorts only
+             if k[0] in args.segmenter_inputs and k[1] in cohorts}
+    text = render_results(found, internal, external, meta)
     models = snapshot_root / "models"
     text += training_section(models if models.is_dir() else ROOT / "results" / "models")
     text += time_section(snapshot_root)

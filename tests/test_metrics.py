@@ -146,6 +146,15 @@ def test_pruning_a_true_positive_counts_as_lost():
     assert eliminated_fp([s], R) == {"efp": 0, "etp": 1, "efp_avg": 0.0, "n_subjects": 1}
 
 
+def test_a_pruned_detection_is_not_correctly_localised_even_with_the_right_region():
+    """Pruning by the brain mask keeps the region the detection sampled (lobar): the CMB is still
+    missing from the output, so it is detected but not correctly localised."""
+    s = SubjectData("E", "cmb", [[0, 0, 0]], [[0, 0, 0]], [0.9], label_regions=["lobar"], det_regions=["lobar"],
+                    pruned=[True])
+    la = localization_accuracy([s], R).set_index("region")
+    assert la.loc["lobar", ["n_detected", "n_correct"]].tolist() == [1, 0] and la.loc["lobar", "la"] == 0.0
+
+
 def test_count_agreement():
     pred = pd.DataFrame({"lobar": [1, 2, 3], "deep": [0, 0, 0], "infratentorial": [0, 1, 0],
                          "total": [1, 3, 3]}, index=["a", "b", "c"])

@@ -127,3 +127,29 @@ def test_time_section_sums_this_pass_jobs_by_rule(run_all, tmp_path):
     assert [r[1] for r in rows] == ["train_detector", "detect"]                       # most minutes first
     assert rows[1][2:5] == ["2", "0.5", "15.0"] and rows[1][5].strip(" |") == "900"
     assert "Sum over all jobs: 10.5 min." in text
+
+
+def test_a_pass_snapshots_only_the_metrics_it_wrote(run_all, tmp_path, monkeypatch):
+    """A cohort whose evaluation did not run in this pass (a failed job under --keep-going) must not
+    be snapshotted from an earlier pass's tables under this pass's segmenter input."""
+    import os
+    import types
+    (tmp_path / "results" / "old" / "metrics").mkdir(parents=True)
+    stale = tmp_path / "results" / "old" / "metrics" / "detection.tsv"
+    stale.write_text("method\n")
+    os.utime(stale, (1000.0, 1000.0))
+
+    def fake_snakemake(cmd, cwd):
+        new = tmp_path / "results" / "new" / "metrics"
+        new.mkdir(parents=True)
+        (new / "detection.tsv").write_text("method\n")
+        return types.SimpleNamespace(returncode=1)
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    monkeypatch.setattr(run_all.subprocess, "run", fake_snakemake)
+    config = tmp_path / "c.yaml"
+    config.write_text("evaluate_cohorts: [new, old]\n")
+    snap = tmp_path / "results" / "benchmark"
+    (snap / "segin-t1" / "old").mkdir(parents=True)                  # left by an earlier run
+    _, code = run_all.run_workflow(config, "t1", 2, snap)
+    assert code == 1 and (snap / "segin-t1" / "new" / "detection.tsv").exists()
+    assert not (snap / "segin-t1" / "old").exists()

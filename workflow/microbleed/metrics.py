@@ -360,8 +360,8 @@ def localization_accuracy(subjects: Sequence[SubjectData], hit_radius_mm: float)
     """LA per BOMBS class and in total, over matched (detected) labelled CMBs.
 
     The detections given should be the operating-point detections *before*
-    pruning, with their predicted region (``det_regions``): a true CMB whose
-    detection was pruned has region ``none`` and counts as wrongly localised.
+    pruning, with their predicted region (``det_regions``) and ``pruned`` flags: a true CMB whose
+    detection was pruned (region ``none``, or outside the brain mask) counts as wrongly localised.
 
     Returns:
         Rows ``lobar, deep, infratentorial, total`` with ``n_labels`` (labelled
@@ -377,7 +377,9 @@ def localization_accuracy(subjects: Sequence[SubjectData], hit_radius_mm: float)
             true = s.label_regions[lab]
             if true in counts:
                 counts[true][1] += 1
-                counts[true][2] += int(s.det_regions[d] == true)
+                # a pruned detection is not in the output: wrongly localised, whatever region it
+                # sampled (pruning by the brain mask keeps the region it read)
+                counts[true][2] += int(s.det_regions[d] == true and not bool(s.pruned[d]))
     rows = [{"region": r, "n_labels": c[0], "n_detected": c[1], "n_correct": c[2]} for r, c in counts.items()]
     rows.append({"region": "total", **{k: sum(row[k] for row in rows)
                                         for k in ("n_labels", "n_detected", "n_correct")}})
