@@ -72,3 +72,25 @@ def test_subjects_table_relative_paths(tmp_path):
     assert df.loc[0, "swi"] == str(tmp_path / "swi/a.nii.gz")
     assert df.loc[0, "phase"] == "/abs/p.nii.gz"
     assert df.loc[0, "group"] == "normal"
+
+
+def test_missing_inputs_are_all_named_at_once_or_skipped(tmp_path, caplog):
+    from microbleed.cohort import drop_missing
+    for sid in ("A1", "A2", "A3"):
+        for kind in ("swi", "phase"):
+            (tmp_path / f"{sid}_{kind}.nii.gz").write_bytes(b"x")
+    (tmp_path / "A2_phase.nii.gz").unlink()
+    table = tmp_path / "subjects.tsv"
+    table.write_text("subject\tswi\tphase\tt1\tgroup\n"
+                     "A1\tA1_swi.nii.gz\tA1_phase.nii.gz\t\tCMB \n"
+                     "A2\tA2_swi.nii.gz\tA2_phase.nii.gz\t\t\n"
+                     "A3\tA3_swi.nii.gz\tA3_phase.nii.gz\tno_t1.nii.gz\t\n")
+    df = cohort_table("t", {"subjects": str(table)})
+    assert df.loc[0, "group"] == "cmb"                                   # trimmed, lower-cased
+    with pytest.raises(InputError, match="2 input file.*sub-A2 phase: .*A2_phase.*sub-A3 t1: .*no_t1.*skip_missing"):
+        drop_missing(df, "t", skip=False)
+    with caplog.at_level("WARNING", logger="microbleed.cohort"):
+        kept = drop_missing(df, "t", skip=True)
+    assert list(kept["subject"]) == ["A1"] and "A2" in caplog.text
+    with pytest.raises(InputError, match="every subject"):
+        drop_missing(df[df["subject"] != "A1"], "t", skip=True)

@@ -88,6 +88,25 @@ def test_released_models_plan_no_training_and_slurm_resources(tmp_path):
     assert detect_blocks and all("gpu=1" in b for b in detect_blocks)
 
 
+def test_missing_inputs_stop_the_plan_naming_each_or_are_skipped(tmp_path):
+    """Snakemake alone stops at the first missing input, naming one; the workflow names all of them,
+    and with `skip_missing` plans the other subjects."""
+    bids = tmp_path / "bids"
+    write_bids(bids, ["A1", "A2", "A3"])
+    (bids / "sub-A2" / "anat" / "sub-A2_part-phase_swi.nii.gz").unlink()
+    shutil.rmtree(bids / "sub-A3")
+    cfg = models_config(tmp_path, bids)
+    out = smk("-n", "--configfile", str(cfg), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "3 input file(s) do not exist" in text
+    assert "sub-A2 phase" in text and "sub-A3 swi" in text
+    data = yaml.safe_load(cfg.read_text())
+    data["cohorts"]["new"]["skip_missing"] = True
+    cfg.write_text(yaml.safe_dump(data))
+    plan = planned(smk("-n", "--configfile", str(cfg), "--quiet", "rules"))
+    assert plan.get("detect") == 1 and plan.get("finalise") == 1
+
+
 def finish_by_touching(args):
     """Create every planned output (empty), then let `snakemake --touch` order their times."""
     summary = smk(*args, "--summary").stdout

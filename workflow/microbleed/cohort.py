@@ -108,12 +108,50 @@ def _subjects_table(path: Path, name: str) -> pd.DataFrame:
     for i, row in df.iterrows():
         check_subject_id(row["subject"], f" in cohort {name!r}, {path} row {i + 1}")
         for col in ["swi", "phase", "t1", "aseg", "cmb"]:
-            val = str(row[col]).strip()
-            if val and not Path(val).is_absolute():
-                df.at[i, col] = str(base / val)
+            val = str(Path(str(row[col]).strip()).expanduser()) if str(row[col]).strip() else ""
+            df.at[i, col] = str(base / val) if val and not Path(val).is_absolute() else val
+        df.at[i, "group"] = row["group"] = str(row["group"]).strip().lower()
         if row["group"] not in ("", "cmb", "normal"):
             raise InputError(f"cohort {name!r}, row {i + 1}: group {row['group']!r} is not cmb|normal", path=path)
     return df[COLUMNS].reset_index(drop=True)
+
+
+def missing_inputs(table: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """``[(subject, kind, path)]`` of the files a cohort table names that do not exist: ``swi`` and
+    ``phase`` (required) and any ``t1``, ``aseg``, ``cmb`` given. Not for simulated cohorts, whose
+    files are written by the workflow."""
+    out = []
+    for row in table.to_dict("records"):
+        for kind in ("swi", "phase", "t1", "aseg", "cmb"):
+            path = str(row.get(kind) or "")
+            if (path or kind in ("swi", "phase")) and not Path(path).is_file():
+                out.append((str(row["subject"]), kind, path or "(none given)"))
+    return out
+
+
+def drop_missing(table: pd.DataFrame, name: str, skip: bool) -> pd.DataFrame:
+    """The table, checked for missing input files (:func:`missing_inputs`).
+
+    Every missing file of the cohort is named in one error, so that a cohort is fixed in one go
+    (Snakemake would stop at the first, before any subject runs); with ``skip`` (config
+    ``cohorts.<name>.skip_missing``) those subjects are left out with a warning instead.
+
+    Raises:
+        InputError: files are missing and ``skip`` is false, or no subject is left.
+    """
+    missing = missing_inputs(table)
+    if not missing:
+        return table
+    listing = "; ".join(f"sub-{s} {k}: {p}" for s, k, p in missing)
+    if not skip:
+        raise InputError(f"cohort {name!r}: {len(missing)} input file(s) do not exist: {listing} "
+                         f"(fix them, or set cohorts.{name}.skip_missing: true to leave those subjects out)")
+    bad = {s for s, _, _ in missing}
+    log.warning("cohort %r: leaving out %d subject(s) with missing input files: %s", name, len(bad), listing)
+    kept = table[~table["subject"].astype(str).isin(bad)]
+    if kept.empty:
+        raise InputError(f"cohort {name!r}: every subject has missing input files: {listing}")
+    return kept.reset_index(drop=True)
 
 
 def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "results") -> pd.DataFrame:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from microbleed.cohort import cohort_table, simulated_root, COLUMNS
+from microbleed.cohort import cohort_table, drop_missing, simulated_root, COLUMNS
 from microbleed.io import InputError
 from microbleed.preprocess import card_grid, grid_spec
 
@@ -48,8 +48,11 @@ _check_cohort_refs()
 
 def _load_tables():
     tables = {}
+    used = {config["train_cohort"], *config["evaluate_cohorts"], *config["infer_cohorts"]}
     for name, entry in config["cohorts"].items():
         df = cohort_table(name, entry, RESULTS)
+        if name in used and "simulate" not in entry:
+            df = drop_missing(df, name, bool(entry.get("skip_missing", False)))
         for i, row in enumerate(df.to_dict("records")):
             try:
                 validate(row, schema="../../config/schemas/subjects.schema.yaml")
