@@ -143,3 +143,25 @@ def test_qc_planes_are_named_from_the_orientation():
     lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
     assert qc_planes(lia) == [(1, "axial (i-k)"), (2, "coronal (i-j)"), (0, "sagittal (j-k)")]
 
+
+
+def test_cohort_summary_gathers_kept_cmbs_and_counts(tmp_path):
+    from microbleed.outputs import cohort_summary, distribution_pattern
+    cols = "cmb_id\tx\ty\tz\ti\tj\tk\tscore\tregion\tpruned\tprune_reason\n"
+    (tmp_path / "a_cmb.tsv").write_text(cols + "1\t1\t2\t3\t0\t0\t0\t0.9\tlobar\tfalse\t\n"
+                                        "2\t5\t5\t5\t1\t1\t1\t0.8\tnone\ttrue\tnone_region\n"
+                                        "3\t7\t7\t7\t2\t2\t2\t0.7\tdeep\tfalse\t\n")
+    (tmp_path / "b_cmb.tsv").write_text(cols)
+    counts = "atlas\tregion\tcount\nbombs\tlobar\t{}\nbombs\tdeep\t{}\nbombs\tinfratentorial\t0\nbombs\ttotal\t{}\n"
+    (tmp_path / "a_counts.tsv").write_text(counts.format(1, 1, 2))
+    (tmp_path / "b_counts.tsv").write_text(counts.format(0, 0, 0))
+    cmbs, table = cohort_summary({"A": tmp_path / "a_cmb.tsv", "B": tmp_path / "b_cmb.tsv"},
+                                 {"A": tmp_path / "a_counts.tsv", "B": tmp_path / "b_counts.tsv"})
+    assert list(cmbs["subject"]) == ["A", "A"] and list(cmbs["cmb_id"].astype(int)) == [1, 3]
+    assert "pruned" not in cmbs and "prune_reason" not in cmbs and cmbs.columns[0] == "subject"
+    assert table.to_dict("records") == [
+        {"subject": "A", "lobar": 1, "deep": 1, "infratentorial": 0, "total": 2, "pattern": "mixed"},
+        {"subject": "B", "lobar": 0, "deep": 0, "infratentorial": 0, "total": 0, "pattern": "none"}]
+    assert distribution_pattern(3, 0, 0) == "strictly lobar" and distribution_pattern(0, 1, 2) == "deep/infratentorial only"
+    with pytest.raises(InputError, match="B"):
+        cohort_summary({"B": tmp_path / "missing.tsv"}, {"B": tmp_path / "b_counts.tsv"})

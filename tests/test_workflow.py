@@ -82,6 +82,7 @@ def test_released_models_plan_no_training_and_slurm_resources(tmp_path):
     plan = planned(out)
     assert "train_detector" not in plan and "train_segmenter" not in plan and "simulate_subject" not in plan
     assert plan.get("detect") == 3 and plan.get("segment") == 3 and plan.get("finalise") == 3
+    assert plan.get("summarise_cohort") == 1 and "evaluate_cohort" not in plan    # unlabelled: tables, no metrics
     full = smk("-n", "--configfile", str(cfg), "--profile", "workflow/profiles/slurm", "-p")
     text = full.stdout + full.stderr
     detect_blocks = [b for b in text.split("\n\n") if re.search(r"^rule detect:", b, re.M)]
@@ -146,8 +147,8 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
     plan = planned(smk(*args, "-n", "--quiet", "rules"))
     per_subject = {"skullstrip", "preprocess", "interpolate", "labels", "detect", "segment", "finalise"}
     assert {r: plan.get(r) for r in per_subject} == {r: 1 for r in per_subject}
-    assert plan.get("evaluate_cohort") == 1 and plan.get("report") == 1
-    assert set(plan) <= per_subject | {"evaluate_cohort", "report", "all"}
+    assert plan.get("evaluate_cohort") == 1 and plan.get("report") == 1 and plan.get("summarise_cohort") == 1
+    assert set(plan) <= per_subject | {"evaluate_cohort", "report", "summarise_cohort", "all"}
 
 
 def test_released_models_on_demo_external_plan_no_training(tmp_path):

@@ -14,6 +14,10 @@ Files of subject ``<id>`` (``results/<cohort>/sub-<id>/``):
   BOMBS region (plus ``total``) and per MARS region when MARS labels exist.
 - ``qc/sub-<id>_cmb-<cmb_id>.png``: SWI and phase in the three array planes
   through each kept detection (at most ``infer.qc_max`` of them, best first).
+
+Files of a cohort (``results/<cohort>/``, :func:`cohort_summary`, every processed cohort,
+labelled or not): ``cohort_cmb.tsv`` (the kept CMBs of every subject, a ``subject``
+column first) and ``cohort_counts.tsv`` (one row per subject: BOMBS counts and pattern).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from .io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, s
                  write_tsv)
 
 __all__ = ["sphere_mask", "region_counts", "qc_patches", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
-           "FinaliseParams", "finalise_subject", "read_mars_names"]
+           "FinaliseParams", "finalise_subject", "read_mars_names", "cohort_summary", "distribution_pattern"]
 
 log = logging.getLogger(__name__)
 
@@ -264,3 +268,47 @@ def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: Finalise
     log.info("subject %s: %d candidates >= %.2f, %d kept, %d pruned", subject, len(table),
              params.threshold, len(kept), len(table) - len(kept))
     return table
+
+
+def distribution_pattern(lobar: int, deep: int, infratentorial: int) -> str:
+    """Where a subject's kept CMBs lie, as a word: ``none`` (no CMB), ``strictly lobar``,
+    ``deep/infratentorial only`` or ``mixed`` (lobar and deep or infratentorial). Descriptive only
+    (strictly lobar CMBs are what the Boston criteria for cerebral amyloid angiopathy look for; the
+    criteria need more than a count, and this is no diagnosis)."""
+    other = deep + infratentorial
+    if lobar + other == 0:
+        return "none"
+    if other == 0:
+        return "strictly lobar"
+    return "deep/infratentorial only" if lobar == 0 else "mixed"
+
+
+def cohort_summary(cmb_tables: Mapping[str, str | Path], count_tables: Mapping[str, str | Path]
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cohort's kept CMBs and per-subject counts, from the subjects' ``cmb.tsv`` and ``counts.tsv``.
+
+    Args:
+        cmb_tables, count_tables: subject id -> path (the finalise rule's outputs).
+    Returns:
+        ``(cmbs, counts)``: ``cmbs`` = every kept (``pruned == false``) row of every subject's CMB
+        table, ``subject`` first, subjects in the given order; ``counts`` = one row per subject,
+        ``subject, lobar, deep, infratentorial, total, pattern`` (:func:`distribution_pattern`),
+        subjects without CMBs included (zeros).
+    Raises:
+        InputError: a table is missing or malformed (names the subject and file).
+    """
+    cmbs, rows = [], []
+    for subject, path in cmb_tables.items():
+        df = read_tsv(path, required=["cmb_id", "x", "y", "z", "score", "region", "pruned"], subject=subject)
+        kept = df[df["pruned"].astype(str).str.lower() != "true"].drop(columns=["pruned", "prune_reason"],
+                                                                       errors="ignore")
+        cmbs.append(kept.assign(subject=subject)[["subject", *kept.columns]])
+        counts = read_tsv(count_tables[subject], required=["atlas", "region", "count"], numeric=["count"],
+                          subject=subject)
+        bombs = counts[counts["atlas"] == "bombs"].set_index("region")["count"].astype(int)
+        n = {r: int(bombs.get(r, 0)) for r in ("lobar", "deep", "infratentorial")}
+        rows.append({"subject": subject, **n, "total": int(bombs.get("total", sum(n.values()))),
+                     "pattern": distribution_pattern(n["lobar"], n["deep"], n["infratentorial"])})
+    columns = ["subject", "cmb_id", "x", "y", "z", "i", "j", "k", "score", "region"]
+    table = pd.concat(cmbs, ignore_index=True) if cmbs else pd.DataFrame(columns=columns)
+    return table, pd.DataFrame(rows, columns=["subject", "lobar", "deep", "infratentorial", "total", "pattern"])

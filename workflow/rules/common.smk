@@ -147,4 +147,6 @@ def all_targets():
         targets.append(f"{RESULTS}/{cohort}/report.html")
     for cohort in config["infer_cohorts"]:
         targets += [sub_path(cohort, s, "cmb.tsv") for s in subjects(cohort)]
+    for cohort in [*config["evaluate_cohorts"], *config["infer_cohorts"]]:
+        targets += [f"{RESULTS}/{cohort}/cohort_cmb.tsv", f"{RESULTS}/{cohort}/cohort_counts.tsv"]
     return targets

@@ -1,4 +1,5 @@
-# Rules of the report stage: one self-contained results/<cohort>/report.html.
+# Rules of the report stage: one self-contained results/<cohort>/report.html (labelled cohorts) and the
+# cohort tables cohort_cmb.tsv, cohort_counts.tsv (every processed cohort).
 
 
 rule report:
@@ -31,3 +32,26 @@ rule report:
         ENV_PY
     script:
         "../scripts/report.py"
+
+
+rule summarise_cohort:
+    input:
+        cmb_tsv=lambda wildcards: [sub_path(wildcards.cohort, s, "cmb.tsv") for s in subjects(wildcards.cohort)],
+        counts=lambda wildcards: [sub_path(wildcards.cohort, s, "counts.tsv") for s in subjects(wildcards.cohort)],
+    output:
+        cmb=f"{RESULTS}/{{cohort}}/cohort_cmb.tsv",
+        counts=f"{RESULTS}/{{cohort}}/cohort_counts.tsv",
+    params:
+        subjects=lambda wildcards: subjects(wildcards.cohort),
+    log:
+        log_path("summarise_cohort", "{cohort}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/summarise_cohort/{{cohort}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/summarise_cohort.py"
