@@ -134,3 +134,19 @@ def test_detection_on_a_las_subject_maps_back_to_ras(tmp_path):
                        loader=loader({"spacing_mm": [0.5, 0.5, 2.0]}))
     assert not (tmp_path / "d.tsv").exists()
 
+
+def test_the_model_card_box_wins_over_the_config(tmp_path, caplog):
+    """A released model brings its own box (tile overlap, default NMS radius): a user config's
+    detector.box_voxels does not change how it is applied."""
+    shape, aff = (48, 40, 20), _affine((1.0, 1.0, 1.5), "RAS")
+    img = blob_image(shape, aff, voxel_to_ras(np.array([[20.0, 20.0, 10.0]]), aff), sigma_mm=2.5)
+    save_image(img, aff, tmp_path / "swi.nii.gz")
+    save_image(1.0 - img, aff, tmp_path / "phase.nii.gz")
+    detector_input(tmp_path / "swi.nii.gz", tmp_path / "phase.nii.gz", tmp_path / "in.nii.gz", SPACING, "01")
+    card = {"config": {"grid": SPACING, "box_voxels": 24}}
+    params = DetectParams(window=(64, 64, 64), floor=0.5, device="cpu", box=20)
+    with caplog.at_level("INFO", logger="microbleed.infer"):
+        detect_subject(tmp_path / "in.nii.gz", tmp_path / "swi.nii.gz", tmp_path, tmp_path / "c.tsv", params, "01",
+                       loader=lambda model_dir, device: (DarkCentroidNet().to(device), card))
+    assert "box 24 voxels from the model card" in caplog.text
+

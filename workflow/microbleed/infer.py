@@ -625,12 +625,16 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
                              f"\n{mask_aff}): the mask must be in the SWI grid the input was built from",
                              subject=subject, path=mask_path)
     window = _window_for(params.window, card)
+    box = int((card.get("config") or {}).get("box_voxels") or params.box)  # the model's own box, if it says
+    if box != params.box:
+        log.info("subject %s: box %d voxels from the model card (config detector.box_voxels %d ignored)",
+                 subject, box, params.box)
     cands = detect_volume(model, volume, device, window, params.overlap, params.floor, params.batch,
-                          params.box, params.channels_last, mask=mask, fold_bn=params.fold_bn)
+                          box, params.channels_last, mask=mask, fold_bn=params.fold_bn)
     dark = None
     if params.merge_dark_mm > 0 and params.dark_fraction > 0:
         dark = dark_map(volume[0], mask, params.dark_fraction)
-    table = candidates_table(cands, grid_affine, swi_affine, params.nms_radius_mm, params.box,
+    table = candidates_table(cands, grid_affine, swi_affine, params.nms_radius_mm, box,
                              params.merge_dark_mm, dark)
     write_tsv(table, out_tsv, float_format="%.6g")
     log.info("subject %s: %d candidates after NMS -> %s", subject, len(table), out_tsv)
