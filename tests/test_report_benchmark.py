@@ -153,3 +153,16 @@ def test_a_pass_snapshots_only_the_metrics_it_wrote(run_all, tmp_path, monkeypat
     _, code = run_all.run_workflow(config, "t1", 2, snap)
     assert code == 1 and (snap / "segin-t1" / "new" / "detection.tsv").exists()
     assert not (snap / "segin-t1" / "old").exists()
+
+
+def test_cost_report_of_a_results_folder(tmp_path):
+    cost = load_bench("cost_report")
+    log = tmp_path / "results" / "models" / "detector_rpn"
+    log.mkdir(parents=True)
+    pd.DataFrame({"epoch": [1, 2], "val_score": [0.5, 0.7], "seconds": [60, 60]}).to_csv(log / "train_log.csv", index=False)
+    (log / "card.json").write_text("{}")
+    (tmp_path / "results" / "benchmarks" / "detect").mkdir(parents=True)
+    (tmp_path / "results" / "benchmarks" / "detect" / "a.tsv").write_text("s\tmax_rss\n30\t100\n")
+    text = cost.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "c.md")])
+    assert "| detector_rpn | 2 | 2 | 0.700" in text and "| all | detect | 1 | 0.5 |" in text
+    assert (tmp_path / "c.md").read_text() == text
