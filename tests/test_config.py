@@ -87,6 +87,6 @@ def test_benchmark_experiments_are_valid_overrides(name):
     run_all = load_bench("run_all")
     cfg = run_all.load_config(ROOT / "config" / "benchmark.yaml", [ROOT / "benchmarks" / "experiments" / name])
     base = load("benchmark.yaml")
-    validate(cfg, str(SCHEMA), set_default=True)
     assert cfg["cohorts"] == base["cohorts"], "an experiment keeps the benchmark cohorts"
+    validate(cfg, str(SCHEMA), set_default=True)
     assert run_all.deep_merge({"a": {"b": 1, "c": [1]}}, {"a": {"c": [2]}}) == {"a": {"b": 1, "c": [2]}}
