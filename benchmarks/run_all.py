@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import shutil
@@ -261,10 +262,26 @@ def _validation_curve(log: pd.DataFrame) -> tuple[str, pd.Series]:
     validation FROC mean (``val_score``), the segmenter's whole-volume mean Dice of lobar, deep and
     infratentorial (``val_volume_dice_total``)."""
     for col in ("val_volume_dice_total", "val_score"):
-        if col in log:
+        if col in log and pd.to_numeric(log[col], errors="coerce").notna().any():
             curve = pd.to_numeric(log[col], errors="coerce")
             return col, pd.Series(curve.to_numpy(), index=log["epoch"]).dropna()
+    crop = [f"val_dice_{c}" for c in ("lobar", "deep", "infratentorial")]
+    if all(c in log for c in crop):   # segmenter selected on validation crops (volume_validation_every 0)
+        curve = log[crop].apply(pd.to_numeric, errors="coerce").mean(axis=1, skipna=True)
+        return "val_dice_crops", pd.Series(curve.to_numpy(), index=log["epoch"]).dropna()
     return "", pd.Series(dtype=float)
+
+
+def _card_best_epoch(card_path: Path) -> int | None:
+    """The epoch whose weights a model card says were kept (detector: ``selection.best_epoch``,
+    segmenter: ``best_epoch``), None when the card does not say."""
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError):
+        return None
+    sel = card.get("selection")
+    best = sel.get("best_epoch") if isinstance(sel, Mapping) else card.get("best_epoch")
+    return int(best) if isinstance(best, (int, float)) and best > 0 else None
 
 
 def training_section(models_dir: str | Path) -> str:
@@ -278,13 +295,17 @@ def training_section(models_dir: str | Path) -> str:
         if log.empty or "epoch" not in log:
             continue
         col, curve = _validation_curve(log)
-        best = curve[curve == curve.max()].index.max() if len(curve) else None
-        score = "validation FROC mean" if col == "val_score" else "validation Dice (lobar, deep, infra.)"
+        best = _card_best_epoch(log_path.parent / "card.json")   # what training kept (NaN-scored too)
+        if best is None:
+            best = curve[curve == curve.max()].index.max() if len(curve) else None
+        score = {"val_score": "validation FROC mean", "val_dice_crops": "validation crop Dice (lobar, deep, infra.)"
+                 }.get(col, "validation Dice (lobar, deep, infra.)")
         checks = ", ".join(f"{int(e)}: {v:.3f}" for e, v in curve.items())
         minutes = pd.to_numeric(log.get("seconds"), errors="coerce").sum() / 60 if "seconds" in log else float("nan")
         rows.append([log_path.parent.name, str(int(log["epoch"].max())),
                      "n/a" if best is None else str(int(best)),
-                     "n/a" if best is None else f"{curve[best]:.3f} ({score})", checks or "n/a", f"{minutes:.1f}"])
+                     "n/a" if best is None else f"{curve.get(best, float('nan')):.3f} ({score})", checks or "n/a",
+                     f"{minutes:.1f}"])
     if not rows:
         return ""
     head = ["model", "epochs", "kept epoch", "its score", "score at each check (epoch: score)", "training min"]
@@ -326,6 +347,10 @@ def load_config(config_path: Path, overrides: Sequence[Path] = ()) -> dict[str, 
     return cfg
 
 
+def _mtime(path: Path) -> float | None:
+    return path.stat().st_mtime if path.exists() else None
+
+
 def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path,
                  extra_args: Sequence[str] = (), overrides: Sequence[Path] = ()) -> tuple[float, int]:
     """Run Snakemake with ``segmenter.input = segin`` (plus ``extra_args``); snapshot the metric tables.
@@ -337,13 +362,18 @@ def run_workflow(config_path: Path, segin: str, cores: int, snapshot_root: Path,
     merged.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [str(Path(sys.executable).parent / "snakemake"), "--profile", "workflow/profiles/default",
            "--configfile", str(merged), "--cores", str(cores), "--keep-going", *extra_args]
+    cohorts = cfg.get("evaluate_cohorts", [])
+    tables = {c: ROOT / "results" / c / "metrics" / "detection.tsv" for c in cohorts}
+    before = {c: _mtime(t) for c, t in tables.items()}
     start = time.time()
     code = subprocess.run(cmd, cwd=ROOT).returncode
-    for cohort in cfg.get("evaluate_cohorts", []):
-        src = ROOT / "results" / cohort / "metrics"
-        dst = snapshot_root / f"segin-{segin}" / cohort
+    for cohort in cohorts:
+        src, dst = tables[cohort].parent, snapshot_root / f"segin-{segin}" / cohort
+        after = _mtime(tables[cohort])
+        # current: rewritten by this pass, or left as they were by a pass that succeeded (up to date)
+        current = after is not None and (after != before[cohort] or code == 0)
         shutil.rmtree(dst, ignore_errors=True)
-        if (src / "detection.tsv").exists() and (src / "detection.tsv").stat().st_mtime >= start:
+        if current:
             shutil.copytree(src, dst)
         else:  # the pass did not evaluate this cohort (a job failed under --keep-going): no stale tables
             print(f"run_all: {segin} pass wrote no metrics for {cohort}; its rows are left empty", file=sys.stderr)
@@ -392,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     snapshot_root = ROOT / "results" / "benchmark"
     walls, codes = {}, {}
     if not args.collect_only:
+        shutil.rmtree(snapshot_root / "models", ignore_errors=True)   # this run's models only
         for segin in args.segmenter_inputs:
             walls[segin], codes[segin] = run_workflow(config_path, segin, args.cores, snapshot_root,
                                                       args.snakemake_args, overrides)

@@ -135,9 +135,22 @@ def test_detection_on_a_las_subject_maps_back_to_ras(tmp_path):
     assert not (tmp_path / "d.tsv").exists()
 
 
-def test_the_model_card_box_wins_over_the_config(tmp_path, caplog):
+def test_the_model_card_box_wins_over_the_config(tmp_path, caplog, monkeypatch):
     """A released model brings its own box (tile overlap, default NMS radius): a user config's
     detector.box_voxels does not change how it is applied."""
+    from microbleed import infer
+    seen = {}
+    real_volume, real_table = infer.detect_volume, infer.candidates_table
+
+    def spy_volume(*args, **kwargs):
+        seen["tiles"] = args[7] if len(args) > 7 else kwargs["box"]
+        return real_volume(*args, **kwargs)
+
+    def spy_table(*args, **kwargs):
+        seen["nms"] = args[4] if len(args) > 4 else kwargs["box"]
+        return real_table(*args, **kwargs)
+    monkeypatch.setattr(infer, "detect_volume", spy_volume)
+    monkeypatch.setattr(infer, "candidates_table", spy_table)
     shape, aff = (48, 40, 20), _affine((1.0, 1.0, 1.5), "RAS")
     img = blob_image(shape, aff, voxel_to_ras(np.array([[20.0, 20.0, 10.0]]), aff), sigma_mm=2.5)
     save_image(img, aff, tmp_path / "swi.nii.gz")
@@ -149,4 +162,5 @@ def test_the_model_card_box_wins_over_the_config(tmp_path, caplog):
         detect_subject(tmp_path / "in.nii.gz", tmp_path / "swi.nii.gz", tmp_path, tmp_path / "c.tsv", params, "01",
                        loader=lambda model_dir, device: (DarkCentroidNet().to(device), card))
     assert "box 24 voxels from the model card" in caplog.text
+    assert seen == {"tiles": 24, "nms": 24}            # tiling and the NMS radius both use the card's box
 

@@ -140,6 +140,19 @@ def test_phase_units_refuse_integers_of_no_known_scale_and_accept_unwrapped_radi
     with caplog.at_level("WARNING", logger="microbleed.preprocess"):
         assert P.detect_phase_units(unwrapped) == "radians"
     assert "unwrapped" in caplog.text
+    wide = np.linspace(-250.3, 175.2, 500)              # unwrapped radians reaching -180..180 on one side only
+    assert P.detect_phase_units(wide) == "radians"
+    assert P.detect_phase_units(np.round(np.linspace(-400, 179, 500)), filtered=True) == "scanner"
+
+
+def test_filtered_integer_phase_of_unknown_scale_is_taken_with_a_warning_naming_the_file(caplog):
+    """Filtered phase need not span the circle; its scale does not change the normalised image."""
+    ph = np.round(np.linspace(-1500, 1500, 500))
+    with caplog.at_level("WARNING", logger="microbleed.preprocess"):
+        assert P.detect_phase_units(ph, subject="07", path="p.nii.gz", filtered=True) == "scanner"
+        rad = P.phase_to_radians(ph, "scanner", subject="07", path="p.nii.gz")
+    assert "07" in caplog.text and "p.nii.gz" in caplog.text and "filtered" in caplog.text
+    assert np.abs(rad).max() <= math.pi and np.corrcoef(rad, ph)[0, 1] > 0.999
 
 
 def test_homodyne_removes_background_and_wraps_keeps_dipole_sign():

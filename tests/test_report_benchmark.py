@@ -166,3 +166,43 @@ def test_cost_report_of_a_results_folder(tmp_path):
     text = cost.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "c.md")])
     assert "| detector_rpn | 2 | 2 | 0.700" in text and "| all | detect | 1 | 0.5 |" in text
     assert (tmp_path / "c.md").read_text() == text
+
+
+def test_an_up_to_date_pass_keeps_its_tables(run_all, tmp_path, monkeypatch):
+    """Snakemake with nothing to do (exit 0) leaves the tables as they are: they are current, not stale."""
+    import os
+    import types
+    metrics = tmp_path / "results" / "done" / "metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "detection.tsv").write_text("method\nrpn\n")
+    os.utime(metrics / "detection.tsv", (1000.0, 1000.0))
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    monkeypatch.setattr(run_all.subprocess, "run", lambda cmd, cwd: types.SimpleNamespace(returncode=0))
+    config = tmp_path / "c.yaml"
+    config.write_text("evaluate_cohorts: [done]\n")
+    snap = tmp_path / "results" / "benchmark"
+    _, code = run_all.run_workflow(config, "swi", 2, snap)
+    assert code == 0 and (snap / "segin-swi" / "done" / "detection.tsv").read_text() == "method\nrpn\n"
+    monkeypatch.setattr(run_all.subprocess, "run", lambda cmd, cwd: types.SimpleNamespace(returncode=1))
+    run_all.run_workflow(config, "swi", 2, snap)        # failed and did not rewrite them: stale, dropped
+    assert not (snap / "segin-swi" / "done").exists()
+
+
+def test_training_section_takes_the_kept_epoch_from_the_card(run_all, tmp_path):
+    """The card says which epoch training kept (a NaN-scored epoch can be kept); a segmenter selected
+    on crops (no whole-volume column filled) is scored on its crop Dice."""
+    import json
+    det, seg = tmp_path / "detector_rpn", tmp_path / "segmenter_t1"
+    det.mkdir()
+    seg.mkdir()
+    pd.DataFrame({"epoch": [1, 2, 3], "val_score": [0.5, 0.9, None], "seconds": [6, 6, 6]}).to_csv(
+        det / "train_log.csv", index=False)
+    (det / "card.json").write_text(json.dumps({"selection": {"best_epoch": 3}}))
+    pd.DataFrame({"epoch": [1, 2], "val_volume_dice_total": [None, None], "val_dice_lobar": [0.4, 0.8],
+                  "val_dice_deep": [0.4, 0.5], "val_dice_infratentorial": [0.4, 0.5], "seconds": [6, 6]}).to_csv(
+        seg / "train_log.csv", index=False)
+    (seg / "card.json").write_text(json.dumps({"best_epoch": 2}))
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+            for line in run_all.training_section(tmp_path).splitlines() if line.startswith("| ")}
+    assert rows["detector_rpn"][2] == "3" and rows["detector_rpn"][3].startswith("nan")
+    assert rows["segmenter_t1"][2] == "2" and rows["segmenter_t1"][3].startswith("0.600 (validation crop Dice")

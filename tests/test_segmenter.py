@@ -229,6 +229,7 @@ def test_whole_volume_selection_keeps_the_best_checked_epoch(tmp_path, monkeypat
     monkeypatch.setattr(segment, "_volume_dice", scripted)
     card = train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model", cfg, "cpu")
     assert len(snapshots) == 4 and card["best_score"] == 0.9 and "whole validation volumes" in card["selection"]
+    assert card["best_epoch"] == 2
     saved = torch.load(tmp_path / "model" / "model.pt", weights_only=True)["model"]
     last = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)["model"]
     moved = [k for k in saved if saved[k].is_floating_point() and not torch.equal(snapshots[0][k], snapshots[2][k])]
@@ -292,6 +293,8 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedu
         train_segmenter(inputs, tmp_path / "killed", cfg, "cpu")
     monkeypatch.setattr(segment, "save_checkpoint", real_save)
     train_segmenter(inputs, tmp_path / "killed", cfg, "cpu")
+    cards = [json.loads((tmp_path / d / "card.json").read_text()) for d in ("straight", "killed")]
+    assert cards[0]["best_epoch"] == cards[1]["best_epoch"] >= 1        # the kept epoch survives the resume
 
     for name, key in [("model.pt", "model"), ("checkpoint.pt", "model"), ("checkpoint.pt", "optimizer"),
                       *([("checkpoint.pt", "ema")] if ema else [])]:

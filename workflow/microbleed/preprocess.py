@@ -224,7 +224,7 @@ def _scanner_fill(lo: float, hi: float) -> float:
 
 
 def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str | None = None,
-                       path=None) -> str:
+                       path=None, filtered: bool = False) -> str:
     """Units of a phase image: ``radians``, ``scanner`` (integer levels) or ``milliradians``.
 
     ``auto`` decides from the value range (wrapped phase covers the whole circle):
@@ -235,7 +235,9 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
       ``-2048..2047``, ``0..65535``, a sign-flipped ``-4095..4096``): ``scanner``;
     - integer data within +-3142 spanning at least 90 % of ``2000 pi``: ``milliradians`` (GE, some
       Philips exports);
-    - other integer data: refused, since no scale can be read from them;
+    - other integer data: refused, since no scale can be read from them, unless ``filtered``
+      (already high-pass filtered phase need not span the circle, and its scale does not matter:
+      only its sign is used and it is min-max normalised): then ``scanner``, with a warning;
     - non-integer data beyond ``2 pi``: unwrapped ``radians`` (with a warning).
 
     ``radians``/``scanner``/``milliradians`` are returned as given.
@@ -253,7 +255,7 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
     extent = hi - lo
     if extent <= 2 * math.pi + 0.5:
         return "radians"
-    if (lo < -170 and 170 < hi <= 180.5) or (-0.5 <= lo < 10 and 350 < hi <= 360.5):
+    if (-180.5 <= lo < -170 and 170 < hi <= 180.5) or (-0.5 <= lo < 10 and 350 < hi <= 360.5):
         raise InputError(f"phase range [{lo:g}, {hi:g}] looks like degrees (-180..180 or 0..360), which "
                          "are not supported: convert to radians, or set preprocess.phase_units "
                          "(radians|scanner|milliradians) if the values are in those units",
@@ -263,6 +265,11 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
             return "scanner"
         if max(-lo, hi) <= 1000 * math.pi + 1 and extent >= SCANNER_MIN_FILL * 2000 * math.pi:
             return "milliradians"
+        if filtered:
+            log.warning("subject %s: %s: filtered integer phase [%g, %g] of unknown scale taken as scanner "
+                        "units (the scale of filtered phase does not change its normalised image)",
+                        subject, path, lo, hi)
+            return "scanner"
         raise InputError(f"integer phase range [{lo:g}, {hi:g}] fills {100 * _scanner_fill(lo, hi):.0f} % of "
                          "its power-of-two range and is not milliradians (-3142..3142): the scale of these "
                          "values cannot be told; set preprocess.phase_units (scanner|milliradians|radians)",
@@ -272,7 +279,7 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
     return "radians"
 
 
-def phase_to_radians(phase: np.ndarray, units: str) -> np.ndarray:
+def phase_to_radians(phase: np.ndarray, units: str, *, subject: str | None = None, path=None) -> np.ndarray:
     """Convert phase to radians (float32).
 
     Scanner units: signed data ``-L..L`` map by ``x * pi / L``; unsigned data ``0..N`` map by
@@ -290,8 +297,8 @@ def phase_to_radians(phase: np.ndarray, units: str) -> np.ndarray:
     lo, hi = float(np.nanmin(phase)), float(np.nanmax(phase))
     signed, levels = _scanner_span(lo, hi)
     if _scanner_fill(lo, hi) < SCANNER_MIN_FILL:
-        log.warning("scanner phase [%g, %g] fills %.0f %% of %s: scale taken from the data's extremes",
-                    lo, hi, 100 * _scanner_fill(lo, hi), f"-{levels}..{levels}" if signed else f"0..{levels}")
+        log.warning("subject %s: %s: scanner phase [%g, %g] fills %.0f %% of %s: scale taken from the "
+                    "data's extremes", subject, path, lo, hi, 100 * _scanner_fill(lo, hi), f"-{levels}..{levels}" if signed else f"0..{levels}")
     if signed:
         return (phase * math.pi / levels).astype(np.float32)
     return (phase * 2 * math.pi / levels - math.pi).astype(np.float32)
@@ -423,8 +430,9 @@ def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *,
     mask_data, m_aff = load_volume(mask_path, subject)
     check_same_grid(swi.shape, aff, mask_data.shape, m_aff, subject=subject, path_b=mask_path)
     mask = mask_data > 0
-    units = detect_phase_units(phase, phase_units, subject=subject, path=phase_path)
-    rad = phase_to_radians(phase, units)
+    units = detect_phase_units(phase, phase_units, subject=subject, path=phase_path,
+                               filtered=phase_mode == "filtered")
+    rad = phase_to_radians(phase, units, subject=subject, path=phase_path)
     if phase_mode == "raw":
         rad = homodyne_highpass(rad, aff, highpass_fwhm_mm, mask)
     elif phase_mode != "filtered":

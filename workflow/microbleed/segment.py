@@ -359,19 +359,20 @@ def _fingerprint(cfg: Mapping[str, Any], inputs: Sequence[tuple[str, Any, Any]])
 
 
 def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device,
-            ema: dict[str, torch.Tensor] | None = None) -> tuple[int, dict | None, float]:
+            ema: dict[str, torch.Tensor] | None = None) -> tuple[int, dict | None, float, int]:
     """Load the per-epoch checkpoint if it was written with the same config and data (and the
     weight average into ``ema``, when given).
 
-    Returns ``(last finished epoch, best state dict or None, best score)``; ``(0, None, -inf)`` for a fresh start.
+    Returns ``(last finished epoch, best state dict or None, best score, best epoch)``; ``(0, None, -inf, 0)``
+    for a fresh start.
     """
     if not ckpt_path.exists():
-        return 0, None, -np.inf
+        return 0, None, -np.inf, 0
     ckpt = load_checkpoint(ckpt_path, device)
     if ckpt.get("fingerprint") != dict(fingerprint):
         log.warning("segmenter checkpoint %s was written with another config or data: training starts over",
                     ckpt_path)
-        return 0, None, -np.inf
+        return 0, None, -np.inf, 0
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if ema is not None:
@@ -379,7 +380,7 @@ def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device,
             ema[key].copy_(value)
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     log.info("resuming segmenter training after epoch %d", ckpt["epoch"])
-    return int(ckpt["epoch"]), ckpt["best_model"], float(ckpt["best_score"])
+    return int(ckpt["epoch"]), ckpt["best_model"], float(ckpt["best_score"]), int(ckpt.get("best_epoch", 0))
 
 
 def _prepare(inputs, cfg) -> tuple[list[SegSubject], list[SegSubject], tuple[int, int, int]]:
@@ -434,7 +435,7 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
     if float(cfg.get("ema_decay", 0.0)) > 0:
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
         evaluated = build_segmenter(_net_config(cfg)).to(device)
-    start, best_state, best_score = _resume(ckpt_path, fingerprint, model, opt, device, ema)
+    start, best_state, best_score, best_epoch = _resume(ckpt_path, fingerprint, model, opt, device, ema)
     csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv_log.truncate_after("epoch", start)
     n_epochs, every = int(cfg["epochs"]), int(cfg.get("volume_validation_every", 0))
@@ -453,7 +454,7 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
             score = float(np.nanmean([dice[c] for c in BOMBS_CLASSES])) if val_crops else float(epoch)
         if score is not None and (score >= best_score or best_state is None):
             best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-            best_score = score
+            best_score, best_epoch = score, epoch
         csv_log.write(epoch=epoch, lr=round(epoch_lr(cfg, epoch), 7), loss=round(loss, 5),
                       seconds=round(time.time() - t0, 2),
                       **{f"val_dice_{c}": round(v, 4) for c, v in dice.items()},
@@ -461,9 +462,10 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_model": best_state, "best_score": best_score,
+            "best_epoch": best_epoch,
             "fingerprint": fingerprint, **({"ema": ema} if ema is not None else {})})
         log.info("segmenter epoch %d: loss %.4f, crop Dice %s, volume Dice %s", epoch, loss, dice, volume)
-    return _finish(out_dir, cfg, evaluated, best_state, best_score, (train, val), device)
+    return _finish(out_dir, cfg, evaluated, best_state, best_score, (train, val), device, best_epoch)
 
 
 def _volume_dice(model, val: Sequence[SegSubject], cfg: Mapping[str, Any], device) -> dict[str, float]:
@@ -475,7 +477,7 @@ def _volume_dice(model, val: Sequence[SegSubject], cfg: Mapping[str, Any], devic
     return dice_per_class(np.concatenate(preds), np.concatenate([sub.labels.ravel() for sub in val]))
 
 
-def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device) -> dict[str, Any]:
+def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device, best_epoch: int = 0) -> dict[str, Any]:
     """Write model.pt (best state) and card.json with whole-volume validation Dice."""
     train, val = split
     model.load_state_dict(best_state)
@@ -487,7 +489,7 @@ def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device) ->
             "selection": ("whole validation volumes, mean Dice of lobar, deep, infratentorial, "
                           f"every {every} epochs and the last") if every > 0 and val
                          else "validation crops, mean Dice of the four classes",
-            "best_score": best_score, "validation_dice": dice,
+            "best_score": best_score, "best_epoch": int(best_epoch), "validation_dice": dice,
             "loss": cfg.get("loss", "dice"), "optimizer": cfg.get("optimizer", "adam")}
     write_card(out_dir, card)
     return card
