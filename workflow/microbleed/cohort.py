@@ -80,8 +80,10 @@ def _bids_table(root: Path, name: str) -> pd.DataFrame:
         if other:
             # BIDS leaves `group` free (patient/control, n/a): only cmb|normal are ours; the others
             # are read from the labels (a subject with a CMB table row is cmb), as without the column.
-            log.warning("cohort %r (%s): group value(s) %s are not cmb|normal: those subjects' group is "
-                        "taken from their labels", name, part, other)
+            which = [sid for sid, g in zip(ids, groups) if g not in ("", "cmb", "normal")]
+            log.warning("cohort %r (%s): group value(s) %s are not cmb|normal: the group of subject(s) %s "
+                        "is taken from their labels", name, part, other,
+                        ", ".join(which[:10]) + (f" and {len(which) - 10} more" if len(which) > 10 else ""))
             groups = [g if g in ("cmb", "normal") else "" for g in groups]
     else:
         ids = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir())
