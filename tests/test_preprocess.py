@@ -206,6 +206,18 @@ def test_preprocess_swi_phase_outputs(tmp_path):
         assert d[mask].std() > 0.05
 
 
+def test_filtered_integer_phase_of_unknown_scale_goes_through_and_raw_is_refused(tmp_path):
+    """-1500..1500 integers: no scale can be read; filtered phase needs none, raw phase does."""
+    paths, aff = write_subject(tmp_path, phase_scale=1501.0)
+    out_s, out_p = tmp_path / "o_swi.nii.gz", tmp_path / "o_phase.nii.gz"
+    P.preprocess_swi_phase(paths["swi"], paths["phase"], paths["mask"], out_s, out_p, subject="01",
+                           phase_mode="filtered")
+    d = load_volume(out_p)[0]
+    assert d.max() <= 1 and d[load_volume(paths["mask"])[0] > 0].std() > 0.05
+    with pytest.raises(InputError, match=r"subject 01.*integer phase range"):
+        P.preprocess_swi_phase(paths["swi"], paths["phase"], paths["mask"], out_s, out_p, subject="01")
+
+
 # --------------------------------------------------------------------------- bad inputs
 def test_phase_of_other_shape_or_affine_is_an_error(tmp_path):
     paths, aff = write_subject(tmp_path)
