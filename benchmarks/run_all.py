@@ -422,7 +422,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     snapshot_root = ROOT / "results" / "benchmark"
     walls, codes = {}, {}
     if not args.collect_only:
-        shutil.rmtree(snapshot_root / "models", ignore_errors=True)   # this run's models only
         for segin in args.segmenter_inputs:
             walls[segin], codes[segin] = run_workflow(config_path, segin, args.cores, snapshot_root,
                                                       args.snakemake_args, overrides)

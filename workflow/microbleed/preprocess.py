@@ -297,8 +297,9 @@ def phase_to_radians(phase: np.ndarray, units: str, *, subject: str | None = Non
     lo, hi = float(np.nanmin(phase)), float(np.nanmax(phase))
     signed, levels = _scanner_span(lo, hi)
     if _scanner_fill(lo, hi) < SCANNER_MIN_FILL:
+        span = f"-{levels}..{levels}" if signed else f"0..{levels}"
         log.warning("subject %s: %s: scanner phase [%g, %g] fills %.0f %% of %s: scale taken from the "
-                    "data's extremes", subject, path, lo, hi, 100 * _scanner_fill(lo, hi), f"-{levels}..{levels}" if signed else f"0..{levels}")
+                    "data's extremes", subject, path, lo, hi, 100 * _scanner_fill(lo, hi), span)
     if signed:
         return (phase * math.pi / levels).astype(np.float32)
     return (phase * 2 * math.pi / levels - math.pi).astype(np.float32)
