@@ -30,14 +30,11 @@ def test_config_is_valid_over_the_demo_config_and_trains_nothing():
 
 def test_in_range_and_out_of_range_protocols_are_what_the_config_says():
     """The config's comment splits the protocols; out_of_range must agree with the training family."""
-    acqs = _cfg()["acquisitions"]
-    assert [k for k in ("las15", "liaflip", "thick") if gen.out_of_range(acqs[k])] == []
-    assert all(gen.out_of_range(acqs[k]) for k in ("lowsnr", "fine", "ultra"))
-    assert gen.out_of_range(acqs["ultra"])[0].startswith("b0_t 7")
-    # the family it is checked against is bench-train's `varied`
-    varied = yaml.safe_load((ROOT / "config" / "benchmark.yaml").read_text())["acquisitions"]["varied"]
-    assert tuple(varied["b0_t"]) == gen.TRAINED["b0_t"] and tuple(varied["snr"]) == gen.TRAINED["snr"]
-    assert tuple(varied["te_ms"]) == gen.TRAINED["te_ms"] and tuple(varied["voxel_mm"][2]) == gen.TRAINED["slice_mm"]
+    acqs, trained = _cfg()["acquisitions"], gen.trained_ranges()
+    assert trained["inplane_mm"] == (0.8, 1.2) and trained["b0_t"] == (1.5, 3.0)   # bench-train's `varied`
+    assert [k for k in ("las15", "liaflip", "thick") if gen.out_of_range(acqs[k], trained)] == []
+    assert all(gen.out_of_range(acqs[k], trained) for k in ("lowsnr", "fine", "ultra"))
+    assert gen.out_of_range(acqs["ultra"], trained)[0].startswith("b0_t 7")
 
 
 def test_detected_phase_reads_the_preprocess_log(tmp_path):
