@@ -395,7 +395,33 @@ def speed_sections(results_dir: str | Path) -> str:
         parts.append(f"<!-- from benchmarks/results/{md.name} -->\n{text}\n")
     if not parts:
         return ""
-    return "\n## Speed and resources (per script)\n\n" + "\n".join(parts)
+    return SPEED_HEADING + "\n" + "\n".join(parts)
+
+
+SPEED_HEADING = "\n## Speed and resources (per script)\n"
+PLOTS_HEADING = "\n## Plots ("
+
+
+def refresh_sections(text: str, notes: str, speed: str) -> str:
+    """``text`` (a RESULTS page written by :func:`main`) with its hand-written notes and its
+    per-script speed sections replaced by ``notes`` and ``speed``; the run's tables, training and
+    time sections and its plot links are kept as they are. For a page whose run's snapshot
+    (``results/benchmark``) is gone when a notes file or a ``benchmarks/results/*.md`` changed.
+
+    Raises:
+        ValueError: ``text`` has no run tables (no ``## Detection`` section).
+    """
+    if "\n## Detection" not in text:
+        raise ValueError("not a RESULTS page of run_all.py: no '## Detection' section to keep")
+    cut = [i for i in (text.find("\n<!-- from notes/"), text.find(PLOTS_HEADING), text.find(SPEED_HEADING))
+           if i >= 0]
+    head = text[:min(cut)] if cut else text
+    plots = ""
+    if PLOTS_HEADING in text:
+        start = text.index(PLOTS_HEADING)
+        end = text.find(SPEED_HEADING, start)
+        plots = text[start:end if end >= 0 else len(text)].rstrip("\n") + "\n"
+    return head.rstrip("\n") + "\n" + notes + plots + speed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,8 +438,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[],
                     help="passed on to Snakemake (last option), e.g. --rerun-triggers mtime to keep "
                          "outputs of an earlier run whose code or parameters changed without effect")
+    ap.add_argument("--sections-only", action="store_true",
+                    help="keep --out's run tables and plot links, re-read only its hand-written notes and "
+                         "the benchmarks/results/*.md sections (the run's snapshot is not needed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = ap.parse_args(argv)
+    if args.sections_only:
+        out = Path(args.out).resolve()
+        notes = notes_section(out.parent / "notes" / f"{out.stem}.md")
+        out.write_text(refresh_sections(out.read_text(), notes, speed_sections(ROOT / "benchmarks" / "results")))
+        print(f"refreshed the notes and per-script sections of {args.out}")
+        return 0
     config_path = (ROOT / args.config) if not Path(args.config).is_absolute() else Path(args.config)
     overrides = [Path(o) if Path(o).is_absolute() else ROOT / o for o in args.override]
     cohorts = load_config(config_path, overrides).get("evaluate_cohorts", [])

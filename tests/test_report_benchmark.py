@@ -206,3 +206,23 @@ def test_training_section_takes_the_kept_epoch_from_the_card(run_all, tmp_path):
             for line in run_all.training_section(tmp_path).splitlines() if line.startswith("| ")}
     assert rows["detector_rpn"][2] == "3" and rows["detector_rpn"][3].startswith("nan")
     assert rows["segmenter_t1"][2] == "2" and rows["segmenter_t1"][3].startswith("0.600 (validation crop Dice")
+
+
+def test_sections_only_keeps_the_run_and_rereads_notes_and_scripts(run_all):
+    page = ("# Benchmark results\n\n- commit: abc\n\n## Detection (paper Tables 1 and 3)\n\n| m | 1 |\n"
+            "\n<!-- from notes/RESULTS.md, written by hand -->\nold note\n"
+            "\n## Plots (FROC and precision-recall per cohort and segmenter input)\n\n![a](plots/a.png)\n"
+            "\n## Speed and resources (per script)\n\n<!-- from benchmarks/results/x.md -->\nold speed\n")
+    text = run_all.refresh_sections(page, "\n<!-- from notes/RESULTS.md, written by hand -->\nnew note\n",
+                                    "\n## Speed and resources (per script)\n\nnew speed\n")
+    assert "| m | 1 |" in text and "- commit: abc" in text and "![a](plots/a.png)" in text
+    assert "new note" in text and "new speed" in text
+    assert "old note" not in text and "old speed" not in text
+    assert text.index("new note") < text.index("## Plots") < text.index("new speed")
+    # a page without notes or plots gains the sections; running twice changes nothing
+    bare = run_all.refresh_sections("# R\n\n## Detection\n\n| m |\n", "", "\n## Speed and resources (per script)\n\ns\n")
+    assert bare.endswith("s\n") and "| m |" in bare
+    assert run_all.refresh_sections(text, "\n<!-- from notes/RESULTS.md, written by hand -->\nnew note\n",
+                                    "\n## Speed and resources (per script)\n\nnew speed\n") == text
+    with pytest.raises(ValueError, match="Detection"):
+        run_all.refresh_sections("# something else\n", "", "")
