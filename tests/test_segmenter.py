@@ -276,9 +276,11 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("schedule, ema", [("constant", 0.0), ("cosine", 0.0), ("cosine", 0.5)])
-def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedule, ema):
-    cfg = {**TINY, "lr_schedule": schedule, "ema_decay": ema}
+@pytest.mark.parametrize("schedule, ema, recal", [("constant", 0.0, 0), ("cosine", 0.0, 0), ("cosine", 0.5, 0),
+                                                  ("cosine", 0.0, 4)])
+def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedule, ema, recal):
+    cfg = {**TINY, "lr_schedule": schedule, "ema_decay": ema, "bn_recalibration_crops": recal,
+           "volume_validation_every": 1}
     inputs = write_cohort(tmp_path / "data")
     train_segmenter(inputs, tmp_path / "straight", cfg, "cpu")
 
@@ -335,6 +337,80 @@ def test_ema_training_saves_and_validates_the_weight_average(tmp_path):
     assert any(not torch.equal(saved[k], ckpt["model"][k]) for k in saved if saved[k].is_floating_point())
     # the epoch was scored on the averaged weights: its score is the Dice of the saved model
     assert card["best_score"] == pytest.approx(card["validation_dice"]["total"], abs=1e-9)
+
+
+def _norm_inputs(net, x):
+    """The input of every BatchNorm of ``net`` for one forward pass of ``x`` in train mode."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: seen.setdefault(name, inp[0].detach().clone()))
+             for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    net.train()
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_recalibrated_batchnorm_holds_the_average_of_the_crops_batch_statistics(tmp_path):
+    inputs = write_cohort(tmp_path / "data", n=2)
+    subjects = [load_training_subject(s, i, b) for s, i, b in inputs]
+    net = build_segmenter({"widths": [4, 8], "in_channels": 4, "n_classes": 4})
+    with torch.no_grad():                   # stale statistics, as after training
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.fill_(5.0)
+                m.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "batches" not in k}
+    crop, n, batch, seed = (16, 16, 8), 6, 3, 4
+    n_norms = sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert n_norms >= 4
+    assert segment.recalibrate_batchnorm(net, subjects, crop, n, batch, seed, "cpu") == n_norms
+    assert not net.training
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    for k, v in weights.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    # the same crops, drawn again: the stored statistics are the mean of the two batches' statistics
+    rng = np.random.default_rng([seed, 2**31 - 2])
+    batches = [sample_crops(subjects, batch, crop, rng)[0] for _ in range(n // batch)]
+    probe = build_segmenter({"widths": [4, 8], "in_channels": 4, "n_classes": 4})
+    probe.load_state_dict(net.state_dict())
+    per_batch = [_norm_inputs(probe, x) for x in batches]
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            means = [seen[name].mean(dim=(0, 2, 3, 4)) for seen in per_batch]
+            vars_ = [seen[name].transpose(0, 1).reshape(seen[name].shape[1], -1).var(dim=1) for seen in per_batch]
+            assert torch.allclose(m.running_mean, torch.stack(means).mean(0), atol=1e-5), name
+            assert torch.allclose(m.running_var, torch.stack(vars_).mean(0), rtol=1e-4, atol=1e-6), name
+    # it depends on the weights only: a second call gives the same statistics
+    first = {k: v.clone() for k, v in net.state_dict().items()}
+    segment.recalibrate_batchnorm(net, subjects, crop, n, batch, seed, "cpu")
+    for k, v in first.items():
+        assert torch.allclose(net.state_dict()[k].float(), v.float()), k
+    # nothing asked, nothing done
+    assert segment.recalibrate_batchnorm(net, subjects, crop, 0, batch, seed, "cpu") == 0
+    for k, v in first.items():
+        assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_training_with_recalibration_saves_the_recalibrated_statistics(tmp_path):
+    inputs = write_cohort(tmp_path / "data")
+    cfg = dict(TINY, epochs=1, volume_validation_every=1, bn_recalibration_crops=4)
+    card = train_segmenter(inputs, tmp_path / "m", cfg, "cpu")
+    saved = torch.load(tmp_path / "m" / "model.pt", weights_only=True)["model"]
+    plain = train_segmenter(inputs, tmp_path / "p", dict(cfg, bn_recalibration_crops=0), "cpu")
+    other = torch.load(tmp_path / "p" / "model.pt", weights_only=True)["model"]
+    weights = [k for k in saved if "running" not in k and "batches" not in k]
+    assert all(torch.equal(saved[k], other[k]) for k in weights)                  # training itself unchanged
+    assert any(not torch.equal(saved[k], other[k]) for k in saved if "running_mean" in k)
+    net = build_segmenter(card["config"])
+    net.load_state_dict(saved)
+    train, _ = split_subjects([s for s, _, _ in inputs], cfg["validation_fraction"], cfg["seed"])
+    subjects = [load_training_subject(s, i, b) for s, i, b in inputs if s in train]
+    segment.recalibrate_batchnorm(net, subjects, cfg["crop"], 4, cfg["batch_size"], cfg["seed"], "cpu")
+    for k in saved:                          # what was saved is what recalibration gives for those weights
+        assert torch.allclose(net.state_dict()[k].float(), saved[k].float(), atol=1e-6), k
+    assert plain["best_epoch"] == card["best_epoch"] == 1
 
 
 def test_tampered_model_is_refused(tmp_path):

@@ -317,6 +317,39 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
                 ema[key].copy_(value)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, subjects: Sequence[SegSubject], crop: Sequence[int],
+                          n_crops: int, batch: int, seed: int, device) -> int:
+    """Re-estimate every BatchNorm's running mean and variance of ``model`` in place, as the plain
+    average of the batch statistics over ``n_crops`` class-balanced crops of ``subjects`` (no
+    augmentation), instead of the exponential average of the last training steps ("precise
+    BatchNorm", Wu & Johnson 2021, arXiv:2105.07576). Weights are not touched; the crops come
+    from a generator seeded with ``seed`` alone (the training draws are not disturbed), so the
+    result depends on the weights only. The model is left in eval mode.
+
+    Returns:
+        The number of BatchNorm layers re-estimated (0: none, or ``n_crops <= 0``: nothing done).
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if n_crops <= 0 or not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                    # cumulative average over the calls below
+    model.train()
+    rng = np.random.default_rng([int(seed), 2**31 - 2])
+    try:
+        for b in range(0, n_crops, batch):
+            x, _ = sample_crops(subjects, min(batch, n_crops - b), crop, rng)
+            model(x.to(device).contiguous(memory_format=CHANNELS_LAST))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return len(norms)
+
+
 def _train_epoch(model, opt, loss_fn, subjects, crop, cfg, epoch: int, device,
                  ema: dict[str, torch.Tensor] | None = None) -> float:
     """One epoch of ``crops_per_epoch`` crops from a generator seeded with ``(seed, epoch)``, at
@@ -444,10 +477,13 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
         loss = _train_epoch(model, opt, loss_fn, train, crop, cfg, epoch, device, ema)
         if ema is not None:
             evaluated.load_state_dict(ema)
+        check_volumes = bool(val) and every > 0 and (epoch % every == 0 or epoch == n_epochs)
+        if check_volumes or every <= 0:      # statistics of the network that is validated and may be kept
+            recalibrate_batchnorm(evaluated, train, crop, int(cfg.get("bn_recalibration_crops", 0)),
+                                  int(cfg["batch_size"]), int(cfg["seed"]), device)
         dice = (_crop_dice(evaluated, val_crops, int(cfg["batch_size"]), device)
                 if val_crops else {c: float("nan") for c in (*BOMBS_CLASSES, "total")})
-        volume = (_volume_dice(evaluated, val, cfg, device)
-                  if val and every > 0 and (epoch % every == 0 or epoch == n_epochs) else None)
+        volume = _volume_dice(evaluated, val, cfg, device) if check_volumes else None
         if every > 0 and val:      # selection on whole volumes: only the epochs that were checked compete
             score = volume["total"] if volume is not None else None
         else:
