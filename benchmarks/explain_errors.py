@@ -32,10 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
+from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from microbleed.cohort import simulated_root
-from microbleed.infer import ball_offsets
+from microbleed.infer import ball_offsets, dark_voxels, region_votes, sample_nearest
 from microbleed.io import load_volume, ras_to_voxel, read_tsv, voxel_sizes
 from microbleed.metrics import match_detections
 
@@ -82,8 +84,43 @@ def local_contrast(swi: np.ndarray, affine: np.ndarray, ras: np.ndarray) -> dict
             "cnr": round((float(np.median(shell)) - float(core.min())) / sd, 2) if sd > 0 else np.nan}
 
 
+def anatomy_reader(results: Path, cohort: str, subject: str, radius_mm: float, dark_fraction: float):
+    """A function of RAS mm points ``(N, 3)`` giving, per point, what pruning sees there: the share of
+    ``none`` among the votes of the predicted BOMBS map in the ball of ``radius_mm`` (``none_pred``;
+    voxels outside the brain mask or darker than ``dark_fraction`` x the brain's median SWI do not
+    vote, as in :func:`microbleed.infer.prune`), the same share in the subject's label map
+    (``none_true``, same voters) and the distance to the outside of the brain mask (``depth_mm``).
+    ``None`` when an input is missing (a run without these outputs)."""
+    sub = results / cohort / f"sub-{subject}"
+    paths = {"pred": sub / f"sub-{subject}_desc-bombs_dseg.nii.gz",
+             "mask": sub / f"sub-{subject}_desc-brain_mask.nii.gz",
+             "true": results / cohort / "labels" / f"sub-{subject}_desc-bombs_dseg.nii.gz",
+             "swi": results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_swi.nii.gz"}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    pred, affine = load_volume(paths["pred"], subject, dtype=np.int64, allow_zero=True)
+    true, true_affine = load_volume(paths["true"], subject, dtype=np.int64, allow_zero=True)
+    mask, _ = load_volume(paths["mask"], subject, allow_zero=True)
+    swi, _ = load_volume(paths["swi"], subject)
+    exclude = dark_voxels(swi, mask, dark_fraction)
+    depth = ndimage.distance_transform_edt(np.pad(mask > 0, 1), sampling=voxel_sizes(affine))[1:-1, 1:-1, 1:-1]
+
+    def share(votes: np.ndarray) -> np.ndarray:
+        total = votes.sum(axis=1)
+        return np.where(total > 0, votes[:, 0] / np.maximum(total, 1), np.nan)
+
+    def read(ras: np.ndarray) -> dict[str, np.ndarray]:
+        ras = np.asarray(ras, float).reshape(-1, 3)
+        same_grid = true.shape == pred.shape and np.allclose(true_affine, affine, atol=1e-3)
+        return {"none_pred": share(region_votes(pred, affine, ras, radius_mm, exclude=exclude)),
+                "none_true": share(region_votes(true, true_affine, ras, radius_mm,
+                                                exclude=exclude if same_grid else None)),
+                "depth_mm": sample_nearest(depth, affine, ras, outside=0.0)}
+    return read
+
+
 def explain_subject(results: Path, cohort: str, subject: str, source: str, threshold: float,
-                    hit_radius_mm: float) -> list[dict]:
+                    hit_radius_mm: float, radius_mm: float = 6.0, dark_fraction: float = 0.6) -> list[dict]:
     """Error rows of one subject (see the module docstring)."""
     cmb, mimics = _truth(simulated_root(cohort, results), subject)
     final = read_tsv(results / cohort / f"sub-{subject}" / f"sub-{subject}_cmb.tsv",
@@ -115,6 +152,7 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
                      "prune_reason": final["prune_reason"].iloc[n] if "prune_reason" in final else "",
                      "distance_mm": round(float(dist[n]), 2) if np.isfinite(dist[n]) else "",
                      "x": det[n, 0], "y": det[n, 1], "z": det[n, 2]})
+    anatomy = anatomy_reader(results, cohort, subject, radius_mm, dark_fraction)
     by_label = {lab_i: det_i for det_i, lab_i in pairs}
     swi_path = results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_swi.nii.gz"
     swi = load_volume(swi_path, subject) if swi_path.exists() else None
@@ -128,6 +166,7 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
             n = by_label[m]
             if pruned[n]:
                 rows.append({**base, "error": "fn", "cause": "pruned", "score": round(float(final["score"].iloc[n]), 4),
+                             "_probe": det[n],                # pruning read the anatomy at the finding
                              "region_read": final["region"].iloc[n],
                              "prune_reason": final["prune_reason"].iloc[n] if "prune_reason" in final else ""})
             continue
@@ -135,6 +174,12 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
         best = float(cand["score"].to_numpy(float)[near].max()) if near.any() else float("nan")
         cause = "no_candidate" if not near.any() else ("below_threshold" if best < threshold else "lost_in_nms")
         rows.append({**base, "error": "fn", "cause": cause, "score": round(best, 4) if near.any() else ""})
+    if anatomy is not None and rows:
+        seen = anatomy(np.array([r.get("_probe", [r["x"], r["y"], r["z"]]) for r in rows], float))
+        for n, row in enumerate(rows):
+            row.update({k: round(float(v[n]), 2) for k, v in seen.items()})
+    for row in rows:
+        row.pop("_probe", None)
     return rows
 
 
@@ -146,7 +191,11 @@ def _threshold(evaluate_log: Path) -> float:
     raise SystemExit(f"no 'operating threshold' line in {evaluate_log}: run the evaluation first")
 
 
-def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, stem: str) -> pd.DataFrame:
+def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, stem: str,
+         radius_mm: float | None = None, dark_fraction: float | None = None) -> pd.DataFrame:
+    infer = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["infer"]
+    radius_mm = float(infer["region_radius_mm"] if radius_mm is None else radius_mm)
+    dark_fraction = float(infer["dark_fraction"] if dark_fraction is None else dark_fraction)
     rows = []
     for cohort in cohorts:
         threshold = _threshold(results / "logs" / "evaluate_cohort" / f"{cohort}.log")
@@ -154,7 +203,7 @@ def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, s
         if not subjects:
             raise SystemExit(f"no subject folder under {results / cohort}")
         for sub in subjects:
-            rows += explain_subject(results, cohort, sub, source, threshold, hit_radius_mm)
+            rows += explain_subject(results, cohort, sub, source, threshold, hit_radius_mm, radius_mm, dark_fraction)
         rows.append({"cohort": cohort, "subject": "", "error": "threshold", "score": threshold,
                      "cause": f"{len(subjects)} subjects"})
     table = pd.DataFrame(rows)
@@ -170,17 +219,30 @@ def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, s
              f"- operating thresholds: " + ", ".join(
                  f"{r.cohort} {r.score:.4f}" for r in table[table["error"] == "threshold"].itertuples()),
              "- fp_kept: false positives in the final findings; fp_pruned: removed by pruning (harmless);",
+             f"- none_pred / none_true: share of `none` among the votes of the predicted / labelled BOMBS map "
+             f"within {radius_mm:g} mm (voxels outside the brain mask or darker than {dark_fraction:g} x its "
+             "median SWI do not vote, as in pruning); depth_mm: distance to the outside of the brain mask.",
              "  fn: labelled CMBs not in the final findings. One row per error in "
              f"`benchmarks/results/{stem}.tsv`.", "",
              "| cohort | error | cause | n |", "|---|---|---|---|"]
     lines += [f"| {r.cohort} | {r.error} | {r.cause} | {r.n} |" for r in counts.itertuples()]
     fn = errs[errs["error"] == "fn"]
     if len(fn) and "cnr" in fn:
-        lines += ["", "Missed CMBs (diameter mm, SWI core / shell, CNR):", "",
-                  "| cohort | subject | cause | diameter_mm | true_region | core_swi | shell_swi | cnr |",
-                  "|---|---|---|---|---|---|---|---|"]
+        extra = [c for c in ("none_pred", "none_true", "depth_mm") if c in fn]
+        lines += ["", "Missed CMBs (diameter mm, SWI core / shell, CNR" + (", what pruning saw" if extra else "") + "):", "",
+                  "| cohort | subject | cause | diameter_mm | true_region | core_swi | shell_swi | cnr |"
+                  + "".join(f" {c} |" for c in extra),
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
         lines += [f"| {r.cohort} | {r.subject} | {r.cause} | {float(r.diameter_mm):.1f} | {r.true_region} | "
-                  f"{r.core_swi} | {r.shell_swi} | {r.cnr} |" for r in fn.itertuples()]
+                  f"{r.core_swi} | {r.shell_swi} | {r.cnr} |" + "".join(f" {getattr(r, c)} |" for c in extra)
+                  for r in fn.itertuples()]
+        fp = errs[errs["error"].isin(["fp_kept", "fp_pruned"])]
+        if len(fp) and extra:
+            lines += ["", "False positives (what pruning saw):", "",
+                      "| cohort | subject | error | cause | score | " + " | ".join(extra) + " |",
+                      "|---|---|---|---|---|" + "---|" * len(extra)]
+            lines += [f"| {r.cohort} | {r.subject} | {r.error} | {r.cause} | {r.score} | "
+                      + " | ".join(str(getattr(r, c)) for c in extra) + " |" for r in fp.itertuples()]
     (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return table
@@ -193,5 +255,7 @@ if __name__ == "__main__":
     ap.add_argument("--source", default="rpn+ffm+hspl", help="detector whose raw candidates explain the misses")
     ap.add_argument("--hit-radius-mm", type=float, default=5.0)
     ap.add_argument("--stem", default="errors")
+    ap.add_argument("--region-radius-mm", type=float, help="pruning ball (default: config/config.yaml infer)")
+    ap.add_argument("--dark-fraction", type=float, help="dark voxels do not vote (default: config/config.yaml infer)")
     a = ap.parse_args()
-    main(a.results, a.cohorts, a.source, a.hit_radius_mm, a.stem)
+    main(a.results, a.cohorts, a.source, a.hit_radius_mm, a.stem, a.region_radius_mm, a.dark_fraction)

@@ -58,3 +58,34 @@ def test_local_contrast_tells_a_visible_cmb_from_plain_tissue(explain):
     blank = explain.local_contrast(swi, aff, [30.0, 30.0, 20.0])
     assert seen["core_swi"] == 0.05 and seen["cnr"] > 20
     assert blank["cnr"] < 5
+
+
+def test_anatomy_reader_sees_what_pruning_sees(explain, tmp_path):
+    from microbleed.infer import dark_voxels, sample_region
+    from microbleed.io import save_image
+    res, sub, aff = tmp_path / "results", "001", np.diag([1.0, 1.0, 2.0, 1.0])
+    shape = (40, 40, 20)
+    mask = np.zeros(shape, np.uint8)
+    mask[4:36, 4:36, 2:18] = 1
+    true = np.where(mask > 0, 1, 0).astype(np.uint8)
+    pred = true.copy()
+    pred[4:20] = 0                                   # the segmenter calls the left half `none`
+    swi = np.full(shape, 0.6, np.float32)
+    swi[10:13, 20:23, 9:11] = 0.05                   # a dark spot: does not vote
+    files = {res / "c" / f"sub-{sub}" / f"sub-{sub}_desc-bombs_dseg.nii.gz": pred,
+             res / "c" / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz": mask,
+             res / "c" / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz": true,
+             res / "c" / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz": swi}
+    assert explain.anatomy_reader(res, "c", sub, 6.0, 0.6) is None        # inputs missing
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(data, aff, path)
+    read = explain.anatomy_reader(res, "c", sub, 6.0, 0.6)
+    pts = np.array([[11.0, 21.0, 20.0], [30.0, 21.0, 20.0], [5.0, 21.0, 20.0]])
+    seen = read(pts)
+    assert seen["none_pred"][0] == 1.0 and seen["none_true"][0] == 0.0
+    assert seen["none_pred"][1] == 0.0
+    assert seen["depth_mm"][2] == pytest.approx(2.0) and seen["depth_mm"][1] > seen["depth_mm"][2]
+    # a point is pruned exactly when its share reaches the rule's none_fraction
+    codes = sample_region(pred, aff, pts, 6.0, 0.7, exclude=dark_voxels(swi, mask, 0.6))
+    assert list(codes == 0) == list(seen["none_pred"] >= 0.7)

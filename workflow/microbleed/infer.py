@@ -476,18 +476,30 @@ def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius
     codes = sample_nearest(data, affine, ras)
     if radius_mm <= 0:
         return codes
-    offsets, _ = ball_offsets(affine, radius_mm, inner_radius_mm)
-    for n in range(len(codes)):
-        ijk = np.rint(ras_to_voxel(ras[n], affine)).astype(int).reshape(3) + offsets
-        ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)]
-        if exclude is not None and not exclude[tuple(ijk.T)].all():
-            ijk = ijk[~exclude[tuple(ijk.T)]]
-        counts = np.bincount(data[tuple(ijk.T)], minlength=4)
+    for n, counts in enumerate(region_votes(data, affine, ras, radius_mm, inner_radius_mm, exclude)):
         if counts.sum() == 0 or counts[0] >= none_fraction * counts.sum():
             codes[n] = 0
         elif codes[n] == 0:
             codes[n] = int(np.argmax(counts[1:4])) + 1
     return codes
+
+
+def region_votes(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius_mm: float,
+                 inner_radius_mm: float = 0.0, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Votes ``(N, 4)`` int (none, lobar, deep, infratentorial) of the BOMBS map's voxels in the ball
+    (or shell) of each RAS mm point ``(N, 3)``, as :func:`sample_region` counts them: voxels off the
+    grid do not vote, nor those of ``exclude`` unless every voxel of the ball is excluded."""
+    data = np.asarray(bombs).astype(np.int64)
+    ras = np.asarray(ras, dtype=float).reshape(-1, 3)
+    offsets, _ = ball_offsets(affine, radius_mm, inner_radius_mm)
+    votes = np.zeros((len(ras), 4), np.int64)
+    for n in range(len(ras)):
+        ijk = np.rint(ras_to_voxel(ras[n], affine)).astype(int).reshape(3) + offsets
+        ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)]
+        if exclude is not None and not exclude[tuple(ijk.T)].all():
+            ijk = ijk[~exclude[tuple(ijk.T)]]
+        votes[n] = np.bincount(data[tuple(ijk.T)], minlength=4)[:4]
+    return votes
 
 
 def dark_voxels(swi: np.ndarray | None, mask: np.ndarray | None, fraction: float) -> np.ndarray | None:
