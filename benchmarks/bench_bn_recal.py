@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cohort", default="bench-train", help="the training cohort (validation subjects from the card)")
     ap.add_argument("--test-cohorts", nargs="*", default=[])
     ap.add_argument("--crops", nargs="+", type=int, default=[256])
+    ap.add_argument("--uniform", action="store_true", help="also recalibrate on crops centred uniformly over the volumes")
+    ap.add_argument("--augmented", action="store_true",
+                    help="also recalibrate on class-balanced crops with the training's augmentation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stem", default="segmenter_bn_recal")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "experiments")
@@ -94,10 +97,15 @@ def main(argv=None) -> int:
         states[f"last (epoch {ckpt['epoch']})"] = ckpt["model"]
     rows = []
     for state_name, state in states.items():
-        for n in [0, *args.crops]:
+        variants = [(0, True, False), *[(n, True, False) for n in args.crops],
+                    *[(n, False, False) for n in args.crops if args.uniform],
+                    *[(n, True, True) for n in args.crops if args.augmented]]
+        for n, balanced, augment in variants:
             net = build_segmenter(card["config"])
             net.load_state_dict(state)
-            recalibrate_batchnorm(net, train, crop, n, int(training["batch_size"]), int(training["seed"]), "cpu")
+            recalibrate_batchnorm(net, train, crop, n, int(training["batch_size"]), int(training["seed"]), "cpu",
+                                  balanced=balanced, augment=augment and bool(training.get("augment", True)),
+                                  scale=float(training.get("augment_scale", 0.0)))
             net.eval()
             for set_name, subjects in sets.items():
                 if "validation" not in set_name and not state_name.startswith("kept"):
@@ -105,7 +113,9 @@ def main(argv=None) -> int:
                 pooled, mean, secs = score(net, subjects, training)
                 dice = pooled if "validation" in set_name else mean
                 rows.append({"set": set_name, "subjects": len(subjects), "weights": state_name,
-                             "bn_statistics": "as saved" if n == 0 else f"recalibrated, {n} crops",
+                             "bn_statistics": "as saved" if n == 0 else
+                             f"recalibrated, {n} {'class-balanced' if balanced else 'uniform'}"
+                             f"{' augmented' if augment else ''} crops",
                              "dice": "pooled" if "validation" in set_name else "mean of subjects",
                              **{c: round(dice[c], 4) for c in CLASSES},
                              "mean_of_3": round(dice["total"], 4), "seconds_per_subject": round(secs, 1)})
@@ -117,7 +127,8 @@ def main(argv=None) -> int:
     cmd = "benchmarks/bench_bn_recal.py " + " ".join(
         [f"--model {args.model}", f"--results {args.results}", f"--cohort {args.cohort}",
          *([f"--test-cohorts {' '.join(args.test_cohorts)}"] if args.test_cohorts else []),
-         f"--crops {' '.join(map(str, args.crops))}", f"--threads {args.threads}", f"--stem {args.stem}"])
+         f"--crops {' '.join(map(str, args.crops))}", *(["--uniform"] if args.uniform else []),
+         *(["--augmented"] if args.augmented else []), f"--threads {args.threads}", f"--stem {args.stem}"])
     text = "\n".join([
         f"# Segmenter BatchNorm recalibration ({card.get('name', args.model.name)}, input {image})", "",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",

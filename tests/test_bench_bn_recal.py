@@ -33,7 +33,7 @@ def test_recalibration_rows_for_validation_and_test_sets(tmp_path):
     assert len(table) == 6
     val = table[table["set"] == "bench-train validation"]
     assert len(val) == 4 and set(val["subjects"]) == {len(card["validation_subjects"])}
-    assert set(val["bn_statistics"]) == {"as saved", "recalibrated, 4 crops"}
+    assert set(val["bn_statistics"]) == {"as saved", "recalibrated, 4 class-balanced crops"}
     test = table[table["set"] == "bench-test"]
     assert len(test) == 2 and test["weights"].str.startswith("kept").all()
     assert table[["none", "lobar", "deep", "infratentorial"]].apply(lambda c: c.between(0, 1) | c.isna()).all().all()

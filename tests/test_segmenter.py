@@ -144,6 +144,19 @@ def test_class_balanced_sampling_sees_every_class():
     assert set(np.unique(centre_classes)) == {0, 1, 2, 3}
 
 
+def test_uniform_sampling_sees_the_classes_as_often_as_the_volume_holds_them():
+    _, labels = phantom((32, 36, 16))
+    sub = segment.SegSubject("001", labels.astype(np.float32), labels, class_centres(labels))
+    n = 400
+    _, y = sample_crops([sub], n, (4, 4, 2), np.random.default_rng(1), balanced=False)
+    _, yb = sample_crops([sub], n, (4, 4, 2), np.random.default_rng(1))
+    share = np.bincount(labels.ravel(), minlength=4) / labels.size
+    uniform = np.bincount(y[:, 0, 2, 2, 1].numpy(), minlength=4) / n
+    balanced = np.bincount(yb[:, 0, 2, 2, 1].numpy(), minlength=4) / n
+    assert np.abs(uniform - share).max() < 0.08            # crops near the border are shifted inside
+    assert share[2] < 0.15 and balanced[2] > 0.2 > uniform[2]
+
+
 def test_centre_strata_split_none_at_the_brain_box():
     _, labels = phantom((32, 36, 16))
     strata = class_centres(labels)

@@ -206,8 +206,10 @@ def scaled_crop(sub: SegSubject, centre: Sequence[int], crop: Sequence[int], zoo
 
 
 def sample_crops(subjects: Sequence[SegSubject], n: int, crop: Sequence[int], rng: np.random.Generator,
-                 augment: bool = False, scale: float = 0.0, lesions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``n`` class-balanced crops.
+                 augment: bool = False, scale: float = 0.0, lesions: bool = False,
+                 balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``n`` class-balanced crops (``balanced=False``: centres uniform over the whole volume,
+    as a sliding window sees it).
 
     Args:
         subjects: training subjects; each volume at least ``crop`` along every axis.
@@ -226,9 +228,12 @@ def sample_crops(subjects: Sequence[SegSubject], n: int, crop: Sequence[int], rn
     xs, ys = [], []
     for _ in range(n):
         sub = subjects[int(rng.integers(len(subjects)))]
-        present = [c for c in range(len(sub.centres)) if sub.centres[c].size]
-        cls = present[int(rng.integers(len(present)))]
-        centre = np.unravel_index(int(rng.choice(sub.centres[cls])), sub.labels.shape)
+        if balanced:
+            present = [c for c in range(len(sub.centres)) if sub.centres[c].size]
+            cls = present[int(rng.integers(len(present)))]
+            centre = np.unravel_index(int(rng.choice(sub.centres[cls])), sub.labels.shape)
+        else:
+            centre = tuple(int(rng.integers(k)) for k in sub.labels.shape)
         zoom = np.ones(3)
         if augment and scale > 0:
             zoom = np.exp(rng.uniform(-1.0, 1.0, 3) * np.log1p(scale))
@@ -319,10 +324,12 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, subjects: Sequence[SegSubject], crop: Sequence[int],
-                          n_crops: int, batch: int, seed: int, device) -> int:
+                          n_crops: int, batch: int, seed: int, device, balanced: bool = True,
+                          augment: bool = False, scale: float = 0.0) -> int:
     """Re-estimate every BatchNorm's running mean and variance of ``model`` in place, as the plain
-    average of the batch statistics over ``n_crops`` class-balanced crops of ``subjects`` (no
-    augmentation), instead of the exponential average of the last training steps ("precise
+    average of the batch statistics over ``n_crops`` crops of ``subjects`` (class-balanced as in
+    training, or with ``balanced=False`` centred uniformly over the volumes; with ``augment`` and
+    ``scale`` the intensity and scale augmentation of training, else none), instead of the exponential average of the last training steps ("precise
     BatchNorm", Wu & Johnson 2021, arXiv:2105.07576). Weights are not touched; the crops come
     from a generator seeded with ``seed`` alone (the training draws are not disturbed), so the
     result depends on the weights only. The model is left in eval mode.
@@ -341,7 +348,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, subjects: Sequence[SegSubject]
     rng = np.random.default_rng([int(seed), 2**31 - 2])
     try:
         for b in range(0, n_crops, batch):
-            x, _ = sample_crops(subjects, min(batch, n_crops - b), crop, rng)
+            x, _ = sample_crops(subjects, min(batch, n_crops - b), crop, rng, augment, scale, balanced=balanced)
             model(x.to(device).contiguous(memory_format=CHANNELS_LAST))
     finally:
         for m, momentum in zip(norms, momenta):
