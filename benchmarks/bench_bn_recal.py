@@ -63,25 +63,25 @@ def score(net, subjects, training: dict, device: str = "cpu") -> tuple[dict, dic
     return pooled, mean, (time.time() - t0) / max(len(subjects), 1)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="trained segmenter folder (model.pt, checkpoint.pt, card.json)")
-    ap.add_argument("--results", type=Path, default=ROOT / "results")
-    ap.add_argument("--cohort", default="bench-train", help="the training cohort (validation subjects from the card)")
-    ap.add_argument("--test-cohorts", nargs="*", default=[])
-    ap.add_argument("--crops", nargs="+", type=int, default=[256])
-    ap.add_argument("--uniform", action="store_true", help="also recalibrate on crops centred uniformly over the volumes")
-    ap.add_argument("--augmented", action="store_true",
-                    help="also recalibrate on class-balanced crops with the training's augmentation")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stem", default="segmenter_bn_recal")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "experiments")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    card = json.loads((args.model / "card.json").read_text())
+def validation_curve(model_dir: Path) -> str:
+    """``epoch: whole-volume validation score`` at each check of a model's ``train_log.csv`` ("" without)."""
+    log = model_dir / "train_log.csv"
+    if not log.exists():
+        return ""
+    df = pd.read_csv(log)
+    if "val_volume_dice_total" not in df:
+        return ""
+    df = df.dropna(subset=["val_volume_dice_total"])
+    return ", ".join(f"{int(e)}: {v:.3f}" for e, v in zip(df["epoch"], df["val_volume_dice_total"]))
+
+
+def model_rows(model: Path, args) -> list[dict]:
+    """Score one trained segmenter folder (see the module docstring)."""
+    card = json.loads((model / "card.json").read_text())
     training = card["training"]
     crop = tuple(int(c) for c in training["crop"])
     image = training.get("input", "swi")
+    recal = int(training.get("bn_recalibration_crops", 0) or 0)
 
     def load(cohort, ids):
         return [load_training_subject(s, *subject_paths(args.results, cohort, s, image), training.get("spacing_mm"))
@@ -91,10 +91,11 @@ def main(argv=None) -> int:
     sets = {f"{args.cohort} validation": load(args.cohort, card["validation_subjects"])}
     for cohort in args.test_cohorts:
         sets[cohort] = load(cohort, cohort_subjects(args.results, cohort))
-    states = {f"kept (epoch {card.get('best_epoch', '?')})": torch.load(args.model / "model.pt", weights_only=True)["model"]}
-    if (args.model / "checkpoint.pt").exists():
-        ckpt = torch.load(args.model / "checkpoint.pt", weights_only=True)
+    states = {f"kept (epoch {card.get('best_epoch', '?')})": torch.load(model / "model.pt", weights_only=True)["model"]}
+    if (model / "checkpoint.pt").exists():
+        ckpt = torch.load(model / "checkpoint.pt", weights_only=True)
         states[f"last (epoch {ckpt['epoch']})"] = ckpt["model"]
+    saved = "as saved" + (f" (recalibrated in training, {recal} crops)" if recal else "")
     rows = []
     for state_name, state in states.items():
         variants = [(0, True, False), *[(n, True, False) for n in args.crops],
@@ -112,34 +113,58 @@ def main(argv=None) -> int:
                     continue                       # test rows for the model the workflow would use only
                 pooled, mean, secs = score(net, subjects, training)
                 dice = pooled if "validation" in set_name else mean
-                rows.append({"set": set_name, "subjects": len(subjects), "weights": state_name,
-                             "bn_statistics": "as saved" if n == 0 else
+                rows.append({"model": str(model), "set": set_name, "subjects": len(subjects), "weights": state_name,
+                             "bn_statistics": saved if n == 0 else
                              f"recalibrated, {n} {'class-balanced' if balanced else 'uniform'}"
                              f"{' augmented' if augment else ''} crops",
                              "dice": "pooled" if "validation" in set_name else "mean of subjects",
                              **{c: round(dice[c], 4) for c in CLASSES},
                              "mean_of_3": round(dice["total"], 4), "seconds_per_subject": round(secs, 1)})
                 print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, nargs="+", required=True,
+                    help="trained segmenter folders (model.pt, card.json, checkpoint.pt if any)")
+    ap.add_argument("--results", type=Path, default=ROOT / "results")
+    ap.add_argument("--cohort", default="bench-train", help="the training cohort (validation subjects from the card)")
+    ap.add_argument("--test-cohorts", nargs="*", default=[])
+    ap.add_argument("--crops", nargs="*", type=int, default=[256])
+    ap.add_argument("--uniform", action="store_true", help="also recalibrate on crops centred uniformly over the volumes")
+    ap.add_argument("--augmented", action="store_true",
+                    help="also recalibrate on class-balanced crops with the training's augmentation")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stem", default="segmenter_bn_recal")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "experiments")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [row for model in args.model for row in model_rows(model, args)]
     table = pd.DataFrame(rows)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / f"{args.stem}.tsv", sep="\t", index=False)
     cmd = "benchmarks/bench_bn_recal.py " + " ".join(
-        [f"--model {args.model}", f"--results {args.results}", f"--cohort {args.cohort}",
+        [f"--model {' '.join(map(str, args.model))}", f"--results {args.results}", f"--cohort {args.cohort}",
          *([f"--test-cohorts {' '.join(args.test_cohorts)}"] if args.test_cohorts else []),
          f"--crops {' '.join(map(str, args.crops))}", *(["--uniform"] if args.uniform else []),
          *(["--augmented"] if args.augmented else []), f"--threads {args.threads}", f"--stem {args.stem}"])
-    text = "\n".join([
-        f"# Segmenter BatchNorm recalibration ({card.get('name', args.model.name)}, input {image})", "",
-        f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.node()} ({platform.machine()}, {args.threads} threads)",
-        f"- command: `PYTHONPATH=workflow .venv/bin/python {cmd}`",
-        f"- model: {card.get('training', {}).get('epochs')} epochs, kept epoch {card.get('best_epoch')}, "
-        f"validation subjects {', '.join(card['validation_subjects'])}",
-        "- the choice is made on the validation rows (pooled Dice, the training's selection metric); "
-        "test rows (mean of per-subject Dice) are for the record.", "",
-        table.to_markdown(index=False), ""])
-    (out / f"{args.stem}.md").write_text(text)
+    cards = {m: json.loads((m / "card.json").read_text()) for m in args.model}
+    lines = [f"# Segmenter BatchNorm recalibration", "",
+             f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
+             f"- machine: {platform.node()} ({platform.machine()}, {args.threads} threads)",
+             f"- command: `PYTHONPATH=workflow .venv/bin/python {cmd}`",
+             "- the choice is made on the validation rows (pooled Dice, the training's selection metric); "
+             "test rows (mean of per-subject Dice) are for the record.", ""]
+    for m, card in cards.items():
+        t = card.get("training", {})
+        lines.append(f"- `{m}`: {t.get('epochs')} epochs, kept epoch {card.get('best_epoch', '?')}, "
+                     f"bn_recalibration_crops {t.get('bn_recalibration_crops', 0)}, validation subjects "
+                     f"{', '.join(card['validation_subjects'])}"
+                     + (f"; whole-volume validation score at each check: {validation_curve(m)}" if validation_curve(m) else ""))
+    lines += ["", table.to_markdown(index=False), ""]
+    (out / f"{args.stem}.md").write_text("\n".join(lines))
     print(f"wrote {out / args.stem}.md")
     return 0
 

@@ -40,4 +40,7 @@ def test_recalibration_rows_for_validation_and_test_sets(tmp_path):
     # the kept epoch as saved reproduces the card's whole-volume validation Dice
     kept = val[val["weights"].str.startswith("kept") & (val["bn_statistics"] == "as saved")].iloc[0]
     assert abs(kept["mean_of_3"] - card["validation_dice"]["total"]) < 1e-3
-    assert "bench_bn_recal.py" in (tmp_path / "out" / "segmenter_bn_recal.md").read_text()
+    page = (tmp_path / "out" / "segmenter_bn_recal.md").read_text()
+    assert "bench_bn_recal.py" in page and "validation score at each check: 1: " in page
+    assert mod.validation_curve(tmp_path / "model").startswith("1: ")
+    assert mod.validation_curve(tmp_path) == ""                       # no train_log.csv
