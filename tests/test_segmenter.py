@@ -426,6 +426,20 @@ def test_training_with_recalibration_saves_the_recalibrated_statistics(tmp_path)
     assert plain["best_epoch"] == card["best_epoch"] == 1
 
 
+def test_without_validation_the_last_epoch_is_saved_recalibrated(tmp_path):
+    inputs = write_cohort(tmp_path / "data")
+    cfg = dict(TINY, epochs=2, validation_fraction=0.0, bn_recalibration_crops=4)
+    card = train_segmenter(inputs, tmp_path / "m", cfg, "cpu")
+    saved = torch.load(tmp_path / "m" / "model.pt", weights_only=True)["model"]
+    net = build_segmenter(card["config"])
+    net.load_state_dict(saved)
+    subjects = [load_training_subject(s, i, b) for s, i, b in inputs]
+    segment.recalibrate_batchnorm(net, subjects, cfg["crop"], 4, cfg["batch_size"], cfg["seed"], "cpu")
+    assert card["best_epoch"] == 2
+    for k in saved:
+        assert torch.allclose(net.state_dict()[k].float(), saved[k].float(), atol=1e-6), k
+
+
 def test_tampered_model_is_refused(tmp_path):
     inputs = write_cohort(tmp_path / "data", n=2)
     train_segmenter(inputs, tmp_path / "model", dict(TINY, epochs=1, validation_fraction=0.0), "cpu")

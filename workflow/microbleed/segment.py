@@ -329,8 +329,9 @@ def recalibrate_batchnorm(model: torch.nn.Module, subjects: Sequence[SegSubject]
     """Re-estimate every BatchNorm's running mean and variance of ``model`` in place, as the plain
     average of the batch statistics over ``n_crops`` crops of ``subjects`` (class-balanced as in
     training, or with ``balanced=False`` centred uniformly over the volumes; with ``augment`` and
-    ``scale`` the intensity and scale augmentation of training, else none), instead of the exponential average of the last training steps ("precise
-    BatchNorm", Wu & Johnson 2021, arXiv:2105.07576). Weights are not touched; the crops come
+    ``scale`` the intensity and scale augmentation of training, else none), instead of the
+    exponential average of the last training steps ("precise BatchNorm", Wu & Johnson 2021,
+    arXiv:2105.07576). Weights are not touched; the crops come
     from a generator seeded with ``seed`` alone (the training draws are not disturbed), so the
     result depends on the weights only. The model is left in eval mode.
 
@@ -485,7 +486,8 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
         if ema is not None:
             evaluated.load_state_dict(ema)
         check_volumes = bool(val) and every > 0 and (epoch % every == 0 or epoch == n_epochs)
-        if check_volumes or every <= 0:      # statistics of the network that is validated and may be kept
+        # statistics of the network that is validated and may be kept (without validation: the last epoch)
+        if check_volumes or every <= 0 or (not val and epoch == n_epochs):
             recalibrate_batchnorm(evaluated, train, crop, int(cfg.get("bn_recalibration_crops", 0)),
                                   int(cfg["batch_size"]), int(cfg["seed"]), device)
         dice = (_crop_dice(evaluated, val_crops, int(cfg["batch_size"]), device)
