@@ -104,9 +104,11 @@ def model_rows(model: Path, args) -> list[dict]:
         for n, balanced, augment in variants:
             net = build_segmenter(card["config"])
             net.load_state_dict(state)
+            t0 = time.time()
             recalibrate_batchnorm(net, train, crop, n, int(training["batch_size"]), int(training["seed"]), "cpu",
                                   balanced=balanced, augment=augment and bool(training.get("augment", True)),
                                   scale=float(training.get("augment_scale", 0.0)))
+            recal_s = round(time.time() - t0, 3) if n else 0.0
             net.eval()
             for set_name, subjects in sets.items():
                 if "validation" not in set_name and not state_name.startswith("kept"):
@@ -119,7 +121,8 @@ def model_rows(model: Path, args) -> list[dict]:
                              f"{' augmented' if augment else ''} crops",
                              "dice": "pooled" if "validation" in set_name else "mean of subjects",
                              **{c: round(dice[c], 4) for c in CLASSES},
-                             "mean_of_3": round(dice["total"], 4), "seconds_per_subject": round(secs, 1)})
+                             "mean_of_3": round(dice["total"], 4), "seconds_per_subject": round(secs, 1),
+                             "recalibration_s": recal_s})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 

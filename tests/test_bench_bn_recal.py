@@ -42,5 +42,6 @@ def test_recalibration_rows_for_validation_and_test_sets(tmp_path):
     assert abs(kept["mean_of_3"] - card["validation_dice"]["total"]) < 1e-3
     page = (tmp_path / "out" / "segmenter_bn_recal.md").read_text()
     assert "bench_bn_recal.py" in page and "validation score at each check: 1: " in page
+    assert (table["recalibration_s"] > 0).sum() == 3 and (table["recalibration_s"] == 0).sum() == 3
     assert mod.validation_curve(tmp_path / "model").startswith("1: ")
     assert mod.validation_curve(tmp_path) == ""                       # no train_log.csv
