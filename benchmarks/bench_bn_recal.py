@@ -88,13 +88,14 @@ def model_rows(model: Path, args) -> list[dict]:
                 for s in ids]
 
     train = load(args.cohort, card["train_subjects"])
+    crop = tuple(int(k) for k in np.minimum(crop, np.min([t.labels.shape for t in train], axis=0)))  # as _prepare
     sets = {f"{args.cohort} validation": load(args.cohort, card["validation_subjects"])}
     for cohort in args.test_cohorts:
         sets[cohort] = load(cohort, cohort_subjects(args.results, cohort))
     states = {f"kept (epoch {card.get('best_epoch', '?')})": torch.load(model / "model.pt", weights_only=True)["model"]}
     if (model / "checkpoint.pt").exists():
         ckpt = torch.load(model / "checkpoint.pt", weights_only=True)
-        states[f"last (epoch {ckpt['epoch']})"] = ckpt["model"]
+        states[f"last (epoch {ckpt['epoch']}{', weight average' if 'ema' in ckpt else ''})"] = ckpt.get("ema", ckpt["model"])
     saved = "as saved" + (f" (recalibrated in training, {recal} crops)" if recal else "")
     rows = []
     for state_name, state in states.items():

@@ -277,3 +277,16 @@ def test_prune_dark_voxels_do_not_vote():
         dark_voxels(swi[:-1], mask, 0.4)
     with pytest.raises(ValueError, match="one grid"):
         prune(cands, (bombs, aff), (mask, aff), 0.5, region_radius_mm=6.0, exclude=dark_voxels(swi, mask, 0.4)[:-1])
+
+
+def test_region_votes_count_the_ball_and_refuse_codes_outside_bombs():
+    from microbleed.infer import region_votes
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    bombs = np.zeros((20, 20, 10), np.int64)
+    bombs[10:] = 2
+    votes = region_votes(bombs, aff, np.array([[10.0, 10.0, 10.0]]), 3.0)
+    assert votes.shape == (1, 4) and votes[0, 1] == votes[0, 3] == 0
+    assert votes[0, 0] > 0 and votes[0, 2] > votes[0, 0]          # x = 10 is the first deep plane
+    bombs[10, 10, 5] = 7
+    with pytest.raises(ValueError, match="outside 0..3"):
+        region_votes(bombs, aff, np.array([[10.0, 10.0, 10.0]]), 3.0)

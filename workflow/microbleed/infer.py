@@ -498,7 +498,10 @@ def region_votes(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius_
         ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)]
         if exclude is not None and not exclude[tuple(ijk.T)].all():
             ijk = ijk[~exclude[tuple(ijk.T)]]
-        votes[n] = np.bincount(data[tuple(ijk.T)], minlength=4)[:4]
+        counts = np.bincount(data[tuple(ijk.T)], minlength=4)
+        if len(counts) > 4:
+            raise ValueError(f"BOMBS map holds codes outside 0..3 near {ras[n].round(1).tolist()} mm")
+        votes[n] = counts
     return votes
 
 

@@ -487,7 +487,7 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
             evaluated.load_state_dict(ema)
         check_volumes = bool(val) and every > 0 and (epoch % every == 0 or epoch == n_epochs)
         # statistics of the network that is validated and may be kept (without validation: the last epoch)
-        if check_volumes or every <= 0 or (not val and epoch == n_epochs):
+        if check_volumes or (val and every <= 0) or (not val and epoch == n_epochs):
             recalibrate_batchnorm(evaluated, train, crop, int(cfg.get("bn_recalibration_crops", 0)),
                                   int(cfg["batch_size"]), int(cfg["seed"]), device)
         dice = (_crop_dice(evaluated, val_crops, int(cfg["batch_size"]), device)
