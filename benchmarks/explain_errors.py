@@ -84,25 +84,26 @@ def local_contrast(swi: np.ndarray, affine: np.ndarray, ras: np.ndarray) -> dict
             "cnr": round((float(np.median(shell)) - float(core.min())) / sd, 2) if sd > 0 else np.nan}
 
 
-def anatomy_reader(results: Path, cohort: str, subject: str, radius_mm: float, dark_fraction: float):
+def anatomy_reader(results: Path, cohort: str, subject: str, swi: np.ndarray | None, radius_mm: float,
+                   dark_fraction: float):
     """A function of RAS mm points ``(N, 3)`` giving, per point, what pruning sees there: the share of
     ``none`` among the votes of the predicted BOMBS map in the ball of ``radius_mm`` (``none_pred``;
     voxels outside the brain mask or darker than ``dark_fraction`` x the brain's median SWI do not
     vote, as in :func:`microbleed.infer.prune`), the same share in the subject's label map
     (``none_true``, same voters) and the distance to the outside of the brain mask (``depth_mm``).
-    ``None`` when an input is missing (a run without these outputs)."""
+    ``swi``: the subject's pre-processed SWI data. ``None`` when an input is missing (a run without
+    these outputs)."""
     sub = results / cohort / f"sub-{subject}"
     paths = {"pred": sub / f"sub-{subject}_desc-bombs_dseg.nii.gz",
              "mask": sub / f"sub-{subject}_desc-brain_mask.nii.gz",
-             "true": results / cohort / "labels" / f"sub-{subject}_desc-bombs_dseg.nii.gz",
-             "swi": results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_swi.nii.gz"}
-    if not all(p.exists() for p in paths.values()):
+             "true": results / cohort / "labels" / f"sub-{subject}_desc-bombs_dseg.nii.gz"}
+    if swi is None or not all(p.exists() for p in paths.values()):
         return None
     pred, affine = load_volume(paths["pred"], subject, dtype=np.int64, allow_zero=True)
     true, true_affine = load_volume(paths["true"], subject, dtype=np.int64, allow_zero=True)
     mask, _ = load_volume(paths["mask"], subject, allow_zero=True)
-    swi, _ = load_volume(paths["swi"], subject)
     exclude = dark_voxels(swi, mask, dark_fraction)
+    same_grid = true.shape == pred.shape and np.allclose(true_affine, affine, atol=1e-3)
     depth = ndimage.distance_transform_edt(np.pad(mask > 0, 1), sampling=voxel_sizes(affine))[1:-1, 1:-1, 1:-1]
 
     def share(votes: np.ndarray) -> np.ndarray:
@@ -111,7 +112,6 @@ def anatomy_reader(results: Path, cohort: str, subject: str, radius_mm: float, d
 
     def read(ras: np.ndarray) -> dict[str, np.ndarray]:
         ras = np.asarray(ras, float).reshape(-1, 3)
-        same_grid = true.shape == pred.shape and np.allclose(true_affine, affine, atol=1e-3)
         return {"none_pred": share(region_votes(pred, affine, ras, radius_mm, exclude=exclude)),
                 "none_true": share(region_votes(true, true_affine, ras, radius_mm,
                                                 exclude=exclude if same_grid else None)),
@@ -152,10 +152,10 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
                      "prune_reason": final["prune_reason"].iloc[n] if "prune_reason" in final else "",
                      "distance_mm": round(float(dist[n]), 2) if np.isfinite(dist[n]) else "",
                      "x": det[n, 0], "y": det[n, 1], "z": det[n, 2]})
-    anatomy = anatomy_reader(results, cohort, subject, radius_mm, dark_fraction)
     by_label = {lab_i: det_i for det_i, lab_i in pairs}
     swi_path = results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_swi.nii.gz"
     swi = load_volume(swi_path, subject) if swi_path.exists() else None
+    anatomy = anatomy_reader(results, cohort, subject, None if swi is None else swi[0], radius_mm, dark_fraction)
     cpts = cand[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
     for m in range(len(lab)):
         base = {"cohort": cohort, "subject": subject, "x": lab[m, 0], "y": lab[m, 1], "z": lab[m, 2],
@@ -219,11 +219,12 @@ def main(results: Path, cohorts: list[str], source: str, hit_radius_mm: float, s
              f"- operating thresholds: " + ", ".join(
                  f"{r.cohort} {r.score:.4f}" for r in table[table["error"] == "threshold"].itertuples()),
              "- fp_kept: false positives in the final findings; fp_pruned: removed by pruning (harmless);",
+             "  fn: labelled CMBs not in the final findings. One row per error in "
+             f"`benchmarks/results/{stem}.tsv`.",
              f"- none_pred / none_true: share of `none` among the votes of the predicted / labelled BOMBS map "
              f"within {radius_mm:g} mm (voxels outside the brain mask or darker than {dark_fraction:g} x its "
-             "median SWI do not vote, as in pruning); depth_mm: distance to the outside of the brain mask.",
-             "  fn: labelled CMBs not in the final findings. One row per error in "
-             f"`benchmarks/results/{stem}.tsv`.", "",
+             "median SWI do not vote, as in pruning), read at the finding for a pruned CMB, else at the "
+             "label or the false positive; depth_mm: distance to the outside of the brain mask there.", "",
              "| cohort | error | cause | n |", "|---|---|---|---|"]
     lines += [f"| {r.cohort} | {r.error} | {r.cause} | {r.n} |" for r in counts.itertuples()]
     fn = errs[errs["error"] == "fn"]

@@ -76,11 +76,12 @@ def test_anatomy_reader_sees_what_pruning_sees(explain, tmp_path):
              res / "c" / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz": mask,
              res / "c" / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz": true,
              res / "c" / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz": swi}
-    assert explain.anatomy_reader(res, "c", sub, 6.0, 0.6) is None        # inputs missing
+    assert explain.anatomy_reader(res, "c", sub, swi, 6.0, 0.6) is None   # inputs missing
     for path, data in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(data, aff, path)
-    read = explain.anatomy_reader(res, "c", sub, 6.0, 0.6)
+    assert explain.anatomy_reader(res, "c", sub, None, 6.0, 0.6) is None  # no SWI
+    read = explain.anatomy_reader(res, "c", sub, swi, 6.0, 0.6)
     pts = np.array([[11.0, 21.0, 20.0], [30.0, 21.0, 20.0], [5.0, 21.0, 20.0]])
     seen = read(pts)
     assert seen["none_pred"][0] == 1.0 and seen["none_true"][0] == 0.0

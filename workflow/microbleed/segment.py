@@ -331,9 +331,9 @@ def recalibrate_batchnorm(model: torch.nn.Module, subjects: Sequence[SegSubject]
     training, or with ``balanced=False`` centred uniformly over the volumes; with ``augment`` and
     ``scale`` the intensity and scale augmentation of training, else none), instead of the
     exponential average of the last training steps ("precise BatchNorm", Wu & Johnson 2021,
-    arXiv:2105.07576). Weights are not touched; the crops come
-    from a generator seeded with ``seed`` alone (the training draws are not disturbed), so the
-    result depends on the weights only. The model is left in eval mode.
+    arXiv:2105.07576). Weights are not touched; the crops come from a generator seeded with
+    ``seed`` alone (the training draws are not disturbed), so the result depends on the weights
+    only. The model is left in eval mode.
 
     Returns:
         The number of BatchNorm layers re-estimated (0: none, or ``n_crops <= 0``: nothing done).
