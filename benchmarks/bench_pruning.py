@@ -23,13 +23,18 @@ import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from microbleed.cohort import simulated_root
-from microbleed.infer import dark_voxels, sample_region
+import yaml
+
+from microbleed.infer import dark_voxels, fill_spots, fill_voids, sample_region
 from microbleed.io import load_volume, read_tsv
-from microbleed.segment import segment_subject
+from microbleed.metrics import dice_per_class
+from microbleed.runtime import read_card
+from microbleed.segment import load_segmenter, segment_image, segment_subject
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
@@ -95,15 +100,94 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
     return df
 
 
+def shipped_rule(config: Path = ROOT / "config" / "config.yaml") -> dict[str, float]:
+    """The pruning rule of ``config`` (``infer.region_radius_mm``, ``none_fraction``, ``dark_fraction``)."""
+    infer = yaml.safe_load(Path(config).read_text())["infer"]
+    return {k: float(infer[k]) for k in ("region_radius_mm", "none_fraction", "dark_fraction")}
+
+
+def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: bool,
+                 stem: str = "pruning_fill", variant: str = "rpn-ffm-hspl") -> pd.DataFrame:
+    """The shipped rule read on the segmentation of the SWI as it is and of the SWI with the voids
+    around every labelled point filled (:func:`microbleed.infer.fill_voids`, the rule's own radius
+    and dark fraction): CMBs pruned (bad) and spots in ``none`` pruned (good), per cohort."""
+    rule = shipped_rule()
+    net = load_segmenter(model, "cpu")
+    spacing = read_card(model).get("config", {}).get("spacing_mm")
+    rows = []
+    for cohort in cohorts:
+        root = simulated_root(cohort, results)
+        subjects = (sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*")) if all_subjects
+                    else json.loads((model / "card.json").read_text())["validation_subjects"])
+        for sub in subjects:
+            swi, aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz",
+                                   sub)
+            mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub,
+                                  allow_zero=True)
+            exclude = dark_voxels(swi, mask, rule["dark_fraction"])
+            pts = points(root, sub)
+            every = pd.concat([t[["x", "y", "z"]] for t in pts.values()]).to_numpy(float)
+            images = {"none": swi,
+                      "points": fill_voids(swi, aff, mask, every, rule["region_radius_mm"], rule["dark_fraction"]),
+                      "spots": fill_spots(swi, aff, mask, rule["dark_fraction"])}
+            cands = results / cohort / "work" / f"sub-{sub}" / f"sub-{sub}_model-{variant}_candidates.tsv"
+            if cands.exists():
+                xyz = read_tsv(cands, required=["x", "y", "z"])[["x", "y", "z"]].to_numpy(float)
+                images["candidates"] = fill_voids(swi, aff, mask, xyz, rule["region_radius_mm"], rule["dark_fraction"])
+            labels = results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz"
+            truth = load_volume(labels, sub, allow_zero=True)[0].astype(np.int64) if labels.exists() else None
+            for fill, image in images.items():
+                pred = segment_image(net, image, aff, spacing)
+                if truth is not None:
+                    dice = dice_per_class(pred.astype(np.int64), truth)
+                    rows += [{"cohort": cohort, "subject": sub, "kind": f"dice_{k}", "fill": fill, "value": v}
+                             for k, v in dice.items() if k != "none"]
+                for kind, table in pts.items():
+                    codes = sample_region(pred, aff, table[["x", "y", "z"]].to_numpy(float),
+                                          rule["region_radius_mm"], rule["none_fraction"], 0.0, exclude)
+                    rows += [{"cohort": cohort, "subject": sub, "kind": kind, "fill": fill, "pruned": bool(c == 0)}
+                             for c in codes]
+            print(cohort, sub, flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(OUT / f"{stem}.tsv", sep="\t", index=False)
+    votes = df[df["kind"].isin(["cmb", "none_spot"])]
+    table = (votes.groupby(["cohort", "fill", "kind"])["pruned"].agg(["sum", "size"])
+             .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
+             .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
+    dice = df[df["kind"].str.startswith("dice_")]
+    if len(dice):
+        table = table.join(dice.groupby(["cohort", "fill", "kind"])["value"].mean().round(3).unstack("kind")
+                           .rename(columns=lambda c: "Dice " + c[5:]))
+    stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
+    text = (f"# Pruning with the voids filled before segmentation ({', '.join(cohorts)}, segmenter {model.name})\n\n"
+            f"{stamp}\n\nCommand: `.venv/bin/python benchmarks/bench_pruning.py --fill --cohort {' '.join(cohorts)} "
+            f"--model {model} --results {results}{' --all-subjects' if all_subjects else ''} --stem {stem}`\n\n"
+            f"Rule of config/config.yaml: {rule}. fill `none`: the SWI as it is; `points`: the SWI segmented with "
+            f"the voids within {rule['region_radius_mm']} mm of every labelled CMB and spot filled from the brain "
+            f"voxels around them (microbleed.infer.fill_voids); `spots`: every void of at most 600 mm^3 filled "
+            f"(microbleed.infer.fill_spots, no labels used); `candidates`: the voids within "
+            f"{rule['region_radius_mm']} mm of every candidate of the detector ({variant}, the workflow's "
+            f"candidates file, score >= infer.candidate_floor) filled.\n\n{table.to_markdown()}\n")
+    (OUT / f"{stem}.md").write_text(text)
+    print(text)
+    return df
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cohort", default="bench-train")
+    ap.add_argument("--cohort", default=["bench-train"], nargs="+")
+    ap.add_argument("--fill", action="store_true",
+                    help="compare the shipped rule on the SWI as it is and with the voids filled (compare_fill)")
     ap.add_argument("--model", default=str(ROOT / "results" / "models" / "segmenter_swi"))
     ap.add_argument("--results", default=str(ROOT / "results"), help="the workflow's results folder")
     ap.add_argument("--all-subjects", action="store_true",
                     help="every subject of the cohort (a diagnostic on a test cohort, not for choosing the rule)")
-    ap.add_argument("--stem", default="pruning", help="output file name stem under benchmarks/results")
+    ap.add_argument("--stem", help="output file name stem under benchmarks/results (pruning, or pruning_fill)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    main(args.cohort, Path(args.model), Path(args.results), all_subjects=args.all_subjects, stem=args.stem)
+    if args.fill:
+        compare_fill(args.cohort, Path(args.model), Path(args.results), args.all_subjects, args.stem or "pruning_fill")
+    else:
+        main(args.cohort[0], Path(args.model), Path(args.results), all_subjects=args.all_subjects,
+             stem=args.stem or "pruning")

@@ -290,3 +290,57 @@ def test_region_votes_count_the_ball_and_refuse_codes_outside_bombs():
     bombs[10, 10, 5] = 7
     with pytest.raises(ValueError, match="outside 0..3"):
         region_votes(bombs, aff, np.array([[10.0, 10.0, 10.0]]), 3.0)
+
+
+def test_fill_voids_paints_the_spot_with_its_surroundings_only():
+    """A microbleed's void in tissue is filled with tissue values, a spot in a bright ventricle with
+    CSF values; voxels beyond the ball, outside the mask and the input itself are untouched; the same
+    call gives the same image."""
+    from microbleed.infer import fill_voids
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])                          # anisotropic: the ball is in mm
+    shape = (48, 40, 20)
+    ii, jj, kk = np.indices(shape)
+    swi = np.where(ii < 14, 0.9, 0.5).astype(np.float32)         # ventricle (bright) | tissue
+    swi += np.random.default_rng(1).normal(0, 0.01, shape).astype(np.float32)
+    mask = np.ones(shape, np.uint8)
+    mask[:, :, 0] = 0
+    swi[:, :, 0] = 0.0                                            # outside the brain: not a void
+    lesion = (ii - 30) ** 2 + (jj - 20) ** 2 + (2 * (kk - 10)) ** 2 <= 9
+    spot = (ii - 6) ** 2 + (jj - 20) ** 2 + (2 * (kk - 10)) ** 2 <= 4
+    swi[lesion], swi[spot] = 0.05, 0.05
+    vein = (ii == 40) & (jj == 20)                                # a void beyond both balls
+    swi[vein] = 0.05
+    before = swi.copy()
+    pts = np.array([[30.0, 20.0, 20.0], [6.0, 20.0, 20.0]])       # RAS mm (z voxel 10 = 20 mm)
+    out = fill_voids(swi, aff, mask, pts, radius_mm=5.0, fraction=0.6)
+    assert np.array_equal(swi, before)
+    assert out[lesion].min() > 0.45 and out[lesion].max() < 0.55          # tissue values
+    assert out[spot].min() > 0.85                                          # CSF values
+    assert np.array_equal(out[vein], before[vein]) and np.array_equal(out[:, :, 0], before[:, :, 0])
+    changed = out != before
+    assert np.array_equal(changed, lesion | spot)
+    assert np.array_equal(out, fill_voids(swi, aff, mask, pts, radius_mm=5.0, fraction=0.6))
+    assert np.array_equal(fill_voids(swi, aff, mask, np.array([[30.0, 5.0, 20.0]]), 3.0, 0.6), before)
+    with pytest.raises(ValueError, match="one grid"):
+        fill_voids(swi, aff, mask[:-1], pts, 5.0, 0.6)
+
+
+def test_fill_spots_fills_small_voids_and_keeps_the_venous_tree():
+    from microbleed.infer import fill_spots
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    shape = (48, 40, 20)
+    ii, jj, kk = np.indices(shape)
+    swi = np.where(ii < 14, 0.9, 0.5).astype(np.float32)
+    mask = np.ones(shape, np.uint8)
+    lesion = (ii - 30) ** 2 + (jj - 20) ** 2 + (2 * (kk - 10)) ** 2 <= 9
+    spot = (ii - 6) ** 2 + (jj - 20) ** 2 + (2 * (kk - 10)) ** 2 <= 4
+    vein = (ii == 40) & (jj >= 2) & (jj <= 38) & (kk >= 2) & (kk <= 17)      # 37 x 16 voxels of 2 mm^3
+    swi[lesion], swi[spot], swi[vein] = 0.05, 0.05, 0.05
+    before = swi.copy()
+    out = fill_spots(swi, aff, mask, 0.6, max_volume_mm3=600.0, ring_mm=3.0)
+    assert np.array_equal(swi, before)
+    assert out[lesion].min() >= 0.5 and out[lesion].max() <= 0.5 and out[spot].min() >= 0.9
+    assert np.array_equal(out[vein], before[vein])
+    assert np.array_equal(out != before, lesion | spot)
+    assert np.array_equal(out, fill_spots(swi, aff, mask, 0.6))
+    assert np.array_equal(fill_spots(swi, aff, mask, 0.6, max_volume_mm3=10.0)[lesion], before[lesion])

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microbleed.io import InputError, save_image, write_tsv
+from microbleed.io import InputError, load_volume, save_image, write_tsv
 from microbleed.report import EvalOptions, SubjectFiles, build_report, evaluate_cohort, parse_methods
 
 AFF = np.diag([2.0, 2.0, 2.0, 1.0])        # voxel ijk -> RAS mm: x = 2 i
@@ -144,3 +144,29 @@ def test_report_html_is_self_contained(tree, tmp_path):
     assert not re.search(r'(src|href)="(http|file|/)', text)                    # nothing external
     assert "rpn+ffm+hspl+pruning(swi)" in text and "abc123" in text and "hit_radius_mm: 3.0" in text
     assert "excluded" in text and "missing: " in text
+
+
+def test_each_source_is_pruned_with_its_own_map(tree):
+    """infer.fill_voids: another detector's raw candidates are pruned with the BOMBS map segmented
+    around its own candidates (SubjectFiles.source_dseg), the configured one's with pred_dseg;
+    Dice stays that of pred_dseg; a map on another grid is an input error."""
+    from dataclasses import replace
+    root, files = tree
+    sub = files[0]
+    rpn = Path(sub.candidates["rpn-ffm-hspl"]).with_name("sub-001_model-rpn_candidates.tsv")
+    rpn.write_text(Path(sub.candidates["rpn-ffm-hspl"]).read_text())
+    own = load_volume(sub.pred_dseg, allow_zero=True, dtype=np.int16)[0].astype(np.uint8)
+    own[4:7, 4:7, 4:7] = 0                                   # this map calls the CMB at (10, 10, 10) mm `none`
+    own_path = root / "work" / "sub-001" / "sub-001_model-rpn_desc-bombs_dseg.nii.gz"
+    save_image(own, AFF, own_path)
+    f = replace(sub, candidates={**sub.candidates, "rpn": str(rpn)}, source_dseg={"rpn": str(own_path)})
+    methods = parse_methods(["rpn+ffm+hspl+pruning", "rpn+pruning", "rpn"], "rpn+ffm+hspl", "swi", 0.5)
+    t = evaluate_cohort([f], methods, EvalOptions(hit_radius_mm=3.0))
+    det = t["detection"].set_index(["method", "group"])
+    assert det.loc[("rpn+ffm+hspl+pruning(swi)", "cmb"), ["tp", "fn"]].tolist() == [2, 0]
+    assert det.loc[("rpn+pruning(swi)", "cmb"), ["tp", "fn"]].tolist() == [1, 1]
+    assert det.loc[("rpn", "cmb"), ["tp", "fn"]].tolist() == [2, 0]
+    assert t["localization"].set_index("region").loc["none", "dice_mean"] == 1.0
+    save_image(own[:-1], AFF, own_path)
+    with pytest.raises(InputError, match="differ in shape"):
+        evaluate_cohort([f], methods, EvalOptions(hit_radius_mm=3.0))

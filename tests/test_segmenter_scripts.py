@@ -182,3 +182,41 @@ def test_ablate_segmenter_sets_segmenter_keys_and_refuses_unknown_ones(tmp_path,
     assert seen["inputs"][0][0] == "001" and seen["inputs"][0][2].endswith("labels/sub-001_desc-bombs_dseg.nii.gz")
     with pytest.raises(SystemExit, match="no_such_key"):
         ablate.main("none", tmp_path / "m", tmp_path, settings={"no_such_key": 1})
+
+
+def test_segment_script_fills_the_voids_around_candidates_first(tmp_path, monkeypatch):
+    """infer.fill_voids: a microbleed's dark void in lobar tissue, which a segmenter reading the spot
+    itself calls `none`, is segmented as the tissue around it (lobar, some deep within 6 mm) once the
+    candidates' voids are filled;
+    other voxels keep their class, and a T1w segmenter refuses the option."""
+    import pandas as pd
+    from scipy import ndimage
+    from microbleed.io import voxel_to_ras
+    image, truth = phantom((40, 40, 20), seed=3)
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    centre = np.array([32, 20, 11])
+    assert truth[tuple(centre)] == 1
+    ii, jj, kk = np.indices(image.shape)
+    lesion = (ii - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (2 * (kk - centre[2])) ** 2 <= 5
+    image[lesion] = 0.02
+    save_image(image, aff, tmp_path / "swi.nii.gz")
+    save_image(ndimage.binary_fill_holes(truth > 0).astype(np.uint8), aff, tmp_path / "mask.nii.gz")
+    xyz = voxel_to_ras(centre[None].astype(float), aff)
+    pd.DataFrame({"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "score": [0.9]}).to_csv(
+        tmp_path / "cands.tsv", sep="\t", index=False)
+    _nearest_mean_segmenter(monkeypatch, {"input": "swi"})
+    run = _script("segment_subject").main
+    opts = dict(subject="013", expected_input="swi", window=(16, 16, 8), overlap=0.25, sw_batch_size=1, device="cpu")
+    run(str(tmp_path / "swi.nii.gz"), str(tmp_path), str(tmp_path / "plain.nii.gz"), **opts)
+    run(str(tmp_path / "swi.nii.gz"), str(tmp_path), str(tmp_path / "filled.nii.gz"), **opts,
+        candidates=str(tmp_path / "cands.tsv"), mask=str(tmp_path / "mask.nii.gz"), fill_radius_mm=6.0,
+        dark_fraction=0.6)
+    plain = load_volume(tmp_path / "plain.nii.gz", allow_zero=True, dtype=np.int16)[0]
+    filled = load_volume(tmp_path / "filled.nii.gz", allow_zero=True, dtype=np.int16)[0]
+    assert (plain[lesion] == 0).all()
+    assert (filled[lesion] > 0).all() and (filled[lesion] == 1).mean() > 0.6    # tissue of the 6 mm ball
+    assert np.array_equal(plain[~lesion], filled[~lesion])
+    _nearest_mean_segmenter(monkeypatch, {"input": "t1"})
+    with pytest.raises(InputError, match="T1w"):
+        run(str(tmp_path / "swi.nii.gz"), str(tmp_path), str(tmp_path / "t1.nii.gz"), **dict(opts, expected_input="t1"),
+            candidates=str(tmp_path / "cands.tsv"), mask=str(tmp_path / "mask.nii.gz"))

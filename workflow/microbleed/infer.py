@@ -69,7 +69,7 @@ from .nets.detector import STRIDE
 
 __all__ = [
     "TilePlan", "plan_tiles", "tiles_to_run", "detect_volume", "detect_volume_monai", "peak_candidates",
-    "default_nms_radius", "nms_ras", "dark_map", "dark_bridged", "candidates_table", "ball_offsets", "dark_voxels", "prune",
+    "default_nms_radius", "nms_ras", "dark_map", "dark_bridged", "candidates_table", "ball_offsets", "dark_voxels", "fill_voids", "fill_spots", "prune",
     "DetectParams", "detect_subject", "read_candidates", "load_labels",
     "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
 ]
@@ -523,6 +523,85 @@ def dark_voxels(swi: np.ndarray | None, mask: np.ndarray | None, fraction: float
     if swi.shape != brain.shape:
         raise ValueError(f"SWI {swi.shape} and brain mask {brain.shape} must share one grid")
     return ~brain | dark_map(swi, brain, fraction)
+
+
+def _voids(swi: np.ndarray, mask: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(swi float32, brain bool, dark bool)`` of :func:`fill_voids` and :func:`fill_spots`."""
+    swi = np.asarray(swi, dtype=np.float32)
+    brain = np.asarray(mask) > 0
+    if swi.shape != brain.shape:
+        raise ValueError(f"SWI {swi.shape} and brain mask {brain.shape} must share one grid")
+    return swi, brain, dark_map(swi, brain, fraction)
+
+
+def fill_voids(swi: np.ndarray, affine: np.ndarray, mask: np.ndarray, ras: np.ndarray, radius_mm: float,
+               fraction: float, seed: int = 0) -> np.ndarray:
+    """Copy of ``swi`` with the signal voids around each RAS mm point ``(N, 3)`` filled by its surroundings.
+
+    In the ball of ``radius_mm`` around each point, the brain voxels darker than ``fraction`` x the
+    brain's median SWI (:func:`dark_map`: the microbleed's own void and blooming, a vein beside it)
+    take values drawn, with replacement, from the ball's other brain voxels (a fixed ``seed``, so the
+    same input gives the same image); a ball with no such voxel is left as it is. What a segmenter
+    then reads there is the tissue around the spot, not the spot: a microbleed in cortex looks like
+    cortex, a dark spot in a ventricle like the cerebrospinal fluid around it.
+
+    Args:
+        swi: ``(X, Y, Z)`` pre-processed SWI; ``affine``: its voxel -> RAS mm; ``mask``: brain mask
+            on the same grid.
+    Returns:
+        ``(X, Y, Z)`` float32.
+    """
+    swi, brain, dark = _voids(swi, mask, fraction)
+    out = swi.copy()
+    offsets, _ = ball_offsets(affine, radius_mm)
+    rng = np.random.default_rng(seed)
+    for point in np.asarray(ras, dtype=float).reshape(-1, 3):
+        ijk = np.rint(ras_to_voxel(point, affine)).astype(int).reshape(3) + offsets
+        ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(swi.shape)), axis=1)]
+        idx = tuple(ijk.T)
+        void, source = dark[idx], brain[idx] & ~dark[idx]
+        if void.any() and source.any():
+            out[tuple(ijk[void].T)] = rng.choice(swi[idx][source], int(void.sum()))
+    return out
+
+
+def fill_spots(swi: np.ndarray, affine: np.ndarray, mask: np.ndarray, fraction: float,
+               max_volume_mm3: float = 600.0, ring_mm: float = 3.0, seed: int = 0) -> np.ndarray:
+    """Copy of ``swi`` with every small signal void filled by the brain voxels around it.
+
+    The voids are the connected (26-neighbour) components of :func:`dark_map` (brain voxels darker
+    than ``fraction`` x the brain's median SWI) of at most ``max_volume_mm3`` (600 mm^3: a 10 mm
+    microbleed with its blooming); larger ones (the venous tree) stay. Each void takes values
+    drawn, with replacement, from the non-dark brain voxels within ``ring_mm`` of it that lie
+    nearer to it than to any other void (fixed ``seed``); a void with no such voxel stays.
+
+    Returns:
+        ``(X, Y, Z)`` float32.
+    """
+    swi, brain, dark = _voids(swi, mask, fraction)
+    comp, n = ndimage.label(dark, structure=np.ones((3, 3, 3), bool))
+    out = swi.copy()
+    if n == 0:
+        return out
+    sizes = np.bincount(comp.ravel())[1:] * float(np.prod(voxel_sizes(affine)))
+    small = np.isin(comp, 1 + np.flatnonzero(sizes <= max_volume_mm3))
+    if not small.any():
+        return out
+    dist, nearest = ndimage.distance_transform_edt(~small, sampling=voxel_sizes(affine), return_indices=True)
+    owner = comp[tuple(nearest)]                           # the void each voxel is nearest to
+    ring = brain & ~dark & (dist <= ring_mm)
+    rng = np.random.default_rng(seed)
+    ring_owner, ring_values = owner[ring], swi[ring]
+    order = np.argsort(ring_owner, kind="stable")
+    ring_owner, ring_values = ring_owner[order], ring_values[order]
+    boxes = ndimage.find_objects(comp)
+    for label in np.unique(comp[small]):
+        values = ring_values[np.searchsorted(ring_owner, label):np.searchsorted(ring_owner, label, "right")]
+        box = boxes[label - 1]
+        where = comp[box] == label
+        if values.size:
+            out[box][where] = rng.choice(values, int(where.sum()))
+    return out
 
 
 def prune(candidates: pd.DataFrame, bombs: tuple[np.ndarray, np.ndarray],

@@ -94,7 +94,12 @@ def parse_methods(specs: Sequence[str], variant: str, segmenter_input: str, infe
 
 @dataclass
 class SubjectFiles:
-    """Expected files of one subject (paths may not exist; ``""`` = not available)."""
+    """Expected files of one subject (paths may not exist; ``""`` = not available).
+
+    ``source_dseg``: per detector source (slug), a BOMBS map to prune its raw candidates with instead of
+    ``pred_dseg`` (config ``infer.fill_voids``: each detector's map is segmented with the signal voids
+    around its own candidates filled); Dice is always that of ``pred_dseg``.
+    """
 
     subject: str
     group: str
@@ -105,6 +110,7 @@ class SubjectFiles:
     true_dseg: str = ""
     candidates: dict[str, str] = field(default_factory=dict)
     swi: str = ""
+    source_dseg: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,8 @@ def _bool(values: pd.Series) -> np.ndarray:
 
 
 def _check_exists(files: SubjectFiles, sources: Sequence[str]) -> None:
-    paths = [files.labels, files.cmb, files.pred_dseg, files.mask, files.true_dseg] + [files.candidates[s] for s in sources]
+    paths = ([files.labels, files.cmb, files.pred_dseg, files.mask, files.true_dseg]
+             + [files.candidates[s] for s in sources] + [files.source_dseg[s] for s in sources if s in files.source_dseg])
     missing = [p for p in paths if p and not Path(p).exists()]
     if missing:
         raise InputError(f"missing file(s): {', '.join(missing)}", subject=files.subject)
@@ -193,7 +200,13 @@ def _load_subject(files: SubjectFiles, sources: Sequence[str], opts: EvalOptions
     for src in sources:
         c = read_tsv(files.candidates[src], required=["x", "y", "z", "i", "j", "k", "score"],
                      numeric=["x", "y", "z", "i", "j", "k", "score"], subject=sid)
-        t = prune(c, pred, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm, opts.none_fraction,
+        bombs = pred
+        if src in files.source_dseg:             # segmented with this detector's own candidate voids filled
+            bombs = load_volume(files.source_dseg[src], sid, dtype=np.int16, allow_zero=True)
+            if bombs[0].shape != pred[0].shape:
+                raise InputError(f"BOMBS map {bombs[0].shape} of {src} and {pred[0].shape} of the findings differ "
+                                 f"in shape", subject=sid, path=files.source_dseg[src])
+        t = prune(c, bombs, mask, -np.inf, opts.prune_outside_mask, opts.region_radius_mm, opts.none_fraction,
                   exclude)
         raw[src] = SubjectData(sid, group, labels, t[["x", "y", "z"]].to_numpy(), t["score"].to_numpy(),
                                lab_regions, list(t["region"]), _bool(t["pruned"]))

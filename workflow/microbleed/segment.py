@@ -37,7 +37,8 @@ from monai.losses import DiceCELoss, DiceLoss
 from scipy import ndimage
 from tqdm import tqdm
 
-from .io import InputError, load_volume, reorient_like, save_image, to_canonical
+from .infer import fill_voids
+from .io import InputError, load_volume, read_tsv, reorient_like, save_image, to_canonical
 from .preprocess import resample_to_grid, to_detector_grid
 from .metrics import dice_per_class
 from .nets.blocks import fold_batchnorm
@@ -46,7 +47,7 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
                       select_device, write_card)
 
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
-           "sample_crops", "scaled_crop", "paint_lesions", "make_loss", "split_subjects", "epoch_lr", "ema_update",
+           "sample_crops", "scaled_crop", "VoidFill", "fill_candidate_voids", "paint_lesions", "make_loss", "split_subjects", "epoch_lr", "ema_update",
            "train_segmenter", "load_segmenter", "network_grid", "segment_volume", "segment_probabilities",
            "segment_image", "segment_subject"]
 
@@ -632,10 +633,47 @@ def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
     return reorient_like(prob.argmax(0).astype(np.uint8), ras_aff, affine, np.asarray(image).shape)
 
 
+@dataclass(frozen=True)
+class VoidFill:
+    """Signal voids filled before segmentation (:func:`microbleed.infer.fill_voids`): config
+    ``segmenter.fill_candidate_voids`` with ``infer.region_radius_mm`` and ``infer.dark_fraction``.
+
+    Attributes:
+        candidates: a detector's candidates file (``x, y, z`` RAS mm): the voids within
+            ``radius_mm`` of each are filled.
+        mask: the subject's brain mask (SWI grid).
+    """
+
+    candidates: str | Path
+    mask: str | Path
+    radius_mm: float = 6.0
+    dark_fraction: float = 0.6
+
+
+def fill_candidate_voids(image: np.ndarray, affine: np.ndarray, fill: VoidFill, subject: str) -> np.ndarray:
+    """``image`` (the pre-processed SWI) with the signal voids around the candidates of ``fill`` filled
+    by the brain voxels around them, so the segmenter reads a microbleed's region from the tissue it
+    lies in, not from its own dark spot and blooming (benchmarks/results/pruning_fill*.md).
+
+    Raises:
+        InputError: unreadable candidates or mask, or a mask on another grid (names the subject).
+    """
+    table = read_tsv(fill.candidates, required=["x", "y", "z"], numeric=["x", "y", "z"], subject=subject)
+    mask, _ = load_volume(fill.mask, subject, dtype=np.uint8)
+    if mask.shape != np.shape(image):
+        raise InputError(f"brain mask {mask.shape} and SWI {np.shape(image)} must share one grid",
+                         subject=subject, path=fill.mask)
+    xyz = table[["x", "y", "z"]].to_numpy(float)
+    filled = fill_voids(image, affine, mask, xyz, fill.radius_mm, fill.dark_fraction)
+    log.info("subject %s: filled the signal voids around %d candidates (%d voxels) before segmentation",
+             subject, len(xyz), int(np.count_nonzero(filled != image)))
+    return filled
+
+
 def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
                     expected_input: str | None = None, window: Sequence[int] = (128, 128, 32),
                     overlap: float = 0.25, sw_batch_size: int = 2, device: str = "auto",
-                    flip: bool = False) -> Path:
+                    flip: bool = False, fill: VoidFill | None = None) -> Path:
     """Segment one subject and write its BOMBS map (uint8) in the image's own grid.
 
     The network sees the image reordered to RAS (:func:`microbleed.io.to_canonical`,
@@ -650,6 +688,8 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
         out_path: ``sub-<id>_desc-bombs_dseg.nii.gz``.
         expected_input: ``swi|t1``; when given, the model must have been trained on that input.
         flip: left-right test-time augmentation (:func:`segment_image`).
+        fill: fill the signal voids around a detector's candidates first (SWI input only;
+            :func:`fill_candidate_voids`).
     Raises:
         InputError: unreadable image, or a model trained on another input kind (names the subject).
     """
@@ -660,6 +700,11 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
                          f"is {expected_input!r}", subject=subject, path=image_path)
     spacing = read_card(model_dir).get("config", {}).get("spacing_mm")
     image, affine = load_volume(image_path, subject)
+    if fill is not None:
+        if (expected_input or trained_on) == "t1":
+            raise InputError("filling signal voids applies to an SWI segmenter, not a T1w one",
+                             subject=subject, path=image_path)
+        image = fill_candidate_voids(image, affine, fill, subject)
     t0 = time.time()
     labels = segment_image(model, image, affine, spacing, next(model.parameters()).device, window, overlap,
                            sw_batch_size, flip)

@@ -115,6 +115,47 @@ def sub_path(cohort, subject, name, folder=None):
     return f"{RESULTS}/{cohort}/{folder}/sub-{subject}_{name}"
 
 
+def candidates_path(cohort, subject, source):
+    """Raw candidates of one detector (or `frst`) for one subject."""
+    return sub_path(cohort, subject, f"model-{source}_candidates.tsv", f"work/sub-{subject}")
+
+
+def fills_voids():
+    """config infer.fill_voids with an SWI segmenter: the signal voids around a detector's candidates
+    are filled before segmentation (microbleed.segment.fill_candidate_voids)."""
+    return bool(config["infer"]["fill_voids"]) and config["segmenter"]["input"] == "swi"
+
+
+def segment_inputs(source):
+    """Inputs of one segmentation: model, structural image, and, when voids are filled, the
+    candidates of ``source`` (a detector slug, or `frst`) and the brain mask."""
+    def inputs(wildcards):
+        src = source or wildcards.source
+        files = {
+            "model": os.path.join(segmenter_dir(), "model.pt"),
+            "image": sub_path(wildcards.cohort, wildcards.subject,
+                              "desc-preproc_{}.nii.gz".format("swi" if config["segmenter"]["input"] == "swi" else "T1w"),
+                              f"preproc/sub-{wildcards.subject}"),
+        }
+        if fills_voids():
+            files["candidates"] = candidates_path(wildcards.cohort, wildcards.subject, src)
+            files["mask"] = sub_path(wildcards.cohort, wildcards.subject, "desc-brain_mask.nii.gz")
+        return files
+    return inputs
+
+
+SEGMENT_PARAMS = dict(
+    expected_input=config["segmenter"]["input"],
+    window=config["segmenter"]["window"],
+    overlap=config["segmenter"]["overlap"],
+    sw_batch_size=config["segmenter"]["sw_batch_size"],
+    device=config["device"],
+    flip=config["segmenter"]["flip_tta"],
+    fill_radius_mm=config["infer"]["region_radius_mm"],
+    dark_fraction=config["infer"]["dark_fraction"],
+)
+
+
 def log_path(rule, *parts):
     return f"{LOGS}/{rule}/" + "_".join(parts) + ".log"
 

@@ -25,11 +25,6 @@ def uses_frst():
     return "frst" in eval_sources()
 
 
-def candidates_path(cohort, subject, source):
-    """Raw candidates of one detector (or `frst`) for one subject."""
-    return sub_path(cohort, subject, f"model-{source}_candidates.tsv", f"work/sub-{subject}")
-
-
 def eval_subject_files(cohort):
     """Expected files of every subject of an evaluated cohort (microbleed.report.SubjectFiles fields)."""
     rows = []
@@ -46,6 +41,9 @@ def eval_subject_files(cohort):
             "swi": sub_path(cohort, s, "desc-preproc_swi.nii.gz", f"preproc/sub-{s}"),
             "true_dseg": sub_path(cohort, s, "desc-bombs_dseg.nii.gz", "labels") if row["aseg"] else "",
             "candidates": {src: candidates_path(cohort, s, src) for src in eval_sources()},
+            "source_dseg": {src: sub_path(cohort, s, f"model-{src}_desc-bombs_dseg.nii.gz", f"work/sub-{s}")
+                            for src in eval_sources()
+                            if fills_voids() and src != slug(config["detector"]["variant"])},
         })
     return rows
 
@@ -54,7 +52,7 @@ def evaluate_inputs(wildcards):
     files = []
     for row in eval_subject_files(wildcards.cohort):
         files += [row[k] for k in ("labels", "cmb", "pred_dseg", "mask", "true_dseg", "swi") if row[k]]
-        files += list(row["candidates"].values())
+        files += list(row["candidates"].values()) + list(row["source_dseg"].values())
     if config["evaluate"]["allow_missing"]:
         files = [f for f in files if os.path.exists(f)]
     inputs = {"files": files, "card": detector_card()}

@@ -3,23 +3,39 @@
 
 rule segment:
     input:
-        model=os.path.join(segmenter_dir(), "model.pt"),
-        image=sub_path("{cohort}", "{subject}",
-                       "desc-preproc_{}.nii.gz".format("swi" if config["segmenter"]["input"] == "swi" else "T1w"),
-                       "preproc/sub-{subject}"),
+        unpack(segment_inputs(slug(config["detector"]["variant"]))),
     output:
         dseg=sub_path("{cohort}", "{subject}", "desc-bombs_dseg.nii.gz"),
     params:
-        expected_input=config["segmenter"]["input"],
-        window=config["segmenter"]["window"],
-        overlap=config["segmenter"]["overlap"],
-        sw_batch_size=config["segmenter"]["sw_batch_size"],
-        device=config["device"],
-        flip=config["segmenter"]["flip_tta"],
+        **SEGMENT_PARAMS,
     log:
         log_path("segment", "{cohort}", "{subject}"),
     benchmark:
         f"{RESULTS}/benchmarks/segment/{{cohort}}_{{subject}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=6000,
+        runtime=30,
+        gpu=1,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/segment_subject.py"
+
+
+rule segment_for_source:
+    # With infer.fill_voids, the evaluation prunes each other detector (rpn, rpn+ffm, frst) with a
+    # map segmented from the SWI filled around its own candidates, not the configured detector's.
+    input:
+        unpack(segment_inputs(None)),
+    output:
+        dseg=sub_path("{cohort}", "{subject}", "model-{source}_desc-bombs_dseg.nii.gz", "work/sub-{subject}"),
+    params:
+        **SEGMENT_PARAMS,
+    log:
+        log_path("segment_for_source", "{cohort}", "{subject}", "{source}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/segment_for_source/{{cohort}}_{{subject}}_{{source}}.tsv"
     threads: 4
     resources:
         mem_mb=6000,
