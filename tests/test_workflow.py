@@ -163,3 +163,24 @@ def test_released_models_on_demo_external_plan_no_training(tmp_path):
     plan = planned(smk("-n", "--forceall", "--configfile", str(cfg), "--quiet", "rules", "--", "results/demo-external/report.html"))
     assert plan.get("finalise") == 3 and plan.get("detect") == 3
     assert not {"train_detector", "train_segmenter"} & set(plan)
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_fill_voids_makes_segment_wait_for_the_candidates_of_its_own_detector(tmp_path, fill):
+    """infer.fill_voids (SWI segmenter): `segment` reads the configured variant's candidates and the
+    brain mask, and each other evaluated detector gets its own `segment_for_source` map; off: neither."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["evaluate"]["methods"] = ["rpn+ffm+hspl+pruning", "rpn+pruning", "rpn"]
+    cfg["infer"]["fill_voids"] = fill
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    text = smk("-n", "--forceall", "--configfile", str(path)).stdout
+    inputs = {rule: re.findall(rf"rule {rule}:\n\s+input: (.*)", text) for rule in ("segment", "segment_for_source")}
+    assert inputs["segment"]
+    reads = ["model-rpn-ffm-hspl_candidates.tsv" in line and "desc-brain_mask" in line for line in inputs["segment"]]
+    assert all(reads) if fill else not any(reads)
+    if fill:
+        assert inputs["segment_for_source"] and all("model-rpn_candidates.tsv" in line
+                                                    for line in inputs["segment_for_source"])
+    else:
+        assert not inputs["segment_for_source"]
