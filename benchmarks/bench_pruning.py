@@ -31,7 +31,7 @@ from microbleed.cohort import simulated_root
 import yaml
 
 from microbleed.infer import dark_voxels, fill_spots, fill_voids, sample_region
-from microbleed.io import load_volume, read_tsv
+from microbleed.io import load_volume, read_tsv, save_image
 from microbleed.metrics import dice_per_class
 from microbleed.runtime import read_card
 from microbleed.segment import load_segmenter, segment_image, segment_subject
@@ -54,7 +54,10 @@ def points(root: Path, subject: str) -> dict[str, pd.DataFrame]:
 
 
 def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kind: str = "swi",
-         all_subjects: bool = False, stem: str = "pruning") -> pd.DataFrame:
+         all_subjects: bool = False, stem: str = "pruning", fill_mm: float = 0.0) -> pd.DataFrame:
+    """The grid of rules; ``fill_mm > 0``: on the map segmented from the SWI with the voids within
+    ``fill_mm`` of every labelled CMB and spot filled (as ``infer.fill_voids`` does around the
+    detector's candidates; dark fraction of config/config.yaml)."""
     card = json.loads((model / "card.json").read_text())
     root = simulated_root(cohort, results)
     subjects = (sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*")) if all_subjects
@@ -64,11 +67,16 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
         for sub in subjects:
             image = results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_{preproc_kind}.nii.gz"
             out = Path(tmp) / f"sub-{sub}_dseg.nii.gz"
-            segment_subject(image, model, out, subject=sub)
-            pred, aff = load_volume(out, sub, allow_zero=True)
-            swi, _ = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz", sub)
+            swi, swi_aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz",
+                                       sub)
             mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub,
                                   allow_zero=True)
+            if fill_mm > 0:
+                every = pd.concat([t[["x", "y", "z"]] for t in points(root, sub).values()]).to_numpy(float)
+                image = save_image(fill_voids(swi, swi_aff, mask, every, fill_mm, shipped_rule()["dark_fraction"]),
+                                   swi_aff, Path(tmp) / f"sub-{sub}_filled.nii.gz")
+            segment_subject(image, model, out, subject=sub)
+            pred, aff = load_volume(out, sub, allow_zero=True)
             for kind, table in points(root, sub).items():
                 xyz = table[["x", "y", "z"]].to_numpy(float)
                 for dark in DARK:
@@ -87,10 +95,12 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
              .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
              .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
     stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
-    which = "all subjects" if all_subjects else "validation subjects"
+    which = ("all subjects" if all_subjects else "validation subjects") + (
+        f", voids within {fill_mm} mm of every point filled" if fill_mm > 0 else "")
     text = (f"# Pruning rule on {which} ({cohort}, segmenter {model.name})\n\n{stamp}\n\n"
             f"Command: `.venv/bin/python benchmarks/bench_pruning.py --cohort {cohort} --model {model} "
-            f"--results {results}{' --all-subjects --stem ' + stem if all_subjects else ''}`\n\n"
+            f"--results {results}{' --all-subjects' if all_subjects else ''}"
+            f"{f' --grid-fill-mm {fill_mm}' if fill_mm > 0 else ''}{' --stem ' + stem if stem != 'pruning' else ''}`\n\n"
             f"Subjects: {', '.join(subjects)}"
             f"{'' if all_subjects else ' (the segmenter' + chr(39) + 's held-out validation split)'}. "
             f"A point is pruned when at least `none_fraction` of the predicted BOMBS voxels within "
@@ -101,9 +111,10 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
 
 
 def shipped_rule(config: Path = ROOT / "config" / "config.yaml") -> dict[str, float]:
-    """The pruning rule of ``config`` (``infer.region_radius_mm``, ``none_fraction``, ``dark_fraction``)."""
+    """The pruning rule of ``config`` (``infer.region_radius_mm``, ``none_fraction``, ``dark_fraction``,
+    ``fill_radius_mm``)."""
     infer = yaml.safe_load(Path(config).read_text())["infer"]
-    return {k: float(infer[k]) for k in ("region_radius_mm", "none_fraction", "dark_fraction")}
+    return {k: float(infer[k]) for k in ("region_radius_mm", "none_fraction", "dark_fraction", "fill_radius_mm")}
 
 
 def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: bool,
@@ -128,12 +139,12 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
             pts = points(root, sub)
             every = pd.concat([t[["x", "y", "z"]] for t in pts.values()]).to_numpy(float)
             images = {"none": swi,
-                      "points": fill_voids(swi, aff, mask, every, rule["region_radius_mm"], rule["dark_fraction"]),
+                      "points": fill_voids(swi, aff, mask, every, rule["fill_radius_mm"], rule["dark_fraction"]),
                       "spots": fill_spots(swi, aff, mask, rule["dark_fraction"])}
             cands = results / cohort / "work" / f"sub-{sub}" / f"sub-{sub}_model-{variant}_candidates.tsv"
             if cands.exists():
                 xyz = read_tsv(cands, required=["x", "y", "z"])[["x", "y", "z"]].to_numpy(float)
-                images["candidates"] = fill_voids(swi, aff, mask, xyz, rule["region_radius_mm"], rule["dark_fraction"])
+                images["candidates"] = fill_voids(swi, aff, mask, xyz, rule["fill_radius_mm"], rule["dark_fraction"])
             labels = results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz"
             truth = load_volume(labels, sub, allow_zero=True)[0].astype(np.int64) if labels.exists() else None
             for fill, image in images.items():
@@ -163,10 +174,10 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
             f"{stamp}\n\nCommand: `.venv/bin/python benchmarks/bench_pruning.py --fill --cohort {' '.join(cohorts)} "
             f"--model {model} --results {results}{' --all-subjects' if all_subjects else ''} --stem {stem}`\n\n"
             f"Rule of config/config.yaml: {rule}. fill `none`: the SWI as it is; `points`: the SWI segmented with "
-            f"the voids within {rule['region_radius_mm']} mm of every labelled CMB and spot filled from the brain "
+            f"the voids within {rule['fill_radius_mm']} mm of every labelled CMB and spot filled from the brain "
             f"voxels around them (microbleed.infer.fill_voids); `spots`: every void of at most 600 mm^3 filled "
             f"(microbleed.infer.fill_spots, no labels used); `candidates`: the voids within "
-            f"{rule['region_radius_mm']} mm of every candidate of the detector ({variant}, the workflow's "
+            f"{rule['fill_radius_mm']} mm of every candidate of the detector ({variant}, the workflow's "
             f"candidates file, score >= infer.candidate_floor) filled.\n\n{table.to_markdown()}\n")
     (OUT / f"{stem}.md").write_text(text)
     print(text)
@@ -183,6 +194,8 @@ if __name__ == "__main__":
     ap.add_argument("--all-subjects", action="store_true",
                     help="every subject of the cohort (a diagnostic on a test cohort, not for choosing the rule)")
     ap.add_argument("--stem", help="output file name stem under benchmarks/results (pruning, or pruning_fill)")
+    ap.add_argument("--grid-fill-mm", type=float, default=0.0,
+                    help="grid of rules on the map of the SWI with the voids around the labelled points filled")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -190,4 +203,4 @@ if __name__ == "__main__":
         compare_fill(args.cohort, Path(args.model), Path(args.results), args.all_subjects, args.stem or "pruning_fill")
     else:
         main(args.cohort[0], Path(args.model), Path(args.results), all_subjects=args.all_subjects,
-             stem=args.stem or "pruning")
+             stem=args.stem or "pruning", fill_mm=args.grid_fill_mm)

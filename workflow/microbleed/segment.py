@@ -636,7 +636,7 @@ def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
 @dataclass(frozen=True)
 class VoidFill:
     """Signal voids filled before segmentation (:func:`microbleed.infer.fill_voids`): config
-    ``segmenter.fill_candidate_voids`` with ``infer.region_radius_mm`` and ``infer.dark_fraction``.
+    ``infer.fill_voids`` with ``infer.fill_radius_mm`` and ``infer.dark_fraction``.
 
     Attributes:
         candidates: a detector's candidates file (``x, y, z`` RAS mm): the voids within
