@@ -118,11 +118,14 @@ def shipped_rule(config: Path = ROOT / "config" / "config.yaml") -> dict[str, fl
 
 
 def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: bool,
-                 stem: str = "pruning_fill", variant: str = "rpn-ffm-hspl") -> pd.DataFrame:
+                 stem: str = "pruning_fill", variant: str = "rpn-ffm-hspl",
+                 radius_mm: float | None = None) -> pd.DataFrame:
     """The shipped rule read on the segmentation of the SWI as it is and of the SWI with the voids
     around every labelled point filled (:func:`microbleed.infer.fill_voids`, the rule's own radius
     and dark fraction): CMBs pruned (bad) and spots in ``none`` pruned (good), per cohort."""
     rule = shipped_rule()
+    if radius_mm is not None:                       # another ball than config/config.yaml's
+        rule["region_radius_mm"] = float(radius_mm)
     net = load_segmenter(model, "cpu")
     spacing = read_card(model).get("config", {}).get("spacing_mm")
     rows = []
@@ -172,8 +175,9 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
     stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
     text = (f"# Pruning with the voids filled before segmentation ({', '.join(cohorts)}, segmenter {model.name})\n\n"
             f"{stamp}\n\nCommand: `.venv/bin/python benchmarks/bench_pruning.py --fill --cohort {' '.join(cohorts)} "
-            f"--model {model} --results {results}{' --all-subjects' if all_subjects else ''} --stem {stem}`\n\n"
-            f"Rule of config/config.yaml: {rule}. fill `none`: the SWI as it is; `points`: the SWI segmented with "
+            f"--model {model} --results {results}{' --all-subjects' if all_subjects else ''} --stem {stem}"
+            f"{f' --rule-radius-mm {radius_mm}' if radius_mm is not None else ''}`\n\n"
+            f"Rule{' (config/config.yaml, ball of --rule-radius-mm)' if radius_mm is not None else ' of config/config.yaml'}: {rule}. fill `none`: the SWI as it is; `points`: the SWI segmented with "
             f"the voids within {rule['fill_radius_mm']} mm of every labelled CMB and spot filled from the brain "
             f"voxels around them (microbleed.infer.fill_voids); `spots`: every void of at most 600 mm^3 filled "
             f"(microbleed.infer.fill_spots, no labels used); `candidates`: the voids within "
@@ -194,13 +198,15 @@ if __name__ == "__main__":
     ap.add_argument("--all-subjects", action="store_true",
                     help="every subject of the cohort (a diagnostic on a test cohort, not for choosing the rule)")
     ap.add_argument("--stem", help="output file name stem under benchmarks/results (pruning, or pruning_fill)")
+    ap.add_argument("--rule-radius-mm", type=float, help="with --fill: this ball instead of infer.region_radius_mm")
     ap.add_argument("--grid-fill-mm", type=float, default=0.0,
                     help="grid of rules on the map of the SWI with the voids around the labelled points filled")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.fill:
-        compare_fill(args.cohort, Path(args.model), Path(args.results), args.all_subjects, args.stem or "pruning_fill")
+        compare_fill(args.cohort, Path(args.model), Path(args.results), args.all_subjects, args.stem or "pruning_fill",
+                     radius_mm=args.rule_radius_mm)
     else:
         main(args.cohort[0], Path(args.model), Path(args.results), all_subjects=args.all_subjects,
              stem=args.stem or "pruning", fill_mm=args.grid_fill_mm)
