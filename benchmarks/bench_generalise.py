@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": str(config_path.relative_to(ROOT)) if config_path.is_relative_to(ROOT) else str(config_path),
             "wall time": f"{wall / 60:.1f} min (exit {code})" if wall is not None else (args.wall or "n/a (collected only)"),
             "pruning": ", ".join(f"infer.{k} {v}" for k, v in {**base["infer"], **cfg.get("infer", {})}.items()
-                                 if k in ("region_radius_mm", "none_fraction", "dark_fraction", "fill_voids"))}
+                                 if k in ("region_radius_mm", "none_fraction", "dark_fraction", "fill_voids", "fill_radius_mm"))}
     write_tsv(df, f"{args.out}.tsv")
     Path(f"{args.out}.md").write_text(render(df, meta))
     print(f"wrote {args.out}.md")

@@ -72,6 +72,8 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
             mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub,
                                   allow_zero=True)
             if fill_mm > 0:
+                if preproc_kind != "swi":
+                    raise ValueError("--grid-fill-mm fills voids of the SWI; it needs an SWI segmenter")
                 every = pd.concat([t[["x", "y", "z"]] for t in points(root, sub).values()]).to_numpy(float)
                 image = save_image(fill_voids(swi, swi_aff, mask, every, fill_mm, shipped_rule()["dark_fraction"]),
                                    swi_aff, Path(tmp) / f"sub-{sub}_filled.nii.gz")
@@ -121,8 +123,10 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
                  stem: str = "pruning_fill", variant: str = "rpn-ffm-hspl",
                  radius_mm: float | None = None) -> pd.DataFrame:
     """The shipped rule read on the segmentation of the SWI as it is and of the SWI with the voids
-    around every labelled point filled (:func:`microbleed.infer.fill_voids`, the rule's own radius
-    and dark fraction): CMBs pruned (bad) and spots in ``none`` pruned (good), per cohort."""
+    around every labelled point filled (:func:`microbleed.infer.fill_voids`, ``infer.fill_radius_mm``
+    and ``infer.dark_fraction``), with every small void filled (:func:`microbleed.infer.fill_spots`)
+    and with the voids around the detector's candidates filled (as the workflow does): CMBs pruned
+    (bad) and spots in ``none`` pruned (good), and Dice, per cohort."""
     rule = shipped_rule()
     if radius_mm is not None:                       # another ball than config/config.yaml's
         rule["region_radius_mm"] = float(radius_mm)

@@ -151,8 +151,8 @@ SEGMENT_PARAMS = dict(
     sw_batch_size=config["segmenter"]["sw_batch_size"],
     device=config["device"],
     flip=config["segmenter"]["flip_tta"],
-    fill_radius_mm=config["infer"]["fill_radius_mm"],
-    dark_fraction=config["infer"]["dark_fraction"],
+    **(dict(fill_radius_mm=config["infer"]["fill_radius_mm"], dark_fraction=config["infer"]["dark_fraction"])
+       if fills_voids() else {}),
 )
 
 

@@ -15,6 +15,11 @@ def eval_sources():
     return sorted({slug(re.sub(r"\+pruning$", "", m)) for m in eval_methods()})
 
 
+def pruned_sources():
+    """Slugs of the detectors (or `frst`) evaluated with `+pruning`."""
+    return sorted({slug(re.sub(r"\+pruning$", "", m)) for m in eval_methods() if re.search(r"\+pruning$", m)})
+
+
 def detector_card():
     """Model card of the configured detector: its validation sets the operating threshold of
     every variant in the evaluation (config infer.threshold `validation`)."""
@@ -42,7 +47,7 @@ def eval_subject_files(cohort):
             "true_dseg": sub_path(cohort, s, "desc-bombs_dseg.nii.gz", "labels") if row["aseg"] else "",
             "candidates": {src: candidates_path(cohort, s, src) for src in eval_sources()},
             "source_dseg": {src: sub_path(cohort, s, f"model-{src}_desc-bombs_dseg.nii.gz", f"work/sub-{s}")
-                            for src in eval_sources()
+                            for src in pruned_sources()
                             if fills_voids() and src != slug(config["detector"]["variant"])},
         })
     return rows

@@ -30,6 +30,8 @@ rule segment_for_source:
         unpack(segment_inputs(None)),
     output:
         dseg=sub_path("{cohort}", "{subject}", "model-{source}_desc-bombs_dseg.nii.gz", "work/sub-{subject}"),
+    wildcard_constraints:
+        source=r"rpn|rpn-ffm|rpn-ffm-hspl|frst",
     params:
         **SEGMENT_PARAMS,
     log:
