@@ -321,6 +321,9 @@ def test_fill_voids_paints_the_spot_with_its_surroundings_only():
     assert np.array_equal(changed, lesion | spot)
     assert np.array_equal(out, fill_voids(swi, aff, mask, pts, radius_mm=5.0, fraction=0.6))
     assert np.array_equal(fill_voids(swi, aff, mask, np.array([[30.0, 5.0, 20.0]]), 3.0, 0.6), before)
+    assert np.array_equal(fill_voids(swi, aff, mask, np.zeros((0, 3)), 5.0, 0.6), before)      # no candidate
+    far = fill_voids(swi, aff, mask, np.array([[30.0, 20.0, 20.0], [500.0, -80.0, 9.0]]), 5.0, 0.6)
+    assert np.array_equal(far != before, lesion)                  # a point off the grid fills nothing
     with pytest.raises(ValueError, match="one grid"):
         fill_voids(swi, aff, mask[:-1], pts, 5.0, 0.6)
 

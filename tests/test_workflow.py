@@ -165,13 +165,16 @@ def test_released_models_on_demo_external_plan_no_training(tmp_path):
     assert not {"train_detector", "train_segmenter"} & set(plan)
 
 
-@pytest.mark.parametrize("fill", [True, False])
-def test_fill_voids_makes_segment_wait_for_the_candidates_of_its_own_detector(tmp_path, fill):
+@pytest.mark.parametrize("segin,on", [("swi", True), ("swi", False), ("t1", True)])
+def test_fill_voids_makes_segment_wait_for_the_candidates_of_its_own_detector(tmp_path, segin, on):
     """infer.fill_voids (SWI segmenter): `segment` reads the configured variant's candidates and the
-    brain mask, and each other evaluated detector gets its own `segment_for_source` map; off: neither."""
+    brain mask, and each other detector evaluated with pruning gets its own `segment_for_source` map;
+    off, or with a T1w segmenter: neither."""
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    cfg["evaluate"]["methods"] = ["rpn+ffm+hspl+pruning", "rpn+pruning", "rpn"]
-    cfg["infer"]["fill_voids"] = fill
+    cfg["evaluate"]["methods"] = ["rpn+ffm+hspl+pruning", "rpn+pruning", "rpn", "rpn+ffm"]
+    cfg["infer"]["fill_voids"] = on
+    cfg["segmenter"]["input"] = segin
+    fill = on and segin == "swi"
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     text = smk("-n", "--forceall", "--configfile", str(path)).stdout
@@ -180,7 +183,7 @@ def test_fill_voids_makes_segment_wait_for_the_candidates_of_its_own_detector(tm
     reads = ["model-rpn-ffm-hspl_candidates.tsv" in line and "desc-brain_mask" in line for line in inputs["segment"]]
     assert all(reads) if fill else not any(reads)
     if fill:
-        assert inputs["segment_for_source"] and all("model-rpn_candidates.tsv" in line
-                                                    for line in inputs["segment_for_source"])
+        assert inputs["segment_for_source"] and all("model-rpn_candidates.tsv" in line     # not rpn-ffm:
+                                                    for line in inputs["segment_for_source"])  # never pruned
     else:
         assert not inputs["segment_for_source"]
