@@ -1,10 +1,11 @@
-"""The released models on bench-test and bench-external with and without ``infer.fill_voids``.
+"""The released models on released-test and -external (bench-test and bench-external's protocols) with and without ``infer.fill_voids``.
 
 Same detections (the released detector at its card's threshold), two BOMBS maps per
 subject: segmented from the SWI as it is (``fill_voids: false``) and from the SWI with
 the signal voids around the detector's candidates filled (``true``, the default). No
 training, no tuning: the released detector and SWI segmenter were trained on bench-train
-of ``config/benchmark.yaml``; these subjects are unseen.
+of ``config/benchmark.yaml``; the subjects of ``config/released-bench.yaml`` (simulated as
+bench-test and bench-external, under their own names) are unseen.
 
 For each setting the workflow is run with ``config/benchmark.yaml`` +
 ``config/released-bench.yaml`` + the setting (only ``segment``, ``finalise`` and the
@@ -89,10 +90,11 @@ def render(df: pd.DataFrame, meta: dict[str, str]) -> str:
              f"{r.la_total:.3f}"] for r in df.sort_values(["cohort", "method", "fill_voids"]).itertuples()]
     facts = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     return "\n\n".join([
-        "# Released models on bench-test and bench-external: pruning with and without `infer.fill_voids`",
+        "# Released models on released-test and released-external: pruning with and without `infer.fill_voids`",
         facts,
         "The released detector (`models/cmb-detector-sim`, its card's threshold) and SWI segmenter "
-        "(`models/bombs-segmenter-sim-swi`), trained on bench-train; no training, no tuning. Same detections "
+        "(`models/bombs-segmenter-sim-swi`), trained on bench-train; no training, no tuning; released-test and "
+        "released-external are simulated as bench-test and bench-external (config/released-bench.yaml). Same detections "
         "in both settings; only the BOMBS map differs (fill_voids true: segmented from the SWI with the signal "
         "voids within infer.fill_radius_mm of every candidate filled). Sensitivity, precision and FP_avg on the "
         "CMB subjects, FP_avg normal on the normal subjects; true CMBs / FP pruned: removed by pruning among "
