@@ -121,7 +121,7 @@ def shipped_rule(config: Path = ROOT / "config" / "config.yaml") -> dict[str, fl
 
 def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: bool,
                  stem: str = "pruning_fill", variant: str = "rpn-ffm-hspl",
-                 radius_mm: float | None = None) -> pd.DataFrame:
+                 radius_mm: float | None = None, fill_dark: tuple[float, ...] = ()) -> pd.DataFrame:
     """The shipped rule read on the segmentation of the SWI as it is and of the SWI with the voids
     around every labelled point filled (:func:`microbleed.infer.fill_voids`, ``infer.fill_radius_mm``
     and ``infer.dark_fraction``), with every small void filled (:func:`microbleed.infer.fill_spots`)
@@ -152,6 +152,8 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
             if cands.exists():
                 xyz = read_tsv(cands, required=["x", "y", "z"])[["x", "y", "z"]].to_numpy(float)
                 images["candidates"] = fill_voids(swi, aff, mask, xyz, rule["fill_radius_mm"], rule["dark_fraction"])
+                for fd in fill_dark:            # the fill's own void threshold (the votes keep dark_fraction)
+                    images[f"candidates@{fd}"] = fill_voids(swi, aff, mask, xyz, rule["fill_radius_mm"], fd)
             labels = results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz"
             truth = load_volume(labels, sub, allow_zero=True)[0].astype(np.int64) if labels.exists() else None
             for fill, image in images.items():
@@ -180,13 +182,15 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
     text = (f"# Pruning with the voids filled before segmentation ({', '.join(cohorts)}, segmenter {model.name})\n\n"
             f"{stamp}\n\nCommand: `.venv/bin/python benchmarks/bench_pruning.py --fill --cohort {' '.join(cohorts)} "
             f"--model {model} --results {results}{' --all-subjects' if all_subjects else ''} --stem {stem}"
-            f"{f' --rule-radius-mm {radius_mm}' if radius_mm is not None else ''}`\n\n"
+            f"{f' --rule-radius-mm {radius_mm}' if radius_mm is not None else ''}"
+            f"{' --fill-dark ' + ' '.join(map(str, fill_dark)) if fill_dark else ''}`\n\n"
             f"Rule{' (config/config.yaml, ball of --rule-radius-mm)' if radius_mm is not None else ' of config/config.yaml'}: {rule}. fill `none`: the SWI as it is; `points`: the SWI segmented with "
             f"the voids within {rule['fill_radius_mm']} mm of every labelled CMB and spot filled from the brain "
             f"voxels around them (microbleed.infer.fill_voids); `spots`: every void of at most 600 mm^3 filled "
             f"(microbleed.infer.fill_spots, no labels used); `candidates`: the voids within "
             f"{rule['fill_radius_mm']} mm of every candidate of the detector ({variant}, the workflow's "
-            f"candidates file, score >= infer.candidate_floor) filled.\n\n{table.to_markdown()}\n")
+            f"candidates file, score >= infer.candidate_floor) filled; `candidates@f`: the same with voids "
+            f"darker than f x the brain's median (the votes keep dark_fraction).\n\n{table.to_markdown()}\n")
     (OUT / f"{stem}.md").write_text(text)
     print(text)
     return df
@@ -202,6 +206,8 @@ if __name__ == "__main__":
     ap.add_argument("--all-subjects", action="store_true",
                     help="every subject of the cohort (a diagnostic on a test cohort, not for choosing the rule)")
     ap.add_argument("--stem", help="output file name stem under benchmarks/results (pruning, or pruning_fill)")
+    ap.add_argument("--fill-dark", type=float, nargs="*", default=[],
+                    help="with --fill: also fill the candidates' voids at these thresholds (x brain median)")
     ap.add_argument("--rule-radius-mm", type=float, help="with --fill: this ball instead of infer.region_radius_mm")
     ap.add_argument("--grid-fill-mm", type=float, default=0.0,
                     help="grid of rules on the map of the SWI with the voids around the labelled points filled")
@@ -210,7 +216,7 @@ if __name__ == "__main__":
     torch.set_num_threads(args.threads)
     if args.fill:
         compare_fill(args.cohort, Path(args.model), Path(args.results), args.all_subjects, args.stem or "pruning_fill",
-                     radius_mm=args.rule_radius_mm)
+                     radius_mm=args.rule_radius_mm, fill_dark=tuple(args.fill_dark))
     else:
         main(args.cohort[0], Path(args.model), Path(args.results), all_subjects=args.all_subjects,
              stem=args.stem or "pruning", fill_mm=args.grid_fill_mm)
