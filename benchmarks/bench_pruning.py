@@ -217,6 +217,8 @@ if __name__ == "__main__":
     if args.fill:
         compare_fill(args.cohort, Path(args.model), Path(args.results), args.all_subjects, args.stem or "pruning_fill",
                      radius_mm=args.rule_radius_mm, fill_dark=tuple(args.fill_dark))
+    elif len(args.cohort) > 1:
+        ap.error("the grid of rules reads one --cohort (several only with --fill)")
     else:
         main(args.cohort[0], Path(args.model), Path(args.results), all_subjects=args.all_subjects,
              stem=args.stem or "pruning", fill_mm=args.grid_fill_mm)
