@@ -53,33 +53,54 @@ def points(root: Path, subject: str) -> dict[str, pd.DataFrame]:
     return {"cmb": cmb, "none_spot": mimics[mimics["kind"] == "none_spot"]}
 
 
+def _subjects(results: Path, cohort: str, model: Path, all_subjects: bool) -> list[str]:
+    """Every pre-processed subject of ``cohort``, or the segmenter's held-out validation split."""
+    if all_subjects:
+        return sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*"))
+    return json.loads((model / "card.json").read_text())["validation_subjects"]
+
+
+def _swi_and_mask(results: Path, cohort: str, sub: str) -> tuple:
+    """``(swi, affine, mask)``: the subject's pre-processed SWI and brain mask (SWI grid)."""
+    swi, aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz", sub)
+    mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub, allow_zero=True)
+    return swi, aff, mask
+
+
+def _pruned_counts(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``pruned/total`` per ``keys``, CMBs and spots side by side."""
+    return (df.groupby([*keys, "kind"])["pruned"].agg(["sum", "size"])
+            .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
+            .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
+
+
+def _stamp() -> str:
+    return f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
+
+
 def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kind: str = "swi",
          all_subjects: bool = False, stem: str = "pruning", fill_mm: float = 0.0) -> pd.DataFrame:
     """The grid of rules; ``fill_mm > 0``: on the map segmented from the SWI with the voids within
     ``fill_mm`` of every labelled CMB and spot filled (as ``infer.fill_voids`` does around the
     detector's candidates; dark fraction of config/config.yaml)."""
-    card = json.loads((model / "card.json").read_text())
+    if fill_mm > 0 and preproc_kind != "swi":
+        raise ValueError("--grid-fill-mm fills voids of the SWI; it needs an SWI segmenter")
     root = simulated_root(cohort, results)
-    subjects = (sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*")) if all_subjects
-                else card["validation_subjects"])
+    subjects = _subjects(results, cohort, model, all_subjects)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for sub in subjects:
             image = results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_{preproc_kind}.nii.gz"
             out = Path(tmp) / f"sub-{sub}_dseg.nii.gz"
-            swi, swi_aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz",
-                                       sub)
-            mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub,
-                                  allow_zero=True)
+            swi, swi_aff, mask = _swi_and_mask(results, cohort, sub)
+            pts = points(root, sub)
             if fill_mm > 0:
-                if preproc_kind != "swi":
-                    raise ValueError("--grid-fill-mm fills voids of the SWI; it needs an SWI segmenter")
-                every = pd.concat([t[["x", "y", "z"]] for t in points(root, sub).values()]).to_numpy(float)
+                every = pd.concat([t[["x", "y", "z"]] for t in pts.values()]).to_numpy(float)
                 image = save_image(fill_voids(swi, swi_aff, mask, every, fill_mm, shipped_rule()["dark_fraction"]),
                                    swi_aff, Path(tmp) / f"sub-{sub}_filled.nii.gz")
             segment_subject(image, model, out, subject=sub)
             pred, aff = load_volume(out, sub, allow_zero=True)
-            for kind, table in points(root, sub).items():
+            for kind, table in pts.items():
                 xyz = table[["x", "y", "z"]].to_numpy(float)
                 for dark in DARK:
                     exclude = dark_voxels(swi, mask, dark)
@@ -93,13 +114,10 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
     df = pd.DataFrame(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     df.to_csv(OUT / f"{stem}.tsv", sep="\t", index=False)
-    table = (df.groupby(["dark", "inner_mm", "radius_mm", "none_fraction", "kind"])["pruned"].agg(["sum", "size"])
-             .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
-             .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
-    stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
+    table = _pruned_counts(df, ["dark", "inner_mm", "radius_mm", "none_fraction"])
     which = ("all subjects" if all_subjects else "validation subjects") + (
         f", voids within {fill_mm} mm of every point filled" if fill_mm > 0 else "")
-    text = (f"# Pruning rule on {which} ({cohort}, segmenter {model.name})\n\n{stamp}\n\n"
+    text = (f"# Pruning rule on {which} ({cohort}, segmenter {model.name})\n\n{_stamp()}\n\n"
             f"Command: `.venv/bin/python benchmarks/bench_pruning.py --cohort {cohort} --model {model} "
             f"--results {results}{' --all-subjects' if all_subjects else ''}"
             f"{f' --grid-fill-mm {fill_mm}' if fill_mm > 0 else ''}{' --stem ' + stem if stem != 'pruning' else ''}`\n\n"
@@ -135,13 +153,8 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
     rows = []
     for cohort in cohorts:
         root = simulated_root(cohort, results)
-        subjects = (sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*")) if all_subjects
-                    else json.loads((model / "card.json").read_text())["validation_subjects"])
-        for sub in subjects:
-            swi, aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz",
-                                   sub)
-            mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub,
-                                  allow_zero=True)
+        for sub in _subjects(results, cohort, model, all_subjects):
+            swi, aff, mask = _swi_and_mask(results, cohort, sub)
             exclude = dark_voxels(swi, mask, rule["dark_fraction"])
             pts = points(root, sub)
             every = pd.concat([t[["x", "y", "z"]] for t in pts.values()]).to_numpy(float)
@@ -171,16 +184,13 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
     df = pd.DataFrame(rows)
     df.to_csv(OUT / f"{stem}.tsv", sep="\t", index=False)
     votes = df[df["kind"].isin(["cmb", "none_spot"])]
-    table = (votes.groupby(["cohort", "fill", "kind"])["pruned"].agg(["sum", "size"])
-             .apply(lambda r: f"{int(r['sum'])}/{int(r['size'])}", axis=1).unstack("kind")
-             .rename(columns={"cmb": "CMBs pruned (bad)", "none_spot": "spots in none pruned (good)"}))
+    table = _pruned_counts(votes, ["cohort", "fill"])
     dice = df[df["kind"].str.startswith("dice_")]
     if len(dice):
         table = table.join(dice.groupby(["cohort", "fill", "kind"])["value"].mean().round(3).unstack("kind")
                            .rename(columns=lambda c: "Dice " + c[5:]))
-    stamp = f"{platform.node()} ({platform.machine()}), {dt.datetime.now().isoformat(timespec='minutes')}"
     text = (f"# Pruning with the voids filled before segmentation ({', '.join(cohorts)}, segmenter {model.name})\n\n"
-            f"{stamp}\n\nCommand: `.venv/bin/python benchmarks/bench_pruning.py --fill --cohort {' '.join(cohorts)} "
+            f"{_stamp()}\n\nCommand: `.venv/bin/python benchmarks/bench_pruning.py --fill --cohort {' '.join(cohorts)} "
             f"--model {model} --results {results}{' --all-subjects' if all_subjects else ''} --stem {stem}"
             f"{f' --rule-radius-mm {radius_mm}' if radius_mm is not None else ''}"
             f"{' --fill-dark ' + ' '.join(map(str, fill_dark)) if fill_dark else ''}`\n\n"

@@ -216,6 +216,10 @@ def test_segment_script_fills_the_voids_around_candidates_first(tmp_path, monkey
     assert (plain[lesion] == 0).all()
     assert (filled[lesion] > 0).all() and (filled[lesion] == 1).mean() > 0.6    # tissue of the 6 mm ball
     assert np.array_equal(plain[~lesion], filled[~lesion])
+    save_image(np.ones((40, 40, 19), np.uint8), aff, tmp_path / "mask_other.nii.gz")
+    with pytest.raises(InputError, match="mask_other.*one grid"):
+        run(str(tmp_path / "swi.nii.gz"), str(tmp_path), str(tmp_path / "bad.nii.gz"), **opts,
+            candidates=str(tmp_path / "cands.tsv"), mask=str(tmp_path / "mask_other.nii.gz"))
     _nearest_mean_segmenter(monkeypatch, {"input": "t1"})
     with pytest.raises(InputError, match="T1w"):
         run(str(tmp_path / "swi.nii.gz"), str(tmp_path), str(tmp_path / "t1.nii.gz"), **dict(opts, expected_input="t1"),

@@ -660,11 +660,11 @@ def fill_candidate_voids(image: np.ndarray, affine: np.ndarray, fill: VoidFill, 
     """
     table = read_tsv(fill.candidates, required=["x", "y", "z"], numeric=["x", "y", "z"], subject=subject)
     mask, _ = load_volume(fill.mask, subject, dtype=np.uint8)
-    if mask.shape != np.shape(image):
-        raise InputError(f"brain mask {mask.shape} and SWI {np.shape(image)} must share one grid",
-                         subject=subject, path=fill.mask)
     xyz = table[["x", "y", "z"]].to_numpy(float)
-    filled = fill_voids(image, affine, mask, xyz, fill.radius_mm, fill.dark_fraction)
+    try:
+        filled = fill_voids(image, affine, mask, xyz, fill.radius_mm, fill.dark_fraction)
+    except ValueError as err:                       # mask on another grid
+        raise InputError(str(err), subject=subject, path=fill.mask) from err
     log.info("subject %s: filled the signal voids around %d candidates (%d voxels) before segmentation",
              subject, len(xyz), int(np.count_nonzero(filled != image)))
     return filled
