@@ -149,7 +149,8 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
     if radius_mm is not None:                       # another ball than config/config.yaml's
         rule["region_radius_mm"] = float(radius_mm)
     net = load_segmenter(model, "cpu")
-    spacing = read_card(model).get("config", {}).get("spacing_mm")
+    card = read_card(model)
+    spacing, offsets = card.get("config", {}).get("spacing_mm"), card.get("class_offsets")
     rows = []
     for cohort in cohorts:
         root = simulated_root(cohort, results)
@@ -170,7 +171,7 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
             labels = results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz"
             truth = load_volume(labels, sub, allow_zero=True)[0].astype(np.int64) if labels.exists() else None
             for fill, image in images.items():
-                pred = segment_image(net, image, aff, spacing)
+                pred = segment_image(net, image, aff, spacing, offsets=offsets)
                 if truth is not None:
                     dice = dice_per_class(pred.astype(np.int64), truth)
                     rows += [{"cohort": cohort, "subject": sub, "kind": f"dice_{k}", "fill": fill, "value": v}

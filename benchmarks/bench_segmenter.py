@@ -38,7 +38,7 @@ from microbleed.io import load_volume
 from microbleed.metrics import dice_per_class
 from microbleed.nets.segmenter import build_segmenter
 from microbleed.segment import load_segmenter, make_loss, segment_volume
-from microbleed.runtime import PeakMemory, select_device
+from microbleed.runtime import PeakMemory, read_card, select_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"demo (1x1x2 mm)": (180, 216, 90), "paper (0.5x0.5x2 mm)": (512, 448, 72)}
@@ -148,7 +148,8 @@ def dice(cfg: dict, device: torch.device, out: Path) -> None:
                     continue
                 image, _ = load_volume(img, sid)
                 preds.append(segment_volume(model, image, device, tuple(seg_cfg["window"]),
-                                            float(seg_cfg["overlap"]), int(seg_cfg["sw_batch_size"])).ravel())
+                                            float(seg_cfg["overlap"]), int(seg_cfg["sw_batch_size"]),
+                                            offsets=read_card(model_dir).get("class_offsets")).ravel())
                 truths.append(load_volume(_truth_path(cohort, entry, sid), sid, dtype=np.int16)[0].ravel())
             if preds:
                 d = dice_per_class(np.concatenate(preds), np.concatenate(truths))

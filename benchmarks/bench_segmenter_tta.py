@@ -47,7 +47,8 @@ def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str]
             t0 = time.time()
             preds[flip].append(segment_image(model, img, aff, card.get("config", {}).get("spacing_mm"), "cpu",
                                              cfg.get("window", (128, 128, 32)), float(cfg.get("overlap", 0.25)),
-                                             int(cfg.get("sw_batch_size", 2)), flip).ravel())
+                                             int(cfg.get("sw_batch_size", 2)), flip,
+                                             card.get("class_offsets")).ravel())
             secs[flip].append(time.time() - t0)
     rows = []
     for flip in (False, True):

@@ -215,6 +215,9 @@ def test_train_writes_model_card_and_log(tmp_path):
     inputs = write_cohort(tmp_path / "data")
     card = train_segmenter(inputs, tmp_path / "model", TINY, "cpu")
     assert set(card["validation_dice"]) == {"none", "lobar", "deep", "infratentorial", "total"}
+    # class offsets fitted on the validation volumes: none fixed at 0, never worse than the plain arg-max there
+    assert len(card["class_offsets"]) == 4 and card["class_offsets"][0] == 0.0
+    assert card["validation_dice"]["total"] >= card["validation_dice_plain_argmax"]["total"] - 1e-9
     assert len(card["validation_subjects"]) == 1 and len(card["train_subjects"]) == 2
     on_disk = json.loads((tmp_path / "model" / "card.json").read_text())
     assert on_disk["sha256"] and on_disk["config"]["widths"] == [4, 8]
@@ -230,7 +233,7 @@ def test_whole_volume_selection_keeps_the_best_checked_epoch(tmp_path, monkeypat
     """With volume_validation_every = 2 over 5 epochs, epochs 2, 4 and 5 are scored on whole volumes;
     the scripted scores make epoch 2 the best, so model.pt holds epoch 2's weights, not the last."""
     cfg = {**TINY, "epochs": 5, "volume_validation_every": 2}
-    scores, snapshots = iter([0.9, 0.2, 0.5, 0.0]), []    # epochs 2, 4, 5, then the card's final check
+    scores, snapshots = iter([0.9, 0.2, 0.5]), []         # epochs 2, 4, 5 (the card's final check segments apart)
     real = segment._volume_dice
 
     def scripted(model, val, c, device):
@@ -241,7 +244,7 @@ def test_whole_volume_selection_keeps_the_best_checked_epoch(tmp_path, monkeypat
 
     monkeypatch.setattr(segment, "_volume_dice", scripted)
     card = train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model", cfg, "cpu")
-    assert len(snapshots) == 4 and card["best_score"] == 0.9 and "whole validation volumes" in card["selection"]
+    assert len(snapshots) == 3 and card["best_score"] == 0.9 and "whole validation volumes" in card["selection"]
     assert card["best_epoch"] == 2
     saved = torch.load(tmp_path / "model" / "model.pt", weights_only=True)["model"]
     last = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)["model"]
@@ -261,7 +264,8 @@ def test_crop_selection_without_volume_checks(tmp_path, monkeypatch):
     monkeypatch.setattr(segment, "_volume_dice", lambda *a: calls.append(1) or perfect)
     card = train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model",
                            {**TINY, "epochs": 3, "volume_validation_every": 0}, "cpu")
-    assert len(calls) == 1                                 # only the card's final whole-volume Dice
+    assert not calls                                       # no whole-volume check while training
+    assert card["validation_dice"] != perfect              # the card's final Dice is the real one
     assert "validation crops" in card["selection"] and card["best_score"] < 1.0
 
 
@@ -350,7 +354,8 @@ def test_ema_training_saves_and_validates_the_weight_average(tmp_path):
         assert torch.equal(value, ckpt["ema"][key]), key
     assert any(not torch.equal(saved[k], ckpt["model"][k]) for k in saved if saved[k].is_floating_point())
     # the epoch was scored on the averaged weights: its score is the Dice of the saved model
-    assert card["best_score"] == pytest.approx(card["validation_dice"]["total"], abs=1e-9)
+    # (plain arg-max, as the checks during training score it)
+    assert card["best_score"] == pytest.approx(card["validation_dice_plain_argmax"]["total"], abs=1e-9)
 
 
 def _norm_inputs(net, x):
@@ -511,3 +516,41 @@ def test_lesion_augmentation_draws_nothing_when_off():
     b, _ = sample_crops([sub], 8, (16, 16, 8), np.random.default_rng(9), augment=True, scale=0.25, lesions=False)
     c, _ = sample_crops([sub], 8, (16, 16, 8), np.random.default_rng(9), augment=True, scale=0.25, lesions=True)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- class offsets
+def _shifted_probabilities(shift: float, seed: int = 0):
+    """Labels with a small class 2 and probabilities that know the labels but carry an extra
+    prior of ``shift`` (log units) for class 2, as class-balanced crops teach a network."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(4, size=20000, p=[0.6, 0.3, 0.03, 0.07])
+    logits = 2.0 * np.eye(4)[labels].T + rng.normal(0, 1.0, (4, labels.size))
+    logits[2] += shift
+    prob = np.exp(logits - logits.max(0))
+    return prob / prob.sum(0), labels
+
+
+def test_class_offsets_undo_an_over_weighted_class():
+    from microbleed.metrics import dice_per_class
+    from microbleed.segment import fit_class_offsets, offset_argmax
+    prob, labels = _shifted_probabilities(2.5)
+    plain = dice_per_class(prob.argmax(0), labels)
+    offsets = fit_class_offsets(prob, labels)
+    fitted = dice_per_class(offset_argmax(prob, offsets), labels)
+    assert offsets[0] == 0.0 and offsets[2] - max(offsets[1], offsets[3]) < -1.0, offsets
+    assert fitted["deep"] > plain["deep"] + 0.2 and fitted["total"] > plain["total"], (plain, fitted)
+    # the fit works on every voxel, movable or not: the same offsets score the same on the full arg-max
+    conf = np.bincount(4 * labels + offset_argmax(prob, offsets), minlength=16).reshape(4, 4)
+    assert fitted["deep"] == pytest.approx(2 * conf[2, 2] / (conf[2].sum() + conf[:, 2].sum()))
+
+
+def test_class_offsets_stay_zero_without_a_prior_to_undo():
+    from microbleed.segment import fit_class_offsets, offset_argmax
+    labels = np.array([0, 1, 2, 3] * 50)
+    prob = np.full((4, labels.size), 0.02)
+    prob[labels, np.arange(labels.size)] = 0.94
+    assert np.all(fit_class_offsets(prob, labels) == 0)
+    assert np.array_equal(offset_argmax(prob, None), prob.argmax(0))
+    assert np.array_equal(offset_argmax(prob.reshape(4, 10, 20), [0, 0, 30, 0]), np.full((10, 20), 2))
+    with pytest.raises(ValueError, match="labels"):
+        fit_class_offsets(prob, labels[:-1])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,21 @@ def test_segment_script_writes_bombs_map_in_image_grid(trained, tmp_path):
     labels, out_affine = load_volume(out, allow_zero=True, dtype=np.int16)
     assert labels.shape == image.shape and set(np.unique(labels)) <= {0, 1, 2, 3}
     np.testing.assert_allclose(out_affine, affine)
+
+
+def test_segment_script_adds_the_cards_class_offsets(trained, tmp_path):
+    """The card's ``class_offsets`` are added before the arg-max: a huge one for a class wins every voxel."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    card = json.loads((model / "card.json").read_text())
+    (model / "card.json").write_text(json.dumps({**card, "class_offsets": [0.0, 0.0, 0.0, 50.0]}))
+    save_image(phantom((24, 20, 8), seed=6)[0], np.eye(4), tmp_path / "swi.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    _script("segment_subject").main(str(tmp_path / "swi.nii.gz"), str(model), str(out), subject="006",
+                                    expected_input="swi", window=[16, 16, 8], overlap=0.25, sw_batch_size=1,
+                                    device="cpu")
+    assert set(np.unique(load_volume(out, allow_zero=True, dtype=np.int16)[0])) == {3}
 
 
 def test_segment_script_refuses_model_of_other_input(trained, tmp_path):
