@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "workflow"))
 from microbleed.metrics import dice_per_class  # noqa: E402
 from microbleed.runtime import read_card, write_card  # noqa: E402
 from microbleed.segment import (fit_class_offsets, load_segmenter, load_training_subject,  # noqa: E402
-                                offset_argmax, segment_probabilities)
+                                offset_argmax, volume_probabilities)
 
 CLASSES = ("none", "lobar", "deep", "infratentorial")
 
@@ -52,19 +52,14 @@ def _subjects(results: Path, cohort: str) -> list[str]:
 
 def probabilities(model, card: dict, results: Path, cohort: str, subjects: Sequence[str],
                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """``(4, N)`` probabilities and ``(N,)`` labels of the subjects' whole volumes, concatenated."""
+    """``(4, N)`` probabilities and ``(N,)`` labels of the subjects' whole volumes, concatenated,
+    segmented as the card's training validated them (:func:`microbleed.segment.volume_probabilities`)."""
     suffix = "T1w" if card.get("config", {}).get("input") == "t1" else "swi"
-    training = card.get("training", {})
-    probs, labels = [], []
-    for sid in subjects:
-        sub = load_training_subject(sid, results / cohort / "preproc" / f"sub-{sid}" / f"sub-{sid}_desc-preproc_{suffix}.nii.gz",
-                                    results / cohort / "labels" / f"sub-{sid}_desc-bombs_dseg.nii.gz",
-                                    card.get("config", {}).get("spacing_mm"))
-        p = segment_probabilities(model, sub.image, device, training.get("window", (128, 128, 32)),
-                                  float(training.get("overlap", 0.25)), int(training.get("sw_batch_size", 2)))
-        probs.append(p.reshape(len(CLASSES), -1))
-        labels.append(sub.labels.ravel())
-    return np.concatenate(probs, 1), np.concatenate(labels)
+    subs = [load_training_subject(sid, results / cohort / "preproc" / f"sub-{sid}" / f"sub-{sid}_desc-preproc_{suffix}.nii.gz",
+                                  results / cohort / "labels" / f"sub-{sid}_desc-bombs_dseg.nii.gz",
+                                  card.get("config", {}).get("spacing_mm"))
+            for sid in subjects]
+    return volume_probabilities(model, subs, card.get("training", {}), device)
 
 
 def _rows(name: str, n: int, prob: np.ndarray, truth: np.ndarray, offsets: np.ndarray) -> list[dict]:
@@ -107,8 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / f"{args.stem}.tsv", sep="\t", index=False)
     command = "python benchmarks/bench_class_offsets.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
-    body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in table.itertuples(index=False))
     (args.out / f"{args.stem}.md").write_text(
         f"# Segmenter class offsets: plain arg-max vs offsets fitted on the validation volumes\n\n"
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n"
@@ -118,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- offsets fitted on the {len(val)} validation subjects (none, lobar, deep, infratentorial): "
         f"{[round(float(v), 2) for v in offsets]}; {time.time() - t0:.0f} s in all\n"
         f"- Dice pooled over each set's voxels, network grid, pre-processed image without void filling; "
-        f"the held-out cohorts play no part in the fit.\n\n" + head + body)
+        f"the held-out cohorts play no part in the fit.\n\n{table.to_markdown(index=False)}\n")
     print((args.out / f"{args.stem}.md").read_text())
     if args.write_card:                 # same sha256 (model.pt unchanged), written atomically
         write_card(args.model, {**card, "class_offsets": [round(float(v), 3) for v in offsets],

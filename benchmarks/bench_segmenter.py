@@ -138,7 +138,7 @@ def dice(cfg: dict, device: torch.device, out: Path) -> None:
         if not (model_dir / "model.pt").exists():
             print(f"skip {segin}: {model_dir}/model.pt not found (run the workflow's train_segmenter first)")
             continue
-        model = load_segmenter(model_dir, device)
+        model, offsets = load_segmenter(model_dir, device), read_card(model_dir).get("class_offsets")
         for cohort in cfg["evaluate_cohorts"]:
             entry = cfg["cohorts"][cohort]
             preds, truths, t0 = [], [], time.perf_counter()
@@ -149,7 +149,7 @@ def dice(cfg: dict, device: torch.device, out: Path) -> None:
                 image, _ = load_volume(img, sid)
                 preds.append(segment_volume(model, image, device, tuple(seg_cfg["window"]),
                                             float(seg_cfg["overlap"]), int(seg_cfg["sw_batch_size"]),
-                                            offsets=read_card(model_dir).get("class_offsets")).ravel())
+                                            offsets=offsets).ravel())
                 truths.append(load_volume(_truth_path(cohort, entry, sid), sid, dtype=np.int16)[0].ravel())
             if preds:
                 d = dice_per_class(np.concatenate(preds), np.concatenate(truths))

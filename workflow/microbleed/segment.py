@@ -56,7 +56,8 @@ from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
            "sample_crops", "scaled_crop", "VoidFill", "fill_candidate_voids", "paint_lesions", "make_loss", "split_subjects", "epoch_lr", "ema_update",
            "train_segmenter", "load_segmenter", "network_grid", "segment_volume", "segment_probabilities",
-           "segment_image", "segment_subject", "fit_class_offsets", "offset_argmax", "OFFSET_GRID"]
+           "segment_image", "segment_subject", "fit_class_offsets", "offset_argmax", "OFFSET_GRID",
+           "volume_probabilities"]
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(BOMBS_CLASSES)
@@ -532,6 +533,15 @@ def _validation_probabilities(model, val: Sequence[SegSubject], cfg: Mapping[str
                                     float(cfg.get("overlap", 0.25)), int(cfg.get("sw_batch_size", 1)))
 
 
+def volume_probabilities(model, subjects: Sequence[SegSubject], cfg: Mapping[str, Any],
+                         device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``(4, N)`` class probabilities and ``(N,)`` BOMBS codes of the subjects' whole volumes,
+    voxels concatenated (segmented as at inference, ``cfg`` = the segmenter config or a card's
+    ``training``): what :func:`fit_class_offsets` reads."""
+    prob = np.concatenate([p.reshape(N_CLASSES, -1) for p in _validation_probabilities(model, subjects, cfg, device)], 1)
+    return prob, np.concatenate([sub.labels.ravel() for sub in subjects])
+
+
 def _volume_dice(model, val: Sequence[SegSubject], cfg: Mapping[str, Any], device) -> dict[str, float]:
     """Dice per class (pooled over voxels) of the model's plain arg-max on the whole validation volumes."""
     preds = [p.argmax(0).ravel() for p in _validation_probabilities(model, val, cfg, device)]
@@ -545,8 +555,7 @@ def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device, be
     save_checkpoint(out_dir / "model.pt", {"model": best_state, "config": _net_config(cfg)})
     dice = plain = offsets = None
     if val:
-        prob = np.concatenate([p.reshape(N_CLASSES, -1) for p in _validation_probabilities(model, val, cfg, device)], 1)
-        truth = np.concatenate([sub.labels.ravel() for sub in val])
+        prob, truth = volume_probabilities(model, val, cfg, device)
         dice = plain = dice_per_class(prob.argmax(0), truth)
         if cfg.get("calibrate_offsets", True):
             offsets = fit_class_offsets(prob, truth)
