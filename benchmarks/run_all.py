@@ -260,8 +260,9 @@ def time_section(snapshot_root: str | Path) -> str:
 def _validation_curve(log: pd.DataFrame) -> tuple[str, pd.Series]:
     """(column, scores by epoch) of the model-selection score in a training log: the detector's
     validation FROC mean (``val_score``), the segmenter's whole-volume mean Dice of lobar, deep and
-    infratentorial (``val_volume_dice_total``)."""
-    for col in ("val_volume_dice_total", "val_score"):
+    infratentorial after each check's class offsets (``val_volume_offset_dice_total``; logs of
+    older segmenters: the plain ``val_volume_dice_total``)."""
+    for col in ("val_volume_offset_dice_total", "val_volume_dice_total", "val_score"):
         if col in log and pd.to_numeric(log[col], errors="coerce").notna().any():
             curve = pd.to_numeric(log[col], errors="coerce")
             return col, pd.Series(curve.to_numpy(), index=log["epoch"]).dropna()

@@ -233,16 +233,20 @@ def test_whole_volume_selection_keeps_the_best_checked_epoch(tmp_path, monkeypat
     """With volume_validation_every = 2 over 5 epochs, epochs 2, 4 and 5 are scored on whole volumes;
     the scripted scores make epoch 2 the best, so model.pt holds epoch 2's weights, not the last."""
     cfg = {**TINY, "epochs": 5, "volume_validation_every": 2}
-    scores, snapshots = iter([0.9, 0.2, 0.5]), []         # epochs 2, 4, 5 (the card's final check segments apart)
-    real = segment._volume_dice
+    scores, snapshots = iter([0.9, 0.2, 0.5]), []         # epochs 2, 4, 5, then the card's final check
+    real = segment._volume_check
 
     def scripted(model, val, c, device):
-        out = real(model, val, c, device)                  # the real whole-volume Dice runs too
-        assert set(out) == {"none", "lobar", "deep", "infratentorial", "total"}
+        plain, calibrated, offsets = real(model, val, c, device)  # the real whole-volume Dice runs too
+        assert set(plain) == set(calibrated) == {"none", "lobar", "deep", "infratentorial", "total"}
+        score = next(scores, None)
+        if score is None:                                  # the card's final check (_finish): real
+            return plain, calibrated, offsets
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-        return {**out, "total": next(scores)}
+        return {**plain, "total": 1.0 - score}, {**calibrated, "total": next(scores_copy)}, offsets
 
-    monkeypatch.setattr(segment, "_volume_dice", scripted)
+    scores_copy = iter([0.9, 0.2, 0.5])                    # the plain scores say the opposite: ignored
+    monkeypatch.setattr(segment, "_volume_check", scripted)
     card = train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model", cfg, "cpu")
     assert len(snapshots) == 3 and card["best_score"] == 0.9 and "whole validation volumes" in card["selection"]
     assert card["best_epoch"] == 2
@@ -255,17 +259,18 @@ def test_whole_volume_selection_keeps_the_best_checked_epoch(tmp_path, monkeypat
     import pandas as pd
     log = pd.read_csv(tmp_path / "model" / "train_log.csv")
     assert log["val_volume_dice_total"].notna().tolist() == [False, True, False, True, True]
+    assert log["val_volume_offset_dice_total"].tolist()[1::2] == [0.9, 0.2]   # what selection read
     assert log["val_dice_total"].notna().all()             # crop Dice still logged every epoch
 
 
 def test_crop_selection_without_volume_checks(tmp_path, monkeypatch):
     calls = []
     perfect = {"none": 1.0, "lobar": 1.0, "deep": 1.0, "infratentorial": 1.0, "total": 1.0}
-    monkeypatch.setattr(segment, "_volume_dice", lambda *a: calls.append(1) or perfect)
+    monkeypatch.setattr(segment, "_volume_check", lambda *a: calls.append(1) or (perfect, perfect, None))
     card = train_segmenter(write_cohort(tmp_path / "data"), tmp_path / "model",
                            {**TINY, "epochs": 3, "volume_validation_every": 0}, "cpu")
-    assert not calls                                       # no whole-volume check while training
-    assert card["validation_dice"] != perfect              # the card's final Dice is the real one
+    assert len(calls) == 1                                 # no whole-volume check while training, one for the card
+    assert card["validation_dice"] == perfect
     assert "validation crops" in card["selection"] and card["best_score"] < 1.0
 
 
@@ -354,8 +359,8 @@ def test_ema_training_saves_and_validates_the_weight_average(tmp_path):
         assert torch.equal(value, ckpt["ema"][key]), key
     assert any(not torch.equal(saved[k], ckpt["model"][k]) for k in saved if saved[k].is_floating_point())
     # the epoch was scored on the averaged weights: its score is the Dice of the saved model
-    # (plain arg-max, as the checks during training score it)
-    assert card["best_score"] == pytest.approx(card["validation_dice_plain_argmax"]["total"], abs=1e-9)
+    # (after its class offsets, as the checks during training score it)
+    assert card["best_score"] == pytest.approx(card["validation_dice"]["total"], abs=1e-9)
 
 
 def _norm_inputs(net, x):
@@ -554,3 +559,24 @@ def test_class_offsets_stay_zero_without_a_prior_to_undo():
     assert np.array_equal(offset_argmax(prob.reshape(4, 10, 20), [0, 0, 30, 0]), np.full((10, 20), 2))
     with pytest.raises(ValueError, match="labels"):
         fit_class_offsets(prob, labels[:-1])
+
+
+def test_volume_check_scores_the_predictor_with_its_offsets(monkeypatch):
+    """Selection reads the Dice after this check's offsets (never below the plain arg-max, which
+    the grid's 0 keeps), and the plain Dice again when calibrate_offsets is off. The volumes are
+    read one at a time, yet the offsets and both Dice sets equal those of the concatenated voxels."""
+    from types import SimpleNamespace
+    from microbleed.metrics import dice_per_class
+    from microbleed.segment import fit_class_offsets, offset_argmax
+    prob, labels = _shifted_probabilities(2.5, seed=3)
+    halves = [(prob[:, :12000], labels[:12000]), (prob[:, 12000:].reshape(4, 40, 200), labels[12000:].reshape(40, 200))]
+    val = [SimpleNamespace(labels=t) for _, t in halves]
+    monkeypatch.setattr(segment, "_validation_probabilities", lambda *a: iter([p for p, _ in halves]))
+    plain, calibrated, offsets = segment._volume_check(None, val, {}, "cpu")
+    assert np.array_equal(offsets, fit_class_offsets(prob, labels))
+    assert plain == pytest.approx(dice_per_class(prob.argmax(0), labels))
+    assert calibrated == pytest.approx(dice_per_class(offset_argmax(prob, offsets), labels))
+    assert calibrated["total"] > plain["total"] + 0.05 and calibrated["deep"] > plain["deep"], (plain, calibrated)
+    monkeypatch.setattr(segment, "_validation_probabilities", lambda *a: iter([p for p, _ in halves]))
+    off_plain, off_cal, none = segment._volume_check(None, val, {"calibrate_offsets": False}, "cpu")
+    assert off_plain == off_cal == plain and none is None

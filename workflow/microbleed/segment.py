@@ -64,7 +64,8 @@ N_CLASSES = len(BOMBS_CLASSES)
 CHANNELS_LAST = torch.channels_last_3d
 OFFSET_GRID = tuple(np.round(np.arange(-4.0, 4.01, 0.25), 2))   # log-probability offsets tried per class
 LOG_FIELDS = (["epoch", "lr", "loss", "seconds"] + [f"val_dice_{c}" for c in (*BOMBS_CLASSES, "total")]
-              + [f"val_volume_dice_{c}" for c in (*BOMBS_CLASSES, "total")])
+              + [f"val_volume_dice_{c}" for c in (*BOMBS_CLASSES, "total")]
+              + [f"val_volume_offset_dice_{c}" for c in (*BOMBS_CLASSES, "total")])
 
 
 @dataclass
@@ -458,7 +459,8 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
             (``{"model": state_dict, "config": network config}``, the best epoch) and ``card.json``.
             The best epoch: with ``volume_validation_every = k > 0``, the highest mean Dice of
             lobar, deep and infratentorial on the whole validation volumes among every k-th and the
-            last epoch; with 0, the highest mean Dice of the four classes on fixed validation crops
+            last epoch (after that epoch's own class offsets with ``calibrate_offsets``; the log
+            keeps both, ``val_volume_dice_*`` plain and ``val_volume_offset_dice_*``); with 0, the highest mean Dice of the four classes on fixed validation crops
             (every epoch; cheaper, but blind to a network that paints the white matter around the
             nuclei ``deep``, which class-balanced crops rarely show).
         cfg: the ``segmenter`` config section (crop, widths, epochs, crops_per_epoch, batch_size,
@@ -504,9 +506,9 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
                                   int(cfg["batch_size"]), int(cfg["seed"]), device)
         dice = (_crop_dice(evaluated, val_crops, int(cfg["batch_size"]), device)
                 if val_crops else {c: float("nan") for c in (*BOMBS_CLASSES, "total")})
-        volume = _volume_dice(evaluated, val, cfg, device) if check_volumes else None
+        volume, calibrated, _ = _volume_check(evaluated, val, cfg, device) if check_volumes else (None, None, None)
         if every > 0 and val:      # selection on whole volumes: only the epochs that were checked compete
-            score = volume["total"] if volume is not None else None
+            score = calibrated["total"] if calibrated is not None else None
         else:
             score = float(np.nanmean([dice[c] for c in BOMBS_CLASSES])) if val_crops else float(epoch)
         if score is not None and (score >= best_score or best_state is None):
@@ -515,7 +517,8 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
         csv_log.write(epoch=epoch, lr=round(epoch_lr(cfg, epoch), 7), loss=round(loss, 5),
                       seconds=round(time.time() - t0, 2),
                       **{f"val_dice_{c}": round(v, 4) for c, v in dice.items()},
-                      **{f"val_volume_dice_{c}": round(v, 4) for c, v in (volume or {}).items()})
+                      **{f"val_volume_dice_{c}": round(v, 4) for c, v in (volume or {}).items()},
+                      **{f"val_volume_offset_dice_{c}": round(v, 4) for c, v in (calibrated or {}).items()})
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(), "best_model": best_state, "best_score": best_score,
@@ -542,10 +545,37 @@ def volume_probabilities(model, subjects: Sequence[SegSubject], cfg: Mapping[str
     return prob, np.concatenate([sub.labels.ravel() for sub in subjects])
 
 
-def _volume_dice(model, val: Sequence[SegSubject], cfg: Mapping[str, Any], device) -> dict[str, float]:
-    """Dice per class (pooled over voxels) of the model's plain arg-max on the whole validation volumes."""
-    preds = [p.argmax(0).ravel() for p in _validation_probabilities(model, val, cfg, device)]
-    return dice_per_class(np.concatenate(preds), np.concatenate([sub.labels.ravel() for sub in val]))
+def _volume_check(model, val: Sequence[SegSubject], cfg: Mapping[str, Any],
+                  device) -> tuple[dict[str, float], dict[str, float], np.ndarray | None]:
+    """Dice per class (pooled over voxels) on the whole validation volumes: of the plain arg-max,
+    and of the predictor inference would use, the arg-max after class offsets fitted on these
+    volumes (:func:`fit_class_offsets`); with ``calibrate_offsets: false`` the plain Dice twice and
+    offsets ``None``. Returns ``(plain, calibrated, offsets)``.
+
+    The epoch is chosen on ``calibrated``: the network plus its offsets is what is deployed, and
+    the plain score swings with how far the network over-paints one class at that epoch. Volumes
+    are read one at a time; only the voxels the offsets can move are kept for the fit, so memory
+    stays near one volume's probabilities plus that fraction of the others'.
+    """
+    calibrate = bool(cfg.get("calibrate_offsets", True))
+    plain = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    fixed, logps, truths = plain.copy(), [], []
+    for sub, prob in zip(val, _validation_probabilities(model, val, cfg, device)):
+        logp, truth = _log_probabilities(prob), np.asarray(sub.labels).reshape(-1)
+        pred = logp.argmax(0)
+        plain += _confusion(truth, pred)
+        if calibrate:
+            movable = _movable(logp, OFFSET_GRID)
+            fixed += _confusion(truth[~movable], pred[~movable])
+            logps.append(logp[:, movable])
+            truths.append(truth[movable])
+        del prob, logp, pred
+    if not calibrate:
+        return _confusion_dice(plain), _confusion_dice(plain), None
+    logp, truth = np.concatenate(logps, 1), np.concatenate(truths)
+    offsets = _fit_offsets(fixed, logp, truth, OFFSET_GRID)
+    return (_confusion_dice(plain), _confusion_dice(fixed + _confusion(truth, (logp + offsets[:, None]).argmax(0))),
+            offsets)
 
 
 def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device, best_epoch: int = 0) -> dict[str, Any]:
@@ -555,18 +585,15 @@ def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device, be
     save_checkpoint(out_dir / "model.pt", {"model": best_state, "config": _net_config(cfg)})
     dice = plain = offsets = None
     if val:
-        prob, truth = volume_probabilities(model, val, cfg, device)
-        dice = plain = dice_per_class(prob.argmax(0), truth)
-        if cfg.get("calibrate_offsets", True):
-            offsets = fit_class_offsets(prob, truth)
-            dice = dice_per_class(offset_argmax(prob, offsets), truth)
+        plain, dice, offsets = _volume_check(model, val, cfg, device)
+        if offsets is not None:
             log.info("segmenter class offsets %s: validation Dice %s -> %s", offsets.tolist(), plain, dice)
-        del prob
     every = int(cfg.get("volume_validation_every", 0))
     card = {"kind": "segmenter", "config": _net_config(cfg), "training": dict(cfg),
             "train_subjects": [s.subject for s in train], "validation_subjects": [s.subject for s in val],
-            "selection": ("whole validation volumes, mean Dice of lobar, deep, infratentorial, "
-                          f"every {every} epochs and the last") if every > 0 and val
+            "selection": ("whole validation volumes, mean Dice of lobar, deep, infratentorial"
+                          + (" after class offsets" if cfg.get("calibrate_offsets", True) else "")
+                          + f", every {every} epochs and the last") if every > 0 and val
                          else "validation crops, mean Dice of the four classes",
             "best_score": best_score, "best_epoch": int(best_epoch), "validation_dice": dice,
             "class_offsets": None if offsets is None else [round(float(v), 3) for v in offsets],
@@ -581,12 +608,27 @@ def _confusion(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return np.bincount(N_CLASSES * truth.astype(np.int64) + pred, minlength=N_CLASSES ** 2).reshape(N_CLASSES, N_CLASSES)
 
 
-def _region_dice(conf: np.ndarray) -> float:
-    """Mean Dice of lobar, deep and infratentorial (codes 1-3) from a confusion matrix; classes in
-    neither map are left out (NaN when none is left)."""
+def _confusion_dice(conf: np.ndarray) -> dict[str, float]:
+    """Dice per class and ``total`` (mean of lobar, deep, infratentorial) from a confusion matrix,
+    as :func:`microbleed.metrics.dice_per_class` gives them from the two label maps."""
     denom = conf.sum(0) + conf.sum(1)
-    dice = [2.0 * conf[c, c] / denom[c] for c in range(1, N_CLASSES) if denom[c]]
-    return float(np.mean(dice)) if dice else float("nan")
+    out = {name: 2.0 * float(conf[c, c]) / float(denom[c]) if denom[c] else float("nan")
+           for c, name in enumerate(BOMBS_CLASSES)}
+    parts = [out[name] for name in BOMBS_CLASSES[1:] if np.isfinite(out[name])]
+    out["total"] = float(np.mean(parts)) if parts else float("nan")
+    return out
+
+
+def _log_probabilities(prob: np.ndarray) -> np.ndarray:
+    """``(4, N)`` float32 log-probabilities (clipped at 1e-8) of ``(4, ...)`` probabilities."""
+    return np.log(np.clip(np.asarray(prob, dtype=np.float32).reshape(N_CLASSES, -1), 1e-8, 1.0))
+
+
+def _movable(logp: np.ndarray, grid: Sequence[float]) -> np.ndarray:
+    """Voxels whose arg-max some offsets of ``grid`` can change: the two best classes differ by no
+    more than the grid's span (every other voxel keeps its arg-max whatever the offsets)."""
+    top2 = np.partition(logp, N_CLASSES - 2, axis=0)[-2:]
+    return (top2[1] - top2[0]) <= (max(grid) - min(grid))
 
 
 def offset_argmax(prob: np.ndarray, offsets: Sequence[float] | None = None) -> np.ndarray:
@@ -617,19 +659,23 @@ def fit_class_offsets(prob: np.ndarray, labels: np.ndarray, grid: Sequence[float
     Returns:
         ``(4,)`` float offsets; all 0 when no offset of the grid improves the mean Dice.
     """
-    logp = np.log(np.clip(np.asarray(prob, dtype=np.float32).reshape(N_CLASSES, -1), 1e-8, 1.0))
+    logp = _log_probabilities(prob)
     truth = np.asarray(labels).reshape(-1)
     if truth.size != logp.shape[1]:
         raise ValueError(f"{logp.shape[1]} voxels of probabilities but {truth.size} labels")
-    grid = sorted((float(v) for v in grid), key=abs)
-    # a voxel whose two best classes differ by more than the grid's span keeps its arg-max
-    top2 = np.partition(logp, N_CLASSES - 2, axis=0)[-2:]
-    movable = (top2[1] - top2[0]) <= (max(grid) - min(grid))
+    movable = _movable(logp, grid)
     fixed = _confusion(truth[~movable], logp[:, ~movable].argmax(0))
-    logp, truth = logp[:, movable], truth[movable]
+    return _fit_offsets(fixed, logp[:, movable], truth[movable], grid, rounds)
+
+
+def _fit_offsets(fixed: np.ndarray, logp: np.ndarray, truth: np.ndarray, grid: Sequence[float],
+                 rounds: int = 2) -> np.ndarray:
+    """Coordinate ascent of :func:`fit_class_offsets` on the movable voxels' ``(4, M)`` log-probabilities
+    and codes, with ``fixed`` the confusion matrix of every other voxel."""
+    grid = sorted((float(v) for v in grid), key=abs)
 
     def score(off: np.ndarray) -> float:
-        return _region_dice(fixed + _confusion(truth, (logp + off[:, None]).argmax(0)))
+        return _confusion_dice(fixed + _confusion(truth, (logp + off[:, None]).argmax(0)))["total"]
 
     offsets = np.zeros(N_CLASSES, dtype=np.float32)
     best = score(offsets)
