@@ -460,9 +460,10 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
             The best epoch: with ``volume_validation_every = k > 0``, the highest mean Dice of
             lobar, deep and infratentorial on the whole validation volumes among every k-th and the
             last epoch (after that epoch's own class offsets with ``calibrate_offsets``; the log
-            keeps both, ``val_volume_dice_*`` plain and ``val_volume_offset_dice_*``); with 0, the highest mean Dice of the four classes on fixed validation crops
-            (every epoch; cheaper, but blind to a network that paints the white matter around the
-            nuclei ``deep``, which class-balanced crops rarely show).
+            keeps both, ``val_volume_dice_*`` plain and ``val_volume_offset_dice_*``); with 0, the
+            highest mean Dice of the four classes on fixed validation crops (every epoch; cheaper,
+            but blind to a network that paints the white matter around the nuclei ``deep``, which
+            class-balanced crops rarely show).
         cfg: the ``segmenter`` config section (crop, widths, epochs, crops_per_epoch, batch_size,
             optimizer, lr, momentum, loss, augment, validation_fraction, seed, window, overlap,
             sw_batch_size, volume_validation_every).
@@ -557,25 +558,20 @@ def _volume_check(model, val: Sequence[SegSubject], cfg: Mapping[str, Any],
     are read one at a time; only the voxels the offsets can move are kept for the fit, so memory
     stays near one volume's probabilities plus that fraction of the others'.
     """
-    calibrate = bool(cfg.get("calibrate_offsets", True))
-    plain = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
-    fixed, logps, truths = plain.copy(), [], []
+    fixed = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    logps, truths = [], []
     for sub, prob in zip(val, _validation_probabilities(model, val, cfg, device)):
-        logp, truth = _log_probabilities(prob), np.asarray(sub.labels).reshape(-1)
-        pred = logp.argmax(0)
-        plain += _confusion(truth, pred)
-        if calibrate:
-            movable = _movable(logp, OFFSET_GRID)
-            fixed += _confusion(truth[~movable], pred[~movable])
-            logps.append(logp[:, movable])
-            truths.append(truth[movable])
-        del prob, logp, pred
-    if not calibrate:
-        return _confusion_dice(plain), _confusion_dice(plain), None
+        f, logp, truth = _split_movable(_log_probabilities(prob), sub.labels, OFFSET_GRID)
+        fixed += f
+        logps.append(logp)
+        truths.append(truth)
+        del prob
     logp, truth = np.concatenate(logps, 1), np.concatenate(truths)
+    plain = _confusion_dice(fixed + _confusion(truth, logp.argmax(0)))
+    if not cfg.get("calibrate_offsets", True):
+        return plain, plain, None
     offsets = _fit_offsets(fixed, logp, truth, OFFSET_GRID)
-    return (_confusion_dice(plain), _confusion_dice(fixed + _confusion(truth, (logp + offsets[:, None]).argmax(0))),
-            offsets)
+    return plain, _confusion_dice(fixed + _confusion(truth, (logp + offsets[:, None]).argmax(0))), offsets
 
 
 def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device, best_epoch: int = 0) -> dict[str, Any]:
@@ -624,11 +620,17 @@ def _log_probabilities(prob: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(prob, dtype=np.float32).reshape(N_CLASSES, -1), 1e-8, 1.0))
 
 
-def _movable(logp: np.ndarray, grid: Sequence[float]) -> np.ndarray:
-    """Voxels whose arg-max some offsets of ``grid`` can change: the two best classes differ by no
-    more than the grid's span (every other voxel keeps its arg-max whatever the offsets)."""
+def _split_movable(logp: np.ndarray, labels: np.ndarray,
+                   grid: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fixed, logp_m, truth_m)``: the confusion matrix of the voxels no offset of ``grid`` can
+    move (their two best classes differ by more than the grid's span, so they keep their arg-max),
+    and the ``(4, M)`` log-probabilities and codes of the others, the only ones a fit must revisit."""
+    truth = np.asarray(labels).reshape(-1)
+    if truth.size != logp.shape[1]:
+        raise ValueError(f"{logp.shape[1]} voxels of probabilities but {truth.size} labels")
     top2 = np.partition(logp, N_CLASSES - 2, axis=0)[-2:]
-    return (top2[1] - top2[0]) <= (max(grid) - min(grid))
+    movable = (top2[1] - top2[0]) <= (max(grid) - min(grid))
+    return _confusion(truth[~movable], logp[:, ~movable].argmax(0)), logp[:, movable], truth[movable]
 
 
 def offset_argmax(prob: np.ndarray, offsets: Sequence[float] | None = None) -> np.ndarray:
@@ -659,13 +661,7 @@ def fit_class_offsets(prob: np.ndarray, labels: np.ndarray, grid: Sequence[float
     Returns:
         ``(4,)`` float offsets; all 0 when no offset of the grid improves the mean Dice.
     """
-    logp = _log_probabilities(prob)
-    truth = np.asarray(labels).reshape(-1)
-    if truth.size != logp.shape[1]:
-        raise ValueError(f"{logp.shape[1]} voxels of probabilities but {truth.size} labels")
-    movable = _movable(logp, grid)
-    fixed = _confusion(truth[~movable], logp[:, ~movable].argmax(0))
-    return _fit_offsets(fixed, logp[:, movable], truth[movable], grid, rounds)
+    return _fit_offsets(*_split_movable(_log_probabilities(prob), labels, grid), grid, rounds)
 
 
 def _fit_offsets(fixed: np.ndarray, logp: np.ndarray, truth: np.ndarray, grid: Sequence[float],
