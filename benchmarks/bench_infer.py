@@ -150,7 +150,7 @@ def networks(widths_det, widths_seg, device, models: Path):
         from microbleed.train import load_detector
         from microbleed.runtime import read_card
         det, card = load_detector(det_dir, device)
-        card = {**card, "segmenter_spacing_mm": read_card(seg_dir).get("config", {}).get("spacing_mm")}
+        card = {**card, "segmenter_card": read_card(seg_dir)}
         return det, load_segmenter(seg_dir, device), f"trained ({models})", card
     seed_everything(0)
     det = build_detector({"variant": "rpn+ffm+hspl", "widths": widths_det, "in_channels": 2})
@@ -263,22 +263,28 @@ def _matched(a: np.ndarray, b: np.ndarray, radius_mm: float) -> int:
 
 
 def bench_resolution(res, det, seg, device, cfg, peak, threshold, window, with_monai=True, head=None,
-                     seg_spacing=None):
+                     seg_card=None):
     """Both engines on one subject (synthetic, or the simulated ``head``): table rows and a summary
-    (``seg_spacing``: the segmenter's grid in mm from its card, used by our engine)."""
+    (``seg_card``: the trained segmenter's card; our engine segments on the grid the segment rule
+    would use, :func:`microbleed.segment.inference_spacing`)."""
+    from microbleed.segment import inference_spacing
+
+    def seg_spacing(swi_aff):
+        return (inference_spacing(seg_card, swi_aff, cfg["segmenter"].get("resample_to_trained_range", True))
+                if seg_card else None)
     if res == "paper-head":
         from microbleed.data import load_detector_input
         vol, grid_aff = load_detector_input(head["detector_input"])
         subject = {"image": head["image"], "volume": vol, "swi_affine": head["swi_affine"],
                    "grid_affine": grid_aff, "mask_path": head["mask_path"], "mask": head["mask"], "grid": head["grid"],
-                   "seg_spacing": seg_spacing}
+                   "seg_spacing": seg_spacing(head["swi_affine"])}
         voxel = min(cfg["acquisitions"]["paper"]["voxel_mm"])
         what = (f"simulated head, SWI {head['swi_shape']} at {cfg['acquisitions']['paper']['voxel_mm']} mm, "
                 f"{len(head['truth'])} true CMBs")
     else:
         img, vol, swi_aff, grid_aff = make_subject(res)
         subject = {"image": img, "volume": vol, "swi_affine": swi_aff, "grid_affine": grid_aff,
-                   "seg_spacing": seg_spacing}
+                   "seg_spacing": seg_spacing(swi_aff)}
         voxel = min(RESOLUTIONS[res][1])
         what = "synthetic noise filling the grid, no mask (every tile runs)"
     vol_shape = subject["volume"].shape[1:]
@@ -370,7 +376,7 @@ def main(argv=None) -> Path:
         grid = card_grid(card["config"]) if card.get("config") else grid_spec(cfg["preprocess"])
         head = make_head(Path(args.head_cache), cfg, grid) if res == "paper-head" else None
         rows, summary = bench_resolution(res, det, seg, device, cfg, peak, threshold, window,
-                                         not args.no_monai, head, card.get("segmenter_spacing_mm"))
+                                         not args.no_monai, head, card.get("segmenter_card"))
         table += rows
         notes.append(summary)
         print("\n".join(rows + [summary]), flush=True)

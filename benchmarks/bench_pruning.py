@@ -34,7 +34,7 @@ from microbleed.infer import dark_voxels, fill_spots, fill_voids, sample_region
 from microbleed.io import load_volume, read_tsv, save_image
 from microbleed.metrics import dice_per_class
 from microbleed.runtime import read_card
-from microbleed.segment import load_segmenter, segment_image, segment_subject
+from microbleed.segment import inference_spacing, load_segmenter, segment_image, segment_subject
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
@@ -150,7 +150,7 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
         rule["region_radius_mm"] = float(radius_mm)
     net = load_segmenter(model, "cpu")
     card = read_card(model)
-    spacing, offsets = card.get("config", {}).get("spacing_mm"), card.get("class_offsets")
+    offsets = card.get("class_offsets")
     rows = []
     for cohort in cohorts:
         root = simulated_root(cohort, results)
@@ -171,7 +171,7 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
             labels = results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz"
             truth = load_volume(labels, sub, allow_zero=True)[0].astype(np.int64) if labels.exists() else None
             for fill, image in images.items():
-                pred = segment_image(net, image, aff, spacing, offsets=offsets)
+                pred = segment_image(net, image, aff, inference_spacing(card, aff), offsets=offsets)
                 if truth is not None:
                     dice = dice_per_class(pred.astype(np.int64), truth)
                     rows += [{"cohort": cohort, "subject": sub, "kind": f"dice_{k}", "fill": fill, "value": v}

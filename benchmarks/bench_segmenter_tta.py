@@ -28,7 +28,7 @@ import torch
 
 from microbleed.io import load_volume
 from microbleed.metrics import dice_per_class
-from microbleed.segment import load_segmenter, segment_image
+from microbleed.segment import inference_spacing, load_segmenter, segment_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
@@ -45,7 +45,7 @@ def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str]
         truths.append(truth.ravel())
         for flip in (False, True):
             t0 = time.time()
-            preds[flip].append(segment_image(model, img, aff, card.get("config", {}).get("spacing_mm"), "cpu",
+            preds[flip].append(segment_image(model, img, aff, inference_spacing(card, aff), "cpu",
                                              cfg.get("window", (128, 128, 32)), float(cfg.get("overlap", 0.25)),
                                              int(cfg.get("sw_batch_size", 2)), flip,
                                              card.get("class_offsets")).ravel())

@@ -219,6 +219,7 @@ def test_train_writes_model_card_and_log(tmp_path):
     assert len(card["class_offsets"]) == 4 and card["class_offsets"][0] == 0.0
     assert card["validation_dice"]["total"] >= card["validation_dice_plain_argmax"]["total"] - 1e-9
     assert len(card["validation_subjects"]) == 1 and len(card["train_subjects"]) == 2
+    assert card["voxel_mm_range"] == {"min": [1.0, 1.0, 2.0], "max": [1.0, 1.0, 2.0]}   # AFFINE's voxels
     on_disk = json.loads((tmp_path / "model" / "card.json").read_text())
     assert on_disk["sha256"] and on_disk["config"]["widths"] == [4, 8]
     rows = (tmp_path / "model" / "train_log.csv").read_text().strip().splitlines()
@@ -580,3 +581,36 @@ def test_volume_check_scores_the_predictor_with_its_offsets(monkeypatch):
     monkeypatch.setattr(segment, "_validation_probabilities", lambda *a: iter([p for p, _ in halves]))
     off_plain, off_cal, none = segment._volume_check(None, val, {"calibrate_offsets": False}, "cpu")
     assert off_plain == off_cal == plain and none is None
+
+
+# --------------------------------------------------------------------------- voxel range
+def test_voxel_range_spans_the_training_voxel_sizes():
+    assert segment.voxel_range([(0.9, 0.9, 2.0), (1.2, 0.8, 1.5)]) == {"min": [0.9, 0.8, 1.5],
+                                                                      "max": [1.2, 0.9, 2.0]}
+    assert segment.voxel_range([]) is None and segment.voxel_range([(1, 1, 1), None]) is None
+
+
+def test_ras_voxel_sizes_follow_the_ras_axes():
+    """An LIA image: voxel axis 1 runs inferior-superior, so its 2 mm is the S (third) size."""
+    from microbleed.io import ras_voxel_sizes
+    lia = np.array([[-0.6, 0, 0, 0], [0, 0, 0.7, 0], [0, -2.0, 0, 0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(ras_voxel_sizes(lia), [0.6, 0.7, 2.0])
+
+
+@pytest.mark.parametrize("voxels, within, expected", [
+    ((1.0, 1.0, 2.0), True, None),                  # inside the range: own grid
+    ((1.22, 0.9, 3.1), True, None),                 # outside by < 5 %: own grid
+    ((0.6, 0.6, 1.2), True, [0.8, 0.8, 1.5]),       # finer than trained: clipped up
+    ((1.0, 1.0, 5.0), True, [1.0, 1.0, 3.0]),       # thicker slices: clipped down on that axis only
+    ((0.6, 0.6, 1.2), False, None),                 # switched off
+])
+def test_inference_spacing_clips_into_the_trained_range(voxels, within, expected):
+    card = {"config": {"spacing_mm": None}, "voxel_mm_range": {"min": [0.8, 0.8, 1.5], "max": [1.2, 1.2, 3.0]}}
+    assert segment.inference_spacing(card, np.diag([*voxels, 1.0]), within) == expected
+
+
+def test_inference_spacing_fixed_grid_and_old_cards():
+    """A model trained on a grid in mm always gets it; a card without the range keeps the image's grid."""
+    aff = np.diag([0.5, 0.5, 2.0, 1.0])
+    assert segment.inference_spacing({"config": {"spacing_mm": [1, 1, 1]}}, aff) == [1.0, 1.0, 1.0]
+    assert segment.inference_spacing({"config": {}}, aff) is None

@@ -109,9 +109,9 @@ class _NearestMean(torch.nn.Module):
         return -100.0 * (x[:, :1] - self.means) ** 2
 
 
-def _nearest_mean_segmenter(monkeypatch, card_config: dict) -> list[np.ndarray]:
-    """Make segment_subject load :class:`_NearestMean` with this card config; returns the list
-    that receives a copy of every image the network is run on."""
+def _nearest_mean_segmenter(monkeypatch, card_config: dict, **card) -> list[np.ndarray]:
+    """Make segment_subject load :class:`_NearestMean` with this card config (and other card
+    keys); returns the list that receives a copy of every image the network is run on."""
     from microbleed import segment
     seen, real = [], segment.segment_probabilities
 
@@ -120,7 +120,7 @@ def _nearest_mean_segmenter(monkeypatch, card_config: dict) -> list[np.ndarray]:
         return real(model, net_image, *args, **kwargs)
 
     monkeypatch.setattr(segment, "load_segmenter", lambda model_dir, device: _NearestMean())
-    monkeypatch.setattr(segment, "read_card", lambda model_dir: {"config": card_config})
+    monkeypatch.setattr(segment, "read_card", lambda model_dir: {"config": card_config, **card})
     monkeypatch.setattr(segment, "segment_probabilities", spy)
     return seen
 
@@ -141,6 +141,29 @@ def test_segmenter_grid_in_mm_maps_back_to_the_acquired_grid(tmp_path, monkeypat
     assert labels.shape == image.shape
     assert [a.shape for a in images] == [(32, 24, 24)], "RAS order at 1 mm: x 64*0.5, y 12*2, z 48*0.5"
     assert (labels == truth).mean() > 0.9
+
+
+def test_image_outside_the_trained_voxel_range_is_segmented_inside_it(tmp_path, monkeypatch):
+    """A 0.5 x 0.5 x 2 mm LIA image (RAS sizes 0.5, 2, 0.5) and a model whose card says it was
+    trained on 1-1.2 x 1-1.2 x 1.5-3 mm: the network sees the image at 1 x 1.2 x 1.5 mm, the map
+    comes back on the image's own grid; with segmenter.resample_to_trained_range off, the network
+    sees the acquired grid."""
+    from microbleed import segment
+    from microbleed.io import to_canonical
+    image, truth = phantom((64, 48, 12), seed=7)
+    lia = np.array([[-0.5, 0, 0, 20], [0, 0, 2.0, -10], [0, -0.5, 0, 12], [0, 0, 0, 1]])
+    save_image(image, lia, tmp_path / "swi.nii.gz")
+    images = _nearest_mean_segmenter(monkeypatch, {"spacing_mm": None, "input": "swi"},
+                                     voxel_mm_range={"min": [1.0, 1.0, 1.5], "max": [1.2, 1.2, 3.0]})
+    for within in (True, False):
+        out = tmp_path / f"dseg_{within}.nii.gz"
+        segment.segment_subject(tmp_path / "swi.nii.gz", tmp_path, out, subject="013", window=(32, 32, 32),
+                                device="cpu", within_range=within)
+        labels, aff = load_volume(out, allow_zero=True, dtype=np.int16)
+        np.testing.assert_allclose(aff, lia)
+        assert labels.shape == image.shape and (labels == truth).mean() > 0.9
+    assert images[0].shape == (32, 20, 16), "RAS: x 64*0.5/1, y 12*2/1.2, z 48*0.5/1.5"
+    np.testing.assert_array_equal(images[1], to_canonical(image, lia)[0])
 
 
 def test_segmenter_trained_on_a_grid_in_mm(tmp_path):

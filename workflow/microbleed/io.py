@@ -33,6 +33,7 @@ __all__ = [
     "ras_to_voxel",
     "voxel_to_ras",
     "voxel_sizes",
+    "ras_voxel_sizes",
     "to_canonical",
     "reorient_like",
 ]
@@ -246,6 +247,14 @@ def voxel_to_ras(points_ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths in mm ``(3,)`` (column norms of the affine)."""
     return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+
+
+def ras_voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths in mm ``(3,)`` along the R, A, S axes of :func:`to_canonical` (an LIA
+    image's second voxel axis runs I-S, so its size is the third value)."""
+    sizes = np.empty(3)
+    sizes[nib.orientations.io_orientation(affine)[:, 0].astype(int)] = voxel_sizes(affine)
+    return sizes
 
 
 def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

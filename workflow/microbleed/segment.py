@@ -27,6 +27,12 @@ arg-max paints the white matter around the nuclei ``deep``. At the end of traini
 (config ``segmenter.calibrate_offsets``) per-class log-probability offsets are fitted
 on the whole validation volumes (:func:`fit_class_offsets`), stored in the card as
 ``class_offsets`` and added before every arg-max at inference (:func:`offset_argmax`).
+
+Voxel range: the card records the range of voxel sizes the network was trained on
+(``voxel_mm_range``, RAS axes). An image acquired outside it (0.6 mm in-plane when training
+saw 0.8-1.2 mm) is segmented on a grid resampled into that range and the probabilities
+resampled back (config ``segmenter.resample_to_trained_range``,
+:func:`inference_spacing`); an image inside it is segmented on its own grid.
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .infer import fill_voids
-from .io import InputError, load_volume, read_tsv, reorient_like, save_image, to_canonical
+from .io import (InputError, load_volume, ras_voxel_sizes, read_tsv, reorient_like, save_image, to_canonical,
+                 voxel_sizes)
 from .preprocess import resample_to_grid, to_detector_grid
 from .metrics import dice_per_class
 from .nets.blocks import fold_batchnorm
@@ -57,7 +64,7 @@ __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start",
            "sample_crops", "scaled_crop", "VoidFill", "fill_candidate_voids", "paint_lesions", "make_loss", "split_subjects", "epoch_lr", "ema_update",
            "train_segmenter", "load_segmenter", "network_grid", "segment_volume", "segment_probabilities",
            "segment_image", "segment_subject", "fit_class_offsets", "offset_argmax", "OFFSET_GRID",
-           "volume_probabilities"]
+           "volume_probabilities", "voxel_range", "inference_spacing"]
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(BOMBS_CLASSES)
@@ -77,12 +84,14 @@ class SegSubject:
         image: ``(X, Y, Z)`` float32 structural image (pre-processed, [0, 1]).
         labels: ``(X, Y, Z)`` uint8 BOMBS codes.
         centres: flat voxel indices of the crop-centre strata (:func:`class_centres`).
+        voxel_mm: voxel sizes ``(3,)`` in mm of the network grid, RAS axis order (``None``: unknown).
     """
 
     subject: str
     image: np.ndarray
     labels: np.ndarray
     centres: list[np.ndarray]
+    voxel_mm: tuple[float, float, float] | None = None
 
 
 def class_centres(labels: np.ndarray) -> list[np.ndarray]:
@@ -141,9 +150,51 @@ def load_training_subject(subject: str, image_path: str | Path, bombs_path: str 
     if bad.any():
         raise InputError(f"label values must be BOMBS codes 0..3, found {sorted(np.unique(labels[bad]))[:5]}",
                          subject=subject, path=bombs_path)
-    image, _ = network_grid(image, aff, spacing_mm)
+    image, net_aff = network_grid(image, aff, spacing_mm)
     labels, _ = network_grid(labels.astype(np.uint8), aff, spacing_mm, order=0)
-    return SegSubject(subject, image.astype(np.float32), labels, class_centres(labels))
+    return SegSubject(subject, image.astype(np.float32), labels, class_centres(labels),
+                      tuple(round(float(v), 4) for v in voxel_sizes(net_aff)))
+
+
+def voxel_range(sizes: Sequence[Sequence[float] | None]) -> dict[str, list[float]] | None:
+    """Smallest and largest voxel size per RAS axis (mm) over the training images' ``sizes``
+    (:attr:`SegSubject.voxel_mm`, :func:`microbleed.io.ras_voxel_sizes`): the card's
+    ``voxel_mm_range``. ``None`` when there is none or one is unknown."""
+    if not sizes or any(v is None for v in sizes):
+        return None
+    arr = np.asarray(sizes, float)
+    return {"min": [round(float(v), 4) for v in arr.min(axis=0)],
+            "max": [round(float(v), 4) for v in arr.max(axis=0)]}
+
+
+def inference_spacing(card: Mapping[str, Any], affine: np.ndarray, within_range: bool = True,
+                      rel_tol: float = 0.05) -> list[float] | None:
+    """The voxel size (mm, RAS axes) a segmenter should see an image of ``affine`` at, or
+    ``None`` for the image's own grid.
+
+    A model trained on a fixed grid (card ``config.spacing_mm``) always gets that grid. Otherwise,
+    with ``within_range`` (config ``segmenter.resample_to_trained_range``) and a card that records
+    the training voxel sizes (``voxel_mm_range``), each axis is clipped into the trained range:
+    an image whose voxels lie more than ``rel_tol`` outside it on some axis is resampled to the
+    clipped sizes (a 0.6x0.6x1.2 mm image for a model trained on 0.8-1.2 x 0.8-1.2 x 1.5-3 mm is
+    seen at 0.8x0.8x1.5 mm); an image inside the range keeps its grid.
+
+    Example:
+        >>> inference_spacing({"voxel_mm_range": {"min": [0.8, 0.8, 1.5], "max": [1.2, 1.2, 3]}},
+        ...                   np.diag([0.6, 0.6, 1.2, 1]))
+        [0.8, 0.8, 1.5]
+    """
+    fixed = card.get("config", {}).get("spacing_mm")
+    if fixed:
+        return [float(v) for v in fixed]
+    rng = card.get("voxel_mm_range")
+    if not within_range or not rng:
+        return None
+    have = ras_voxel_sizes(affine)
+    want = np.clip(have, np.asarray(rng["min"], float), np.asarray(rng["max"], float))
+    if np.all(np.abs(want - have) <= rel_tol * have):
+        return None
+    return [round(float(v), 4) for v in want]
 
 
 def crop_start(centre: Sequence[int], crop: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
@@ -594,6 +645,7 @@ def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device, be
             "best_score": best_score, "best_epoch": int(best_epoch), "validation_dice": dice,
             "class_offsets": None if offsets is None else [round(float(v), 3) for v in offsets],
             "validation_dice_plain_argmax": plain,
+            "voxel_mm_range": voxel_range([s.voxel_mm for s in train]),
             "loss": cfg.get("loss", "dice"), "optimizer": cfg.get("optimizer", "adam")}
     write_card(out_dir, card)
     return card
@@ -824,14 +876,15 @@ def fill_candidate_voids(image: np.ndarray, affine: np.ndarray, fill: VoidFill, 
 def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str | Path, *, subject: str,
                     expected_input: str | None = None, window: Sequence[int] = (128, 128, 32),
                     overlap: float = 0.25, sw_batch_size: int = 2, device: str = "auto",
-                    flip: bool = False, fill: VoidFill | None = None) -> Path:
+                    flip: bool = False, fill: VoidFill | None = None, within_range: bool = True) -> Path:
     """Segment one subject and write its BOMBS map (uint8) in the image's own grid.
 
     The network sees the image reordered to RAS (:func:`microbleed.io.to_canonical`,
-    as in training) and, for a model trained on a grid in mm (card ``config.spacing_mm``),
-    resampled to it; the class probabilities are then resampled back (trilinear) and the
-    map is put back in the image's voxel order (LAS, LIA, ...) by the inverse
-    permutation/flip.
+    as in training) and, for a model trained on a grid in mm (card ``config.spacing_mm``) or
+    an image outside the voxel sizes the model was trained on (``within_range``,
+    :func:`inference_spacing`), resampled; the class probabilities are then resampled back
+    (trilinear) and the map is put back in the image's voxel order (LAS, LIA, ...) by the
+    inverse permutation/flip.
 
     Args:
         image_path: pre-processed SWI or T1w ``(X, Y, Z)`` in the SWI grid.
@@ -841,6 +894,7 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
         flip: left-right test-time augmentation (:func:`segment_image`).
         fill: fill the signal voids around a detector's candidates first (SWI input only;
             :func:`fill_candidate_voids`).
+        within_range: config ``segmenter.resample_to_trained_range``.
     Raises:
         InputError: unreadable image, or a model trained on another input kind (names the subject).
     """
@@ -850,9 +904,13 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
     if expected_input and trained_on and trained_on != expected_input:
         raise InputError(f"segmenter {model_dir} was trained on {trained_on!r} but config segmenter.input "
                          f"is {expected_input!r}", subject=subject, path=image_path)
-    spacing = card.get("config", {}).get("spacing_mm")
     offsets = card.get("class_offsets")        # absent from cards written before the offsets: plain arg-max
     image, affine = load_volume(image_path, subject)
+    spacing = inference_spacing(card, affine, within_range)
+    if spacing and not card.get("config", {}).get("spacing_mm"):
+        log.info("subject %s: voxels %s mm (RAS) lie outside the segmenter's training range %s: segmented "
+                 "at %s mm", subject, np.round(ras_voxel_sizes(affine), 3).tolist(), card["voxel_mm_range"],
+                 spacing)
     if fill is not None:
         if (expected_input or trained_on) == "t1":
             raise InputError("filling signal voids applies to an SWI segmenter, not a T1w one",

@@ -144,6 +144,10 @@ def segment_inputs(source):
     return inputs
 
 
+# segmenter keys read at inference only: kept out of train_segmenter's params, so changing them
+# does not retrain the segmenter
+INFERENCE_ONLY_SEGMENTER_KEYS = ("flip_tta", "resample_to_trained_range")
+
 SEGMENT_PARAMS = dict(
     expected_input=config["segmenter"]["input"],
     window=config["segmenter"]["window"],
@@ -151,6 +155,7 @@ SEGMENT_PARAMS = dict(
     sw_batch_size=config["segmenter"]["sw_batch_size"],
     device=config["device"],
     flip=config["segmenter"]["flip_tta"],
+    within_range=config["segmenter"]["resample_to_trained_range"],
     **(dict(fill_radius_mm=config["infer"]["fill_radius_mm"], dark_fraction=config["infer"]["dark_fraction"])
        if fills_voids() else {}),
 )

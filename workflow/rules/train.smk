@@ -24,8 +24,7 @@ rule train_segmenter:
             s for s in subjects(config["train_cohort"])
             if wc.segin == "swi" or has_file(config["train_cohort"], s, "t1")
         ],
-        # inference-only keys stay out, so changing them does not retrain the segmenter
-        cfg=lambda wc: {**{k: v for k, v in config["segmenter"].items() if k != "flip_tta"}, "input": wc.segin},
+        cfg=lambda wc: {**{k: v for k, v in config["segmenter"].items() if k not in INFERENCE_ONLY_SEGMENTER_KEYS}, "input": wc.segin},
         device=config["device"],
     log:
         log_path("train_segmenter", "{segin}"),

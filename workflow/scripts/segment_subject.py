@@ -11,13 +11,14 @@ from microbleed.segment import VoidFill, segment_subject
 
 def main(image: str, model_dir: str, out_path: str, *, subject: str, expected_input: str,
          window: Sequence[int], overlap: float, sw_batch_size: int, device: str, flip: bool = False,
-         candidates: str | None = None, mask: str | None = None, fill_radius_mm: float = 6.0,
+         within_range: bool = True, candidates: str | None = None, mask: str | None = None, fill_radius_mm: float = 6.0,
          dark_fraction: float = 0.6) -> None:
     """Run :func:`microbleed.segment.segment_subject` for one subject (voids filled when ``candidates``)."""
     fill = (VoidFill(candidates, mask, float(fill_radius_mm), float(dark_fraction)) if candidates else None)
     segment_subject(Path(image), Path(model_dir), Path(out_path), subject=subject, expected_input=expected_input,
                     window=tuple(int(w) for w in window), overlap=float(overlap),
-                    sw_batch_size=int(sw_batch_size), device=device, flip=bool(flip), fill=fill)
+                    sw_batch_size=int(sw_batch_size), device=device, flip=bool(flip), fill=fill,
+                    within_range=bool(within_range))
 
 
 if "snakemake" in globals():
