@@ -203,6 +203,34 @@ def test_bombs_lut_follows_method():
     assert [lut[i] for i in (0, 4, 14, 15, 24, 31, 63, 30, 85, ph.FILL_GM)] == [0] * 10
 
 
+def test_fill_unlabelled_gives_tissue_the_nearest_id_of_its_kind():
+    labels = np.zeros((9, 3, 3), np.uint16)
+    labels[0] = 42          # cortex at one end
+    labels[8] = 41          # white matter at the other
+    labels[4] = 8           # cerebellar cortex in the middle
+    brain = np.ones(labels.shape, bool)
+    gm = np.zeros(labels.shape, bool)
+    wm = np.zeros(labels.shape, bool)
+    gm[1] = gm[3] = True    # next to cortex, next to cerebellum
+    wm[2] = wm[6] = True    # white matter nearest cortex's side, and nearest 41
+    out = ph.fill_unlabelled(labels, brain, gm, wm)
+    assert out[1].ravel().tolist() == [42] * 9
+    assert out[3].ravel().tolist() == [8] * 9
+    assert out[6].ravel().tolist() == [41] * 9
+    assert out[2].ravel().tolist() == [41] * 9   # the only white-matter ID, however far
+    assert out[5].ravel().tolist() == [24] * 9   # neither mask: CSF
+    assert out[0].ravel().tolist() == [42] * 9 and labels[1].max() == 0   # input untouched
+
+
+def test_template_truth_agrees_with_the_tissue_the_image_shows():
+    tmpl = ph.load_template()
+    lut = ph.bombs_lut()
+    looks_grey = np.isin(tmpl.labels, ph.GM_IDS) | np.isin(tmpl.labels, [i for i in ph.WM_IDS if i != 85])
+    assert not np.isin(tmpl.labels, (ph.FILL_GM, ph.FILL_WM)).any()
+    # every voxel simulated as cortex or white matter has a CMB region in the written aseg's truth
+    assert (lut[ph.aseg_ids(tmpl.labels)][looks_grey & (tmpl.labels < 9000)] > 0).all()
+
+
 def test_participants(tmp_path):
     path = write_participants(tmp_path / "participants.tsv", [("001", "cmb"), ("002", "normal")])
     df = read_tsv(path, required=["participant_id", "group"])

