@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from microbleed.segment import train_segmenter
+from microbleed.io import preproc_path, preproc_subjects
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +36,8 @@ def main(spacing: str, out_dir: Path, results: Path, cohort: str = "bench-train"
         if key not in keys:
             raise SystemExit(f"--set {key}: not a key of segmenter (config/schemas/config.schema.yaml)")
         cfg[key] = value
-    subs = sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*"))
-    inputs = [(s, str(results / cohort / "preproc" / f"sub-{s}" / f"sub-{s}_desc-preproc_swi.nii.gz"),
+    subs = preproc_subjects(results, cohort)
+    inputs = [(s, str(preproc_path(results, cohort, s, "preproc_swi")),
                str(results / cohort / "labels" / f"sub-{s}_desc-bombs_dseg.nii.gz")) for s in subs]
     card = train_segmenter(inputs, out_dir, cfg, "cpu")
     out = {"spacing_mm": cfg["spacing_mm"], "augment_lesions": cfg.get("augment_lesions", False),

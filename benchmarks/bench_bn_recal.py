@@ -32,6 +32,7 @@ import torch
 from microbleed.metrics import dice_per_class
 from microbleed.nets.segmenter import build_segmenter
 from microbleed.segment import load_training_subject, recalibrate_batchnorm, segment_volume
+from microbleed.io import preproc_path, preproc_subjects
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("none", "lobar", "deep", "infratentorial")
@@ -40,12 +41,12 @@ CLASSES = ("none", "lobar", "deep", "infratentorial")
 def subject_paths(results: Path, cohort: str, subject: str, image: str = "swi") -> tuple[str, str]:
     """Pre-processed structural image and BOMBS label map of a subject in a workflow results folder."""
     suffix = "swi" if image == "swi" else "T1w"
-    return (str(results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_{suffix}.nii.gz"),
+    return (str(preproc_path(results, cohort, subject, f"preproc_{suffix}")),
             str(results / cohort / "labels" / f"sub-{subject}_desc-bombs_dseg.nii.gz"))
 
 
 def cohort_subjects(results: Path, cohort: str) -> list[str]:
-    return sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*"))
+    return preproc_subjects(results, cohort)
 
 
 def score(net, subjects, training: dict, device: str = "cpu") -> tuple[dict, dict, float]:

@@ -31,7 +31,7 @@ from microbleed.cohort import simulated_root
 import yaml
 
 from microbleed.infer import dark_voxels, fill_spots, fill_voids, sample_region
-from microbleed.io import load_volume, read_tsv, save_image
+from microbleed.io import load_volume, preproc_path, preproc_subjects, read_tsv, save_image
 from microbleed.metrics import dice_per_class
 from microbleed.runtime import read_card
 from microbleed.segment import inference_spacing, load_segmenter, segment_image, segment_subject
@@ -56,13 +56,13 @@ def points(root: Path, subject: str) -> dict[str, pd.DataFrame]:
 def _subjects(results: Path, cohort: str, model: Path, all_subjects: bool) -> list[str]:
     """Every pre-processed subject of ``cohort``, or the segmenter's held-out validation split."""
     if all_subjects:
-        return sorted(p.name[4:] for p in (results / cohort / "preproc").glob("sub-*"))
+        return preproc_subjects(results, cohort)
     return json.loads((model / "card.json").read_text())["validation_subjects"]
 
 
 def _swi_and_mask(results: Path, cohort: str, sub: str) -> tuple:
     """``(swi, affine, mask)``: the subject's pre-processed SWI and brain mask (SWI grid)."""
-    swi, aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_swi.nii.gz", sub)
+    swi, aff = load_volume(preproc_path(results, cohort, sub, "preproc_swi"), sub)
     mask, _ = load_volume(results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub, allow_zero=True)
     return swi, aff, mask
 
@@ -90,7 +90,7 @@ def main(cohort: str, model: Path, results: Path = ROOT / "results", preproc_kin
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for sub in subjects:
-            image = results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_{preproc_kind}.nii.gz"
+            image = preproc_path(results, cohort, sub, f"preproc_{preproc_kind}")
             out = Path(tmp) / f"sub-{sub}_dseg.nii.gz"
             swi, swi_aff, mask = _swi_and_mask(results, cohort, sub)
             pts = points(root, sub)

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from microbleed.cohort import cohort_table, simulated_root
-from microbleed.io import load_volume
+from microbleed.io import load_volume, preproc_path
 from microbleed.metrics import dice_per_class
 from microbleed.nets.segmenter import build_segmenter
 from microbleed.segment import load_segmenter, make_loss, segment_volume
@@ -143,7 +143,7 @@ def dice(cfg: dict, device: torch.device, out: Path) -> None:
             entry = cfg["cohorts"][cohort]
             preds, truths, t0 = [], [], time.perf_counter()
             for sid in cohort_table(cohort, entry, ROOT / "results")["subject"]:
-                img = ROOT / "results" / cohort / "preproc" / f"sub-{sid}" / f"sub-{sid}_desc-preproc_{suffix}.nii.gz"
+                img = preproc_path(ROOT / "results", cohort, sid, f"preproc_{suffix}")
                 if not img.exists():
                     continue
                 image, _ = load_volume(img, sid)

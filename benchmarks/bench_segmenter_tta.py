@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from microbleed.io import load_volume
+from microbleed.io import load_volume, preproc_path, preproc_subjects
 from microbleed.metrics import dice_per_class
 from microbleed.segment import inference_spacing, load_segmenter, segment_image
 
@@ -39,7 +39,7 @@ def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str]
     cfg = card.get("training", {})
     preds, secs, truths = {False: [], True: []}, {False: [], True: []}, []
     for sub in subjects:
-        img, aff = load_volume(results / cohort / "preproc" / f"sub-{sub}" / f"sub-{sub}_desc-preproc_{kind}.nii.gz", sub)
+        img, aff = load_volume(preproc_path(results, cohort, sub, f"preproc_{kind}"), sub)
         truth, _ = load_volume(results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz", sub,
                                dtype=np.int16, allow_zero=True)
         truths.append(truth.ravel())
@@ -75,7 +75,7 @@ def main(argv=None) -> pd.DataFrame:
     rows = score_set(model, card, a.results, a.train_cohort, card["validation_subjects"], kind)
     rows[0]["set"] = rows[1]["set"] = f"{a.train_cohort} validation"
     for cohort in a.cohorts:
-        subs = sorted(p.name[4:] for p in (a.results / cohort / "preproc").glob("sub-*"))
+        subs = preproc_subjects(a.results, cohort)
         rows += score_set(model, card, a.results, cohort, subs, kind)
     table = pd.DataFrame(rows)
     text = (f"# Segmenter left-right test-time augmentation ({a.model.name}, input {kind})\n\n"

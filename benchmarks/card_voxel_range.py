@@ -24,7 +24,7 @@ import nibabel as nib
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
-from microbleed.io import ras_voxel_sizes  # noqa: E402
+from microbleed.io import preproc_path, ras_voxel_sizes  # noqa: E402
 from microbleed.runtime import read_card, write_card  # noqa: E402
 from microbleed.segment import voxel_range  # noqa: E402
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.model} was trained on a fixed grid (config.spacing_mm): no range needed")
     suffix = "T1w" if card.get("config", {}).get("input") == "t1" else "swi"
     subjects = [str(s) for s in card.get("train_subjects") or []]
-    paths = [args.results / args.train_cohort / "preproc" / f"sub-{s}" / f"sub-{s}_desc-preproc_{suffix}.nii.gz"
+    paths = [preproc_path(args.results, args.train_cohort, s, f"preproc_{suffix}")
              for s in subjects]
     missing = [str(p) for p in paths if not p.exists()]
     if not subjects or missing:

@@ -23,6 +23,7 @@ import torch
 from microbleed.cohort import simulated_root
 from microbleed.data import load_volumes
 from microbleed.train import load_detector, validation_score
+from microbleed.io import preproc_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def main(model_dir: Path, results: Path, tol: float, hit_radius_mm: float = 5.0)
     card = json.loads((model_dir / "card.json").read_text())
     cohort = card["data"]["cohort"]
     root = simulated_root(cohort, results)
-    inputs = [(s, str(results / cohort / "preproc" / f"sub-{s}" / f"sub-{s}_desc-detector_input.nii.gz"),
+    inputs = [(s, str(preproc_path(results, cohort, s, "detector_input")),
                str(root / "derivatives" / "cmb" / f"sub-{s}" / f"sub-{s}_cmb.tsv")) for s in card["data"]["val"]]
     model, _ = load_detector(model_dir, "cpu")
     now = validation_score(model, load_volumes(inputs), torch.device("cpu"), card["training"]["crop"],

@@ -38,7 +38,7 @@ from scipy.spatial.distance import cdist
 
 from microbleed.cohort import simulated_root
 from microbleed.infer import ball_offsets, dark_voxels, region_votes, sample_nearest
-from microbleed.io import load_volume, ras_to_voxel, read_tsv, voxel_sizes
+from microbleed.io import load_volume, preproc_path, ras_to_voxel, read_tsv, voxel_sizes
 from microbleed.metrics import match_detections
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
                      "distance_mm": round(float(dist[n]), 2) if np.isfinite(dist[n]) else "",
                      "x": det[n, 0], "y": det[n, 1], "z": det[n, 2]})
     by_label = {lab_i: det_i for det_i, lab_i in pairs}
-    swi_path = results / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-preproc_swi.nii.gz"
+    swi_path = preproc_path(results, cohort, subject, "preproc_swi")
     swi = load_volume(swi_path, subject) if swi_path.exists() else None
     anatomy = anatomy_reader(results, cohort, subject, None if swi is None else swi[0], radius_mm, dark_fraction)
     cpts = cand[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)

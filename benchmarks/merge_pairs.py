@@ -26,7 +26,7 @@ import yaml
 
 from microbleed.data import load_detector_input
 from microbleed.infer import dark_bridged, dark_map
-from microbleed.io import ras_to_voxel, read_tsv
+from microbleed.io import preproc_path, ras_to_voxel, read_tsv
 from microbleed.preprocess import card_grid, detector_grid_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def main(results: Path, cohorts: list[str], models: Path, stem: str, command: st
             for path in sorted((results / cohort / "work").glob(f"sub-*/sub-*_model-{variant}_candidates.tsv")):
                 sub = path.parent.name
                 cands = read_tsv(path, required=["x", "y", "z"], numeric=["x", "y", "z"])
-                volume, affine = load_detector_input(results / cohort / "preproc" / sub / f"{sub}_desc-detector_input.nii.gz")
+                volume, affine = load_detector_input(preproc_path(results, cohort, sub[len("sub-"):], "detector_input"))
                 mask_path = results / cohort / sub / f"{sub}_desc-brain_mask.nii.gz"
                 mask = detector_grid_mask(mask_path, grid)[0] if mask_path.exists() else None
                 pairs, joined = subject_pairs(cands, volume, affine, mask, nms, merge, frac)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "workflow"))
 
 from microbleed.data import load_detector_input  # noqa: E402
 from microbleed.infer import detect_volume  # noqa: E402
-from microbleed.io import ras_to_voxel, voxel_to_ras  # noqa: E402
+from microbleed.io import preproc_path, ras_to_voxel, voxel_to_ras  # noqa: E402
 from microbleed.train import load_detector  # noqa: E402
 
 
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     det, card = load_detector(args.results / "models" / args.model, "cpu")
     sub = args.subject
-    vol, aff = load_detector_input(args.results / args.cohort / "preproc" / f"sub-{sub}"
-                                   / f"sub-{sub}_desc-detector_input.nii.gz", sub)
+    vol, aff = load_detector_input(preproc_path(args.results, args.cohort, sub, "detector_input"), sub)
     cands = detect_volume(det, vol, "cpu", tuple(card["config"]["crop"]), 0.25, threshold_floor=args.floor)
     ras = voxel_to_ras(cands[:, :3], aff)
     print(f"{args.cohort} sub-{sub}: detector grid {vol.shape[1:]}, {len(cands)} cells >= {args.floor}")

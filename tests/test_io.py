@@ -1,5 +1,6 @@
 """microbleed.io: atomic writes, validated reads, coordinate conversions."""
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -147,3 +148,17 @@ def test_labels_stored_as_floats_are_rounded_and_nan_refused(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "aseg.nii.gz")
     with pytest.raises(InputError, match="NaN"):
         load_volume(tmp_path / "aseg.nii.gz", "01", dtype=np.int16)
+
+
+def test_preproc_paths_follow_the_workflow_layout(tmp_path):
+    from microbleed.io import preproc_path, preproc_subjects
+    assert preproc_path(tmp_path, "c", "007", "preproc_swi") == (
+        tmp_path / "c" / "preproc" / "sub-007" / "sub-007_desc-preproc_swi.nii.gz")
+    for sub in ("010", "002"):
+        (tmp_path / "c" / "preproc" / f"sub-{sub}").mkdir(parents=True)
+    (tmp_path / "c" / "preproc" / "sub-003.log").write_text("not a subject folder")
+    assert preproc_subjects(tmp_path, "c") == ["002", "010"]
+    assert preproc_subjects(tmp_path, "missing") == []
+    # the rule's output name (workflow/rules/preprocess.smk) is the one the helper builds
+    rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "preprocess.smk").read_text()
+    assert '"desc-detector_input.nii.gz", "preproc/sub-{subject}"' in rules

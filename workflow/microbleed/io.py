@@ -36,6 +36,8 @@ __all__ = [
     "ras_voxel_sizes",
     "to_canonical",
     "reorient_like",
+    "preproc_path",
+    "preproc_subjects",
 ]
 
 
@@ -230,6 +232,21 @@ def write_tsv(df: pd.DataFrame, path: str | os.PathLike, float_format: str = "%.
 
 
 # --------------------------------------------------------------------------- coordinates
+# --------------------------------------------------------------------------- workflow layout
+def preproc_path(results: str | os.PathLike, cohort: str, subject: str, desc: str) -> Path:
+    """``<results>/<cohort>/preproc/sub-<id>/sub-<id>_desc-<desc>.nii.gz``: a pre-processed volume.
+
+    ``desc`` is ``preproc_swi``, ``preproc_phase``, ``preproc_T1w`` or
+    ``detector_input`` (the outputs of ``workflow/rules/preprocess.smk``).
+    """
+    return Path(results) / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-{desc}.nii.gz"
+
+
+def preproc_subjects(results: str | os.PathLike, cohort: str) -> list[str]:
+    """Subject ids (without ``sub-``) that have a pre-processing folder in ``<results>/<cohort>``, sorted."""
+    return sorted(p.name[4:] for p in (Path(results) / cohort / "preproc").glob("sub-*") if p.is_dir())
+
+
 def ras_to_voxel(points_ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """RAS mm ``(N, 3)`` -> voxel ijk ``(N, 3)`` (float) of the image with ``affine``."""
     pts = np.atleast_2d(np.asarray(points_ras, dtype=float)).reshape(-1, 3)
