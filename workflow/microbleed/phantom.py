@@ -12,8 +12,9 @@ neighbour). The atlas's cortical ribbon is thinner than the template's GM mask:
 brain-mask voxels without an aseg label that the GM (WM) mask calls grey (white)
 matter take the ID of the nearest atlas voxel of the same tissue, as a
 FreeSurfer run on the simulated image would label that tissue
-(:func:`fill_unlabelled`); the rest become CSF (FreeSurfer ID 24). So every
-voxel that looks like cortex in the simulated image is cortex in its aseg.
+(:func:`fill_unlabelled`); the rest become CSF (FreeSurfer ID 24). So a
+voxel that looks like grey matter in the simulated image is grey matter (cerebral
+or cerebellar cortex, hippocampus, amygdala: the nearest) in its aseg, not 0.
 """
 from __future__ import annotations
 
