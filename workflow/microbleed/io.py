@@ -231,7 +231,6 @@ def write_tsv(df: pd.DataFrame, path: str | os.PathLike, float_format: str = "%.
     return Path(path)
 
 
-# --------------------------------------------------------------------------- coordinates
 # --------------------------------------------------------------------------- workflow layout
 def preproc_path(results: str | os.PathLike, cohort: str, subject: str, desc: str) -> Path:
     """``<results>/<cohort>/preproc/sub-<id>/sub-<id>_desc-<desc>.nii.gz``: a pre-processed volume.
@@ -247,6 +246,7 @@ def preproc_subjects(results: str | os.PathLike, cohort: str) -> list[str]:
     return sorted(p.name[4:] for p in (Path(results) / cohort / "preproc").glob("sub-*") if p.is_dir())
 
 
+# --------------------------------------------------------------------------- coordinates
 def ras_to_voxel(points_ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """RAS mm ``(N, 3)`` -> voxel ijk ``(N, 3)`` (float) of the image with ``affine``."""
     pts = np.atleast_2d(np.asarray(points_ras, dtype=float)).reshape(-1, 3)
