@@ -200,7 +200,7 @@ def test_bombs_lut_follows_method():
     assert [lut[i] for i in (3, 1028, 2, 251, 17, 54)] == [1] * 6
     assert [lut[i] for i in (10, 11, 12, 13, 26, 28, 60)] == [2] * 7
     assert [lut[i] for i in (16, 7, 8, 46, 47)] == [3] * 5
-    assert [lut[i] for i in (0, 4, 14, 15, 24, 31, 63, 30, 85, ph.FILL_GM)] == [0] * 10
+    assert [lut[i] for i in (0, 4, 14, 15, 24, 31, 63, 30, 85, ph.CSF_RIM)] == [0] * 10
 
 
 def test_fill_unlabelled_gives_tissue_the_nearest_id_of_its_kind():
@@ -220,13 +220,15 @@ def test_fill_unlabelled_gives_tissue_the_nearest_id_of_its_kind():
     assert out[2].ravel().tolist() == [41] * 9   # the only white-matter ID, however far
     assert out[5].ravel().tolist() == [24] * 9   # neither mask: CSF
     assert out[0].ravel().tolist() == [42] * 9 and labels[1].max() == 0   # input untouched
+    with pytest.raises(InputError, match="tissue IDs"):
+        ph.fill_unlabelled(np.zeros((3, 3, 3), np.uint16), brain[:3], gm[:3], wm[:3])
 
 
 def test_template_truth_agrees_with_the_tissue_the_image_shows():
     tmpl = ph.load_template()
     lut = ph.bombs_lut()
     looks_grey = np.isin(tmpl.labels, ph.GM_IDS) | np.isin(tmpl.labels, [i for i in ph.WM_IDS if i != 85])
-    assert not np.isin(tmpl.labels, (ph.FILL_GM, ph.FILL_WM)).any()
+    assert tmpl.labels.max() < 9000     # real aparc+aseg IDs only: no pseudo ID left in the template
     # every voxel simulated as cortex or white matter has a CMB region in the written aseg's truth
     assert (lut[ph.aseg_ids(tmpl.labels)][looks_grey & (tmpl.labels < 9000)] > 0).all()
 

@@ -32,24 +32,24 @@ from scipy import ndimage
 from .io import InputError
 from .anatomy import BOMBS_NAMES, DEEP, INFRATENTORIAL, LOBAR, _METHOD_IDS, remap_bombs
 
-__all__ = ["Grid", "Template", "Deformation", "Anatomy", "Sphere", "FILL_GM", "FILL_WM",
+__all__ = ["Grid", "Template", "Deformation", "Anatomy", "Sphere",
            "BOMBS_NAMES", "desikan_atlas_path", "load_template", "bombs_lut", "aseg_ids",
            "random_deformation", "sample_labels", "sample_anatomy", "make_veins", "place_spheres",
            "label_at", "fill_unlabelled"]
 
-FILL_GM, FILL_WM, CORD = 9001, 9002, 9104
+CORD = 9104
 CSF_RIM, SKULL, SCALP = 9101, 9102, 9103
 N_IDS = 10000
 CORTEX_IDS = (3, 42, *range(1000, 1036), *range(2000, 2036))
 LOBAR_IDS = _METHOD_IDS[LOBAR]          # METHOD.md section 1, one table in microbleed.anatomy
 DEEP_IDS = _METHOD_IDS[DEEP]
 INFRA_IDS = _METHOD_IDS[INFRATENTORIAL]
-WM_IDS = (2, 41, FILL_WM, *range(251, 256), 77, 78, 79, 85, 7, 46, CORD)
+WM_IDS = (2, 41, *range(251, 256), 77, 78, 79, 85, 7, 46, CORD)
 CSF_IDS = (4, 5, 14, 15, 24, 43, 44, CSF_RIM)
 
 # (proton density a.u., R2* at 3 T in 1/s, susceptibility ppm vs CSF, T1w intensity)
 TISSUE = {
-    "gm": ((*CORTEX_IDS, FILL_GM, 17, 53, 18, 54, 8, 47), (0.80, 17.0, 0.015, 0.55)),
+    "gm": ((*CORTEX_IDS, 17, 53, 18, 54, 8, 47), (0.80, 17.0, 0.015, 0.55)),
     "wm": (WM_IDS, (0.69, 21.0, -0.030, 0.85)),
     "brainstem": ((16,), (0.72, 22.0, -0.020, 0.78)),
     "thalamus": ((10, 49), (0.76, 22.0, 0.020, 0.70)),
@@ -65,6 +65,7 @@ TISSUE = {
     "scalp": ((SCALP,), (0.90, 30.0, 0.0, 0.80)),
 }
 BLOOD = (0.85, 45.0)  # venous blood: PD, R2* at 3 T
+GM_IDS = TISSUE["gm"][0]  # every ID simulated as grey matter
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,6 @@ def load_template() -> Template:
     return Template(labels, np.clip(t1, 0, 1.2), t1_img.affine, dist, dist_aff)
 
 
-GM_IDS = TISSUE["gm"][0]
-
-
 def fill_unlabelled(labels: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
     """Give brain voxels without an atlas label the ID of their tissue's nearest atlas voxel.
 
@@ -169,17 +167,19 @@ def fill_unlabelled(labels: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: n
         the ID of the nearest voxel with a grey-matter ID (cortex, hippocampus,
         amygdala, cerebellar cortex; :data:`TISSUE` ``"gm"``), one in the WM mask
         only the nearest white-matter ID, any other one CSF (24). The tissue
-        class, hence the simulated image, is the same as with the pseudo IDs
-        :data:`FILL_GM` / :data:`FILL_WM` used before; the written aseg (and the
-        BOMBS truth) now labels that tissue as what it looks like instead of 0.
+        class, hence the simulated image, is what the masks say; the written aseg
+        (and the BOMBS truth) labels that tissue as what it looks like, not 0.
+    Raises:
+        InputError: the atlas has no voxel of a tissue that needs filling.
     """
     out = labels.astype(np.uint16).copy()
     empty = brain & (out == 0)
     for tissue, ids in ((empty & gm, GM_IDS), (empty & wm & ~gm, WM_IDS)):
-        source = np.isin(out, [i for i in ids if i < 9000]) & ~empty
-        if not tissue.any() or not source.any():
-            out[tissue] = FILL_GM if ids is GM_IDS else FILL_WM
+        if not tissue.any():
             continue
+        source = np.isin(out, [i for i in ids if i < 9000])
+        if not source.any():
+            raise InputError(f"the atlas has none of the tissue IDs {ids} to fill unlabelled brain from")
         idx = ndimage.distance_transform_edt(~source, return_distances=False, return_indices=True)
         out[tissue] = out[tuple(i[tissue] for i in idx)]
     out[empty & ~wm & ~gm] = 24
@@ -323,7 +323,7 @@ class Anatomy:
 
     @property
     def brain(self) -> np.ndarray:
-        return (self.labels > 0) & (self.labels < 9000) | (self.labels == FILL_GM) | (self.labels == FILL_WM)
+        return (self.labels > 0) & (self.labels < 9000)
 
 
 def sample_anatomy(tmpl: Template, defo: Deformation, grid: Grid, rng: np.random.Generator,
@@ -349,7 +349,7 @@ def sample_anatomy(tmpl: Template, defo: Deformation, grid: Grid, rng: np.random
     sigma = 0.5 / np.asarray(grid.voxel)
     props = [ndimage.gaussian_filter(lut[labels, c], sigma) for c in range(4)]
     props[1] *= np.float32(b0_t / 3.0)
-    inside = (labels > 0) & (labels < 9000) | np.isin(labels, (FILL_GM, FILL_WM))
+    inside = (labels > 0) & (labels < 9000)
     t1w = np.where(inside, t1, props[3]).astype(np.float32)
     return Anatomy(grid, labels, dist, props[0], props[1], props[2], t1w,
                    np.zeros(grid.shape, np.float32))
@@ -425,12 +425,12 @@ def make_veins(rng: np.random.Generator, anat: Anatomy, b0_t: float, n_pial: int
         ``(N, 3)`` RAS mm points every 5 mm along every vein (the vein mimics).
     """
     lab, grid = anat.labels, anat.grid
-    cortex = np.isin(lab, (*CORTEX_IDS, FILL_GM, 8, 47)) & (anat.dist > -3)
-    deep_wm = np.isin(lab, (2, 41, FILL_WM)) & (anat.dist < -12)
+    cortex = np.isin(lab, (*CORTEX_IDS, 8, 47)) & (anat.dist > -3)
+    deep_wm = np.isin(lab, (2, 41)) & (anat.dist < -12)
     allowed_pial = np.zeros(N_IDS, bool)
-    allowed_pial[[*CORTEX_IDS, FILL_GM, 8, 47, 24, CSF_RIM]] = True
+    allowed_pial[[*CORTEX_IDS, 8, 47, 24, CSF_RIM]] = True
     allowed_med = np.zeros(N_IDS, bool)
-    allowed_med[[2, 41, FILL_WM, *range(251, 256)]] = True
+    allowed_med[[2, 41, *range(251, 256)]] = True
     paths, radii = [], []
     for mask, n, allowed, (rlo, rhi), steps in ((cortex, n_pial, allowed_pial, (0.5, 1.1), 100),
                                                (deep_wm, n_medullary, allowed_med, (0.3, 0.6), 60)):
