@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from microbleed.infer import (_window_for, candidates_table, detect_volume, detect_volume_monai, plan_tiles,
                               dark_voxels, prune, tiles_to_run)
 from microbleed.nets.detector import build_detector
-from microbleed.preprocess import card_grid, grid_spec
+from microbleed.preprocess import card_grid, grid_spec, normalisation_spec
 from microbleed.nets.segmenter import build_segmenter, coordinate_channels
 from microbleed.runtime import PeakMemory, provenance, seed_everything, select_device
 
@@ -125,7 +125,8 @@ def make_head(cache: Path, cfg: dict, grid: dict, seed: int = 2026) -> dict:
                              pre["preproc_phase"], subject=sub, phase_mode=p["phase"], phase_units=p["phase_units"],
                              phase_sign=p["phase_sign"] if p["phase_sign"] == "auto" else int(p["phase_sign"]),
                              highpass_fwhm_mm=float(p["highpass_fwhm_mm"]),
-                             percentiles=tuple(p["percentiles"]))
+                             percentiles=tuple(normalisation_spec(p)["percentiles"]),
+                             anchor_erode_mm=normalisation_spec(p)["anchor_erode_mm"])
     if not pre["detector_input"].exists():
         detector_input(pre["preproc_swi"], pre["preproc_phase"], pre["detector_input"], grid, sub)
     swi, aff = load_volume(pre["preproc_swi"], sub)

@@ -181,6 +181,82 @@ def test_robust_minmax():
         P.robust_minmax(np.ones_like(data), mask, subject="09", path="x.nii.gz")
 
 
+def _ball_with_void(void: bool, shape=(40, 40, 40)):
+    """Brain-like ball of tissue (values 0.4..0.8) whose mask border, 2 voxels deep on one
+    side, is a near-black void (the skull base air a skull stripping mask keeps) when ``void``."""
+    rng = np.random.default_rng(0)
+    grid = np.indices(shape).astype(float)
+    r = np.sqrt(((grid - 19.5) ** 2).sum(0))
+    mask = r < 18
+    data = (0.4 + 0.4 * rng.random(shape)).astype(np.float32)
+    if void:
+        data[mask & (r > 16) & (grid[2] < 14)] = 0.01
+    return data, mask
+
+
+def test_robust_minmax_eroded_anchor_ignores_border_void():
+    data, mask = _ball_with_void(True)
+    clean, _ = _ball_with_void(False)
+    assert (data[mask] < 0.1).mean() > 0.02  # the void is far more than 0.5 % of the mask
+    whole = P.robust_minmax(data, mask, (0.5, 99.5))
+    eroded = P.robust_minmax(data, mask, (0.5, 99.5), zooms=(1, 1, 1), anchor_erode_mm=4.0)
+    reference = P.robust_minmax(clean, mask, (0.5, 99.5), zooms=(1, 1, 1), anchor_erode_mm=4.0)
+    tissue = mask & (data > 0.1)
+    # whole-mask anchors: the void becomes the low anchor and all tissue is brighter
+    assert whole[tissue].mean() > reference[tissue].mean() + 0.2
+    # eroded anchors: the tissue is mapped as in the image without the void; the void clips to 0
+    assert abs(eroded[tissue].mean() - reference[tissue].mean()) < 0.02
+    assert eroded[mask & ~tissue].max() == 0.0 and eroded[~mask].max() == 0.0
+
+
+def test_anchor_mask_mm_and_fallback(caplog):
+    data, mask = _ball_with_void(False)
+    inner = P.anchor_mask(mask, (1, 1, 1), 4.0)
+    assert inner.sum() < mask.sum() and not (inner & ~mask).any()
+    r = np.sqrt(((np.indices(mask.shape) - 19.5) ** 2).sum(0))
+    assert inner[r < 13].all() and not inner[r > 15].any()
+    # thicker voxels: the same mm erosion removes fewer voxels along that axis
+    thick = P.anchor_mask(mask, (1, 1, 3), 4.0)
+    assert thick.sum() > inner.sum()
+    assert np.array_equal(P.anchor_mask(mask, (1, 1, 1), 0.0), mask)
+    # a mask touching the image edge is eroded from the edge too
+    full = np.ones((30, 30, 30), bool)
+    assert not P.anchor_mask(full, None, 4.0)[0].any()
+    # a thin slab: erosion would leave (almost) nothing, so the whole mask is used, with a warning
+    slab = np.zeros((40, 40, 6), bool)
+    slab[5:35, 5:35, 1:5] = True
+    with caplog.at_level("WARNING"):
+        assert np.array_equal(P.anchor_mask(slab, (1, 1, 1), 4.0, subject="07"), slab)
+    assert "subject 07" in caplog.text and "whole mask" in caplog.text
+
+
+def test_normalisation_specs():
+    assert P.normalisation_spec({"percentiles": [1, 99], "anchor_erode_mm": 3}) == \
+        {"percentiles": [1.0, 99.0], "anchor_erode_mm": 3.0}
+    assert P.card_normalisation({}) == P.LEGACY_NORMALISATION
+    assert P.card_normalisation({"normalisation": {"percentiles": [0.5, 99.5], "anchor_erode_mm": 4}}) == \
+        {"percentiles": [0.5, 99.5], "anchor_erode_mm": 4.0}
+    cfg = {"percentiles": [0.5, 99.5], "anchor_erode_mm": 4.0}
+    assert P.effective_normalisation(cfg, {}) == P.normalisation_spec(cfg)
+    # a released model brings its own (an old card: the whole mask)
+    assert P.effective_normalisation(cfg, {"models/old": {"config": {}}}) == P.LEGACY_NORMALISATION
+    new = {"config": {"normalisation": cfg}}
+    assert P.effective_normalisation({}, {"a": new, "b": new}) == P.normalisation_spec(cfg)
+    with pytest.raises(InputError, match="different intensity normalisations.*models/old"):
+        P.effective_normalisation(cfg, {"models/old": {"config": {}}, "models/new": new})
+
+
+def test_released_cards_record_their_normalisation():
+    """The released models were trained on whole-mask anchors; their cards say so, so that
+    pre-processing for them stays the one they were trained on."""
+    import json
+    root = Path(__file__).resolve().parents[1] / "models"
+    cards = {d.name: json.loads((d / "card.json").read_text()) for d in root.iterdir() if (d / "card.json").is_file()}
+    assert cards
+    for name, card in cards.items():
+        assert card["config"]["normalisation"] == P.LEGACY_NORMALISATION, name
+
+
 def write_subject(tmp_path, shape=(32, 32, 16), phase_scale=4096.0):
     aff = make_affine((0, 0, 0), (1, 1, 2), (0, 0, 0))
     rng = np.random.default_rng(2)

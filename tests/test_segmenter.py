@@ -213,7 +213,8 @@ def test_label_grid_mismatch_names_subject(tmp_path):
 # --------------------------------------------------------------------------- training
 def test_train_writes_model_card_and_log(tmp_path):
     inputs = write_cohort(tmp_path / "data")
-    card = train_segmenter(inputs, tmp_path / "model", TINY, "cpu")
+    card = train_segmenter(inputs, tmp_path / "model", dict(TINY, normalisation={"anchor_erode_mm": 3}), "cpu")
+    assert card["config"]["normalisation"] == {"percentiles": [0.5, 99.5], "anchor_erode_mm": 3.0}
     assert set(card["validation_dice"]) == {"none", "lobar", "deep", "infratentorial", "total"}
     # class offsets fitted on the validation volumes: none fixed at 0, never worse than the plain arg-max there
     assert len(card["class_offsets"]) == 4 and card["class_offsets"][0] == 0.0

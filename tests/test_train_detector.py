@@ -69,6 +69,8 @@ def test_outputs_card_and_load(tmp_path):
     assert card["data"]["cohort"] == "synth" and len(card["data"]["val"]) == 1
     assert sorted(card["data"]["train"] + card["data"]["val"]) == ["01", "02", "03"]
     assert card["config"]["variant"] == "rpn+ffm+hspl" and card["config"]["grid"] == {"spacing_mm": [1.0, 1.0, 1.5]}
+    # the normalisation its inputs had (config.yaml's), so that inference can give it the same
+    assert card["config"]["normalisation"] == {"percentiles": [0.5, 99.5], "anchor_erode_mm": 4.0}
     assert "mean_sensitivity" in card["validation"] and card["seed"] == 3
     assert card["validation_postprocess"] == {k: _cfg()["infer"][k]
                                               for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction")}

@@ -36,7 +36,9 @@ __all__ = [
     "BACKENDS", "resolve_backend", "resample_to_grid", "deepbet_mask", "bet_mask", "skull_strip",
     "check_same_grid", "detect_phase_units", "phase_to_radians", "homodyne_highpass",
     "phase_sign_evidence", "resolve_phase_sign",
-    "robust_minmax", "preprocess_swi_phase", "preprocess_t1",
+    "robust_minmax", "anchor_mask", "normalisation_spec", "card_normalisation", "effective_normalisation",
+    "LEGACY_NORMALISATION",
+    "preprocess_swi_phase", "preprocess_t1",
     "resampling_affine", "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
     "resample_axes", "interpolate_z", "grid_spec", "card_grid", "detector_grid_shape", "to_detector_grid", "check_slice_axis",
     "check_detector_grid", "detector_input", "detector_grid_mask", "given_mask_path",
@@ -394,18 +396,99 @@ def resolve_phase_sign(setting: int | str, evidence: float, *, subject: str | No
     return sign
 
 
-def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *,
-                  subject: str | None = None, path=None) -> np.ndarray:
+#: The normalisation of models whose card does not record one (trained before
+#: ``anchor_erode_mm`` existed): percentiles over the whole brain mask.
+LEGACY_NORMALISATION = {"percentiles": [0.5, 99.5], "anchor_erode_mm": 0.0}
+
+#: Below this fraction of the brain mask left after erosion, the anchors are taken over
+#: the whole mask (a tiny or thin mask, e.g. a slab or a test volume).
+ANCHOR_MIN_FRACTION = 0.25
+
+
+def normalisation_spec(preprocess_cfg) -> dict:
+    """The intensity normalisation of a config's ``preprocess`` section, as stored in model
+    cards: ``{"percentiles": [lo, hi], "anchor_erode_mm": mm}`` (see :func:`robust_minmax`)."""
+    pct = preprocess_cfg.get("percentiles") or LEGACY_NORMALISATION["percentiles"]
+    return {"percentiles": [float(v) for v in pct],
+            "anchor_erode_mm": float(preprocess_cfg.get("anchor_erode_mm") or 0.0)}
+
+
+def card_normalisation(card_config) -> dict:
+    """The normalisation a model was trained on: its card's ``config.normalisation``, or
+    :data:`LEGACY_NORMALISATION` for cards written before it was recorded."""
+    spec = (card_config or {}).get("normalisation")
+    return normalisation_spec(spec) if spec else dict(LEGACY_NORMALISATION)
+
+
+def effective_normalisation(preprocess_cfg, cards) -> dict:
+    """The normalisation pre-processing must apply: that of the released models in ``cards``
+    (``{model folder: card}``, :func:`card_normalisation`), which must agree with each other,
+    else the config's (:func:`normalisation_spec`). A model only sees the inputs it was
+    trained on; the config's values are then ignored, with a warning when they differ.
+
+    Raises:
+        InputError: two released models were trained on different normalisations (one
+        pre-processed SWI feeds both): retrain one, or use models of the same release.
+    """
+    wanted = normalisation_spec(preprocess_cfg)
+    found = {str(name): card_normalisation((card or {}).get("config")) for name, card in dict(cards).items()}
+    if not found:
+        return wanted
+    specs = list(found.values())
+    if any(spec != specs[0] for spec in specs[1:]):
+        raise InputError("released models were trained on different intensity normalisations: "
+                         + "; ".join(f"{name}: {spec}" for name, spec in found.items())
+                         + " (one pre-processed SWI feeds both): use models of the same release")
+    if specs[0] != wanted:
+        log.warning("normalisation %s from the released model card(s) %s (config preprocess %s ignored)",
+                    specs[0], ", ".join(found), wanted)
+    return dict(specs[0])
+
+
+def anchor_mask(mask: np.ndarray, zooms=None, erode_mm: float = 0.0, *, subject: str | None = None,
+                path=None) -> np.ndarray:
+    """The voxels whose intensities set the normalisation anchors: ``mask`` eroded by
+    ``erode_mm`` millimetres (Euclidean distance to the nearest voxel outside the mask,
+    ``zooms`` the voxel sizes in mm; ``None``: 1 mm).
+
+    Why: a skull-stripping mask often keeps a rim of non-brain at the skull base and
+    the convexity (air in the sinuses, bone: near-black in SWI). When that rim is more
+    than 0.5 % of the mask it becomes the low anchor and every tissue comes out
+    brighter than in the training cohort; a few millimetres in from the edge it is gone.
+    When the erosion leaves less than :data:`ANCHOR_MIN_FRACTION` of the mask (a slab,
+    a small test volume) the whole mask is used, with a warning.
+    """
+    mask = np.asarray(mask, bool)
+    if erode_mm <= 0 or not mask.any():
+        return mask
+    sampling = None if zooms is None else [float(z) for z in zooms][:3]
+    padded = np.pad(mask, 1)  # voxels outside the image count as outside the mask
+    depth = ndimage.distance_transform_edt(padded, sampling=sampling)[1:-1, 1:-1, 1:-1]
+    inner = mask & (depth > erode_mm)
+    if inner.sum() < ANCHOR_MIN_FRACTION * mask.sum():
+        log.warning("subject %s: %s: eroding the brain mask by %g mm leaves %d of %d voxels; normalisation "
+                    "anchors taken over the whole mask", subject, path, erode_mm, int(inner.sum()), int(mask.sum()))
+        return mask
+    return inner
+
+
+def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *, zooms=None,
+                  anchor_erode_mm: float = 0.0, subject: str | None = None, path=None) -> np.ndarray:
     """Min-max normalise inside ``mask`` with robust percentiles, clipped to [0, 1], 0 outside.
+
+    The percentiles are taken over :func:`anchor_mask` (the mask eroded by
+    ``anchor_erode_mm`` mm, ``zooms`` the voxel sizes); the mapping is applied to the
+    whole mask.
 
     Returns:
         float32 ``(X, Y, Z)``.
     Raises:
         InputError: empty mask, or the image is constant inside the mask.
     """
-    inside = data[mask]
-    if inside.size == 0:
+    mask = np.asarray(mask, bool)
+    if not mask.any():
         raise InputError("brain mask is empty", subject=subject, path=path)
+    inside = data[anchor_mask(mask, zooms, anchor_erode_mm, subject=subject, path=path)]
     lo, hi = np.percentile(inside, percentiles)
     if not hi > lo:
         raise InputError(f"image is constant inside the brain mask (percentiles {percentiles} "
@@ -417,13 +500,15 @@ def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *
 
 def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *, subject=None,
                          phase_mode: str = "raw", phase_units: str = "auto", phase_sign: int | str = 1,
-                         highpass_fwhm_mm: float = 8.0, percentiles=(0.5, 99.5)) -> tuple[Path, Path]:
+                         highpass_fwhm_mm: float = 8.0, percentiles=(0.5, 99.5),
+                         anchor_erode_mm: float = 0.0) -> tuple[Path, Path]:
     """Normalised SWI and phase in the SWI grid as acquired (float32, [0, 1] in the mask, 0 outside).
 
     Phase: units -> radians; ``raw`` phase is homodyne high-pass filtered;
     multiplied by ``phase_sign`` (1, -1, or ``auto``: :func:`resolve_phase_sign`)
     so that paramagnetic sources (CMBs) are negative; then normalised like the
-    SWI (CMBs dark in both channels).
+    SWI (CMBs dark in both channels): :func:`robust_minmax` with ``percentiles`` taken
+    ``anchor_erode_mm`` inside the mask.
     """
     swi, aff = load_volume(swi_path, subject)
     phase, p_aff = load_volume(phase_path, subject)
@@ -444,18 +529,23 @@ def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *,
     log.info("subject %s: phase units %s, mode %s, sign %+d (setting %s; darkest-SWI phase evidence %.2f)",
              subject, units, phase_mode, sign, phase_sign, evidence)
     for data, src, out in ((swi, swi_path, out_swi), (rad, phase_path, out_phase)):
-        save_image(robust_minmax(data, mask, percentiles, subject=subject, path=src), aff, out, dtype=np.float32)
+        norm = robust_minmax(data, mask, percentiles, zooms=voxel_sizes(aff), anchor_erode_mm=anchor_erode_mm,
+                             subject=subject, path=src)
+        save_image(norm, aff, out, dtype=np.float32)
     return Path(out_swi), Path(out_phase)
 
 
-def preprocess_t1(t1_path, swi_path, mask_path, out_t1, *, subject=None, percentiles=(0.5, 99.5)) -> Path:
-    """T1w resampled to the SWI grid (trilinear through the affines), masked and normalised."""
+def preprocess_t1(t1_path, swi_path, mask_path, out_t1, *, subject=None, percentiles=(0.5, 99.5),
+                  anchor_erode_mm: float = 0.0) -> Path:
+    """T1w resampled to the SWI grid (trilinear through the affines), masked and normalised
+    (:func:`robust_minmax`, as the SWI)."""
     t1, t1_aff = load_volume(t1_path, subject)
     swi, aff = load_volume(swi_path, subject)
     mask_data, m_aff = load_volume(mask_path, subject)
     check_same_grid(swi.shape, aff, mask_data.shape, m_aff, subject=subject, path_b=mask_path)
     on_swi = resample_to_grid(t1, t1_aff, swi.shape, aff, order=1)
-    out = robust_minmax(on_swi, mask_data > 0, percentiles, subject=subject, path=t1_path)
+    out = robust_minmax(on_swi, mask_data > 0, percentiles, zooms=voxel_sizes(aff), anchor_erode_mm=anchor_erode_mm,
+                        subject=subject, path=t1_path)
     return save_image(out, aff, out_t1, dtype=np.float32)
 
 

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from .infer import fill_voids
 from .io import (InputError, load_volume, ras_voxel_sizes, read_tsv, reorient_like, save_image, to_canonical,
                  voxel_sizes)
-from .preprocess import resample_to_grid, to_detector_grid
+from .preprocess import normalisation_spec, resample_to_grid, to_detector_grid
 from .metrics import dice_per_class
 from .nets.blocks import fold_batchnorm
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
@@ -341,7 +341,8 @@ def _net_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     spacing = cfg.get("spacing_mm")
     return {"widths": [int(w) for w in cfg["widths"]], "in_channels": 4, "n_classes": N_CLASSES,
             "input": cfg.get("input", "swi"), "classes": list(BOMBS_CLASSES),
-            "spacing_mm": [float(v) for v in spacing] if spacing else None}
+            "spacing_mm": [float(v) for v in spacing] if spacing else None,
+            "normalisation": normalisation_spec(cfg.get("normalisation") or {})}
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:

@@ -40,7 +40,7 @@ from .data import DetectionCrops, Volume, hard_negative_points, load_volumes
 from .io import InputError, voxel_to_ras
 from .losses import ConcentrationLoss, detection_loss
 from .nets.detector import STRIDE, build_detector, preferred_memory_format
-from .preprocess import check_detector_grid, grid_spec
+from .preprocess import check_detector_grid, grid_spec, normalisation_spec
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
 __all__ = ["split_subjects", "validation_score", "train_detector", "load_detector", "operating_threshold",
@@ -117,7 +117,7 @@ def _network_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     d = cfg["detector"]
     return {"variant": d["variant"], "widths": list(d["widths"]), "in_channels": 2,
             "box_voxels": int(d["box_voxels"]), "stride": STRIDE, "crop": list(d["crop"]),
-            **_grid_entries(cfg)}
+            **_grid_entries(cfg), "normalisation": normalisation_spec(cfg["preprocess"])}
 
 
 def _grid_entries(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def _fingerprint(cfg: Mapping[str, Any], subjects: Sequence[str]) -> dict[str, A
     """What must match for a checkpoint to be resumed."""
     d = {k: v for k, v in cfg["detector"].items() if k not in _RESUMABLE}
     return {"detector": d, "subjects": list(subjects), "grid": grid_spec(cfg["preprocess"]),
-            "infer": _postprocess(cfg)}
+            "normalisation": normalisation_spec(cfg["preprocess"]), "infer": _postprocess(cfg)}
 
 
 def _rng_state() -> dict[str, Any]:

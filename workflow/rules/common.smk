@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 from microbleed.cohort import cohort_table, drop_missing, simulated_root, COLUMNS
 from microbleed.io import InputError
-from microbleed.preprocess import card_grid, grid_spec
+from microbleed.preprocess import card_grid, effective_normalisation, grid_spec
 
 validate(config, schema="../../config/schemas/config.schema.yaml", set_default=True)
 
@@ -178,6 +178,21 @@ def detector_grid():
     model = config["detector"]["model"]
     card = json.loads(Path(model, "card.json").read_text()) if model and Path(model, "card.json").is_file() else {}
     return card_grid(card.get("config") or {}, default=grid_spec(config["preprocess"]))
+
+
+def _released_cards():
+    """``{model folder: card}`` of the released models the config names (detector.model, segmenter.model)."""
+    cards = {}
+    for section in ("detector", "segmenter"):
+        model = config[section].get("model")
+        if model and Path(model, "card.json").is_file():
+            cards[model] = json.loads(Path(model, "card.json").read_text())
+    return cards
+
+
+# Intensity normalisation of the preprocess rules: the released models' (their cards), else the
+# config's; models trained here record it in their cards (microbleed.preprocess.effective_normalisation).
+NORMALISATION = effective_normalisation(config["preprocess"], _released_cards())
 
 
 def segmenter_dir(segin=None):

@@ -46,7 +46,8 @@ rule preprocess:
         phase_units=lambda wc: cohort_option(wc.cohort, "phase_units"),
         phase_sign=lambda wc: cohort_option(wc.cohort, "phase_sign"),
         highpass_fwhm_mm=config["preprocess"]["highpass_fwhm_mm"],
-        percentiles=config["preprocess"]["percentiles"],
+        percentiles=NORMALISATION["percentiles"],
+        anchor_erode_mm=NORMALISATION["anchor_erode_mm"],
     log:
         log_path("preprocess", "{cohort}", "{subject}"),
     benchmark:
@@ -69,7 +70,8 @@ rule preprocess_t1:
     output:
         t1=sub_path("{cohort}", "{subject}", "desc-preproc_T1w.nii.gz", "preproc/sub-{subject}"),
     params:
-        percentiles=config["preprocess"]["percentiles"],
+        percentiles=NORMALISATION["percentiles"],
+        anchor_erode_mm=NORMALISATION["anchor_erode_mm"],
     log:
         log_path("preprocess_t1", "{cohort}", "{subject}"),
     benchmark:

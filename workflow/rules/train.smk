@@ -24,7 +24,8 @@ rule train_segmenter:
             s for s in subjects(config["train_cohort"])
             if wc.segin == "swi" or has_file(config["train_cohort"], s, "t1")
         ],
-        cfg=lambda wc: {**{k: v for k, v in config["segmenter"].items() if k not in INFERENCE_ONLY_SEGMENTER_KEYS}, "input": wc.segin},
+        cfg=lambda wc: {**{k: v for k, v in config["segmenter"].items() if k not in INFERENCE_ONLY_SEGMENTER_KEYS},
+                        "input": wc.segin, "normalisation": NORMALISATION},
         device=config["device"],
     log:
         log_path("train_segmenter", "{segin}"),
@@ -58,7 +59,8 @@ rule train_detector:
         cohort=config["train_cohort"],
         cfg=lambda wc: {
             "detector": {**config["detector"], "variant": wc.variant.replace("-", "+")},
-            "preprocess": {k: config["preprocess"].get(k) for k in ("z_slices", "detector_spacing_mm")},
+            "preprocess": {**{k: config["preprocess"].get(k) for k in ("z_slices", "detector_spacing_mm")},
+                           **NORMALISATION},
             "evaluate": {"hit_radius_mm": config["evaluate"]["hit_radius_mm"]},
             # validation candidates are post-processed as the detect rule does (operating threshold);
             # the keys of microbleed.train.POSTPROCESS_KEYS (not imported here: torch at parse time)
