@@ -48,7 +48,7 @@ from microbleed.infer import (_window_for, candidates_table, detect_volume, dete
                               dark_voxels, prune, tiles_to_run)
 from microbleed.nets.detector import build_detector
 from microbleed.preprocess import card_grid, grid_spec, normalisation_spec
-from microbleed.nets.segmenter import build_segmenter, coordinate_channels
+from microbleed.nets.segmenter import build_segmenter, coordinate_channels, coordinate_frame
 from microbleed.runtime import PeakMemory, provenance, seed_everything, select_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,8 @@ def networks(widths_det, widths_seg, device, models: Path):
 
 def segment_monai(model, image, device, roi):
     from monai.inferers import sliding_window_inference
-    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(image.shape)]))[None].to(device)
+    frame = coordinate_frame(image, getattr(model, "coordinates", "volume"))
+    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(image.shape, frame=frame)]))[None].to(device)
     with torch.no_grad():
         return sliding_window_inference(x, tuple(min(r, s) for r, s in zip(roi, image.shape)), 1,
                                         model).argmax(1)[0].to(torch.uint8).cpu().numpy()

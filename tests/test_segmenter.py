@@ -9,7 +9,7 @@ import torch
 
 from microbleed import segment
 from microbleed.io import InputError, save_image
-from microbleed.nets.segmenter import build_segmenter, coordinate_channels
+from microbleed.nets.segmenter import build_segmenter, coordinate_channels, coordinate_frame
 from microbleed.segment import (class_centres, crop_coordinates, crop_start,
                                 load_segmenter, make_loss, sample_crops, segment_volume, split_subjects,
                                 train_segmenter, load_training_subject)
@@ -118,6 +118,71 @@ def test_scaled_crop_samples_image_labels_and_coordinates_at_the_same_positions(
     np.testing.assert_allclose(spans, [(k - 1) * round(k * z) / k for k, z in zip(crop, zoom)], atol=1e-4)
 
 
+def _head(shape, offset):
+    """A box of 'brain' (nonzero) of 20 x 16 x 8 voxels at ``offset`` in an array of ``shape``."""
+    image = np.zeros(shape, np.float32)
+    image[offset[0]:offset[0] + 20, offset[1]:offset[1] + 16, offset[2]:offset[2] + 8] = 0.5
+    return image
+
+
+def test_brain_frame_follows_the_head_not_the_field_of_view():
+    shape = (40, 36, 20)
+    a, b = _head(shape, (4, 6, 2)), _head(shape, (15, 12, 10))    # the same head, moved in the FOV
+    ca = coordinate_channels(shape, frame=coordinate_frame(a, "brain"))
+    cb = coordinate_channels(shape, frame=coordinate_frame(b, "brain"))
+    np.testing.assert_allclose(ca[:, 4:24, 6:22, 2:10], cb[:, 15:35, 12:28, 10:18], atol=1e-6)
+    assert abs(ca[0, 4, 6, 2]) < 0.05 and abs(ca[0, 23, 6, 2] - 1) < 0.05      # about 0..1 over the brain
+    # the volume frame (the paper's) gives the same voxel of the head other values once it moves
+    cv_a, cv_b = coordinate_channels(shape), coordinate_channels(shape, frame=coordinate_frame(b, "volume"))
+    assert np.abs(cv_a[:, 4:24, 6:22, 2:10] - cv_b[:, 15:35, 12:28, 10:18]).max() > 0.25
+    np.testing.assert_allclose(cv_b, cv_a)
+    # no brain: the volume frame; an unknown mode is refused
+    np.testing.assert_allclose(coordinate_channels(shape, frame=coordinate_frame(np.zeros(shape), "brain")), cv_a)
+    with pytest.raises(ValueError, match="coordinates"):
+        coordinate_frame(a, "head")
+
+
+@pytest.mark.parametrize("zoom", [(1.0, 1.0, 1.0), (1.25, 0.8, 1.1)])
+def test_training_crops_carry_the_subjects_frame(zoom):
+    shape, crop = (40, 36, 20), (16, 16, 8)
+    image = _head(shape, (15, 12, 10))
+    labels = (image > 0).astype(np.uint8)
+    frame = coordinate_frame(image, "brain")
+    sub = segment.SegSubject("001", image, labels, class_centres(labels), frame=frame)
+    _, coords, _ = segment.scaled_crop(sub, (25, 20, 14), crop, zoom)
+    plain = segment.SegSubject("001", image, labels, class_centres(labels))
+    _, vcoords, _ = segment.scaled_crop(plain, (25, 20, 14), crop, zoom)
+    # both name the same sampled positions, each in its own frame
+    pos = vcoords * (np.array(shape)[:, None, None, None] - 1)
+    np.testing.assert_allclose(coords, (pos - frame[0][:, None, None, None]) / frame[1][:, None, None, None],
+                               atol=1e-4)
+
+
+def test_inference_uses_the_models_frame():
+    """segment_probabilities feeds the coordinate channels in the frame the model was trained with."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, coordinates):
+            super().__init__()
+            self.coordinates = coordinates
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return torch.zeros(x.shape[0], 4, *x.shape[2:]) + self.w
+
+    shape = (40, 36, 20)
+    image = _head(shape, (15, 12, 10))
+    for mode in ("brain", "volume"):
+        seen.clear()
+        segment.segment_probabilities(Probe(mode), image, "cpu", window=shape, fold_bn=False)
+        got = seen[0][0, 1:].numpy()
+        np.testing.assert_allclose(got, coordinate_channels(shape, frame=coordinate_frame(image, mode)), atol=1e-6)
+    assert build_segmenter({"widths": [2, 4], "coordinates": "brain"}).coordinates == "brain"
+    assert build_segmenter({"widths": [2, 4]}).coordinates == "volume"
+
+
 def test_scale_augmentation_draws_zooms_within_range():
     shape, crop = (48, 48, 24), (16, 16, 8)
     image, labels = phantom(shape)
@@ -213,8 +278,10 @@ def test_label_grid_mismatch_names_subject(tmp_path):
 # --------------------------------------------------------------------------- training
 def test_train_writes_model_card_and_log(tmp_path):
     inputs = write_cohort(tmp_path / "data")
-    card = train_segmenter(inputs, tmp_path / "model", dict(TINY, normalisation={"anchor_erode_mm": 3}), "cpu")
+    card = train_segmenter(inputs, tmp_path / "model", dict(TINY, normalisation={"anchor_erode_mm": 3},
+                                                           coordinates="brain"), "cpu")
     assert card["config"]["normalisation"] == {"percentiles": [0.5, 99.5], "anchor_erode_mm": 3.0}
+    assert card["config"]["coordinates"] == "brain"
     assert set(card["validation_dice"]) == {"none", "lobar", "deep", "infratentorial", "total"}
     # class offsets fitted on the validation volumes: none fixed at 0, never worse than the plain arg-max there
     assert len(card["class_offsets"]) == 4 and card["class_offsets"][0] == 0.0
@@ -226,7 +293,7 @@ def test_train_writes_model_card_and_log(tmp_path):
     rows = (tmp_path / "model" / "train_log.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + TINY["epochs"]
     model = load_segmenter(tmp_path / "model", "cpu")
-    assert not model.training
+    assert not model.training and model.coordinates == "brain"
     out = segment_volume(model, phantom()[0], "cpu", window=(24, 24, 12))
     assert out.shape == (32, 36, 16) and out.dtype == np.uint8 and out.max() <= 3
 

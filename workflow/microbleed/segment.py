@@ -56,7 +56,7 @@ from .io import (InputError, load_volume, ras_voxel_sizes, read_tsv, reorient_li
 from .preprocess import normalisation_spec, resample_to_grid, to_detector_grid
 from .metrics import dice_per_class
 from .nets.blocks import fold_batchnorm
-from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels
+from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels, coordinate_frame, volume_frame
 from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save_checkpoint, seed_everything,
                       select_device, write_card)
 
@@ -85,6 +85,8 @@ class SegSubject:
         labels: ``(X, Y, Z)`` uint8 BOMBS codes.
         centres: flat voxel indices of the crop-centre strata (:func:`class_centres`).
         voxel_mm: voxel sizes ``(3,)`` in mm of the network grid, RAS axis order (``None``: unknown).
+        frame: ``(origin, span)`` of the coordinate channels (:func:`coordinate_frame`;
+            ``None``: the whole volume).
     """
 
     subject: str
@@ -92,6 +94,7 @@ class SegSubject:
     labels: np.ndarray
     centres: list[np.ndarray]
     voxel_mm: tuple[float, float, float] | None = None
+    frame: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def class_centres(labels: np.ndarray) -> list[np.ndarray]:
@@ -131,9 +134,10 @@ def network_grid(data: np.ndarray, affine: np.ndarray, spacing_mm: Sequence[floa
 
 
 def load_training_subject(subject: str, image_path: str | Path, bombs_path: str | Path,
-                          spacing_mm: Sequence[float] | None = None) -> SegSubject:
+                          spacing_mm: Sequence[float] | None = None, coordinates: str = "volume") -> SegSubject:
     """Read the structural image and its BOMBS map (same grid), validated, both reordered to RAS
-    and, with ``spacing_mm``, resampled to that voxel size (:func:`network_grid`).
+    and, with ``spacing_mm``, resampled to that voxel size (:func:`network_grid`); the frame of
+    its coordinate channels is ``coordinates`` (:func:`coordinate_frame`, on that grid).
 
     The network always sees RAS-ordered volumes (:func:`microbleed.io.to_canonical`),
     so the coordinate channels mean the same anatomy for every cohort orientation.
@@ -153,7 +157,7 @@ def load_training_subject(subject: str, image_path: str | Path, bombs_path: str 
     image, net_aff = network_grid(image, aff, spacing_mm)
     labels, _ = network_grid(labels.astype(np.uint8), aff, spacing_mm, order=0)
     return SegSubject(subject, image.astype(np.float32), labels, class_centres(labels),
-                      tuple(round(float(v), 4) for v in voxel_sizes(net_aff)))
+                      tuple(round(float(v), 4) for v in voxel_sizes(net_aff)), coordinate_frame(image, coordinates))
 
 
 def voxel_range(sizes: Sequence[Sequence[float] | None]) -> dict[str, list[float]] | None:
@@ -202,12 +206,15 @@ def crop_start(centre: Sequence[int], crop: Sequence[int], shape: Sequence[int])
     return tuple(int(min(max(c - k // 2, 0), s - k)) for c, k, s in zip(centre, crop, shape))
 
 
-def crop_coordinates(start: Sequence[int], crop: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+def crop_coordinates(start: Sequence[int], crop: Sequence[int], shape: Sequence[int],
+                     frame: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Coordinate channels ``(3, *crop)`` of the crop at ``start`` of a whole volume of ``shape``.
 
-    Equal to ``coordinate_channels(shape)[:, x0:x1, y0:y1, z0:z1]`` without building the whole array.
+    Equal to ``coordinate_channels(shape, frame=frame)[:, x0:x1, y0:y1, z0:z1]`` without
+    building the whole array.
     """
-    axes = [(np.arange(a, a + k, dtype=np.float32) / max(s - 1, 1)) for a, k, s in zip(start, crop, shape)]
+    origin, span = frame if frame is not None else volume_frame(shape)
+    axes = [((np.arange(a, a + k) - o) / sp).astype(np.float32) for a, k, o, sp in zip(start, crop, origin, span)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=0)
 
 
@@ -246,7 +253,7 @@ def scaled_crop(sub: SegSubject, centre: Sequence[int], crop: Sequence[int], zoo
     around ``centre`` like :func:`crop_start`, and sampled at ``crop`` evenly spaced
     positions ``start + (i + 0.5) * src / crop - 0.5``: the image trilinearly, the
     labels at the nearest voxel, the coordinate channels at the very same positions
-    (``position / (shape - 1)``, as :func:`coordinate_channels`). ``zoom > 1``: the
+    (``(position - origin) / span`` of ``sub.frame``, as :func:`coordinate_channels`). ``zoom > 1``: the
     anatomy looks as if acquired with coarser voxels. ``zoom == 1`` is the plain crop.
 
     Returns:
@@ -257,13 +264,14 @@ def scaled_crop(sub: SegSubject, centre: Sequence[int], crop: Sequence[int], zoo
     start = crop_start(centre, src, shape)
     if list(src) == [int(k) for k in crop]:
         box = tuple(slice(a, a + k) for a, k in zip(start, crop))
-        return sub.image[box], crop_coordinates(start, crop, shape), sub.labels[box]
+        return sub.image[box], crop_coordinates(start, crop, shape, sub.frame), sub.labels[box]
     axes = [a + (np.arange(k) + 0.5) * (m / k) - 0.5 for a, k, m in zip(start, crop, src)]
     axes = [np.clip(ax, 0, s - 1) for ax, s in zip(axes, shape)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"))
     image = ndimage.map_coordinates(sub.image, grid, order=1, mode="nearest").astype(np.float32)
     labels = sub.labels[tuple(np.rint(g).astype(np.intp) for g in grid)]
-    coords = np.stack([g / max(s - 1, 1) for g, s in zip(grid, shape)]).astype(np.float32)
+    origin, span = sub.frame if sub.frame is not None else volume_frame(shape)
+    coords = np.stack([(g - o) / sp for g, o, sp in zip(grid, origin, span)]).astype(np.float32)
     return image, coords, labels
 
 
@@ -342,7 +350,8 @@ def _net_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"widths": [int(w) for w in cfg["widths"]], "in_channels": 4, "n_classes": N_CLASSES,
             "input": cfg.get("input", "swi"), "classes": list(BOMBS_CLASSES),
             "spacing_mm": [float(v) for v in spacing] if spacing else None,
-            "normalisation": normalisation_spec(cfg.get("normalisation") or {})}
+            "normalisation": normalisation_spec(cfg.get("normalisation") or {}),
+            "coordinates": str(cfg.get("coordinates") or "volume")}
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -493,7 +502,8 @@ def _prepare(inputs, cfg) -> tuple[list[SegSubject], list[SegSubject], tuple[int
         raise InputError("segmenter training got no subjects")
     train_ids, val_ids = split_subjects([s for s, _, _ in inputs], float(cfg["validation_fraction"]),
                                         int(cfg["seed"]))
-    data = {s: load_training_subject(s, img, lab, cfg.get("spacing_mm")) for s, img, lab in inputs}
+    data = {s: load_training_subject(s, img, lab, cfg.get("spacing_mm"), cfg.get("coordinates") or "volume")
+            for s, img, lab in inputs}
     shapes = np.array([d.labels.shape for d in data.values()])
     crop = tuple(int(k) for k in np.minimum(np.asarray(cfg["crop"]), shapes.min(axis=0)))
     return [data[s] for s in train_ids], [data[s] for s in val_ids], crop
@@ -772,7 +782,9 @@ def segment_probabilities(model: torch.nn.Module, image: np.ndarray, device: str
 
     Args:
         model: a segmenter (:func:`load_segmenter`).
-        image: ``(X, Y, Z)`` float32 pre-processed structural image (SWI grid, voxel ijk order).
+        image: ``(X, Y, Z)`` float32 pre-processed structural image (SWI grid, voxel ijk order);
+            its coordinate channels are in the frame the model was trained with (its
+            ``coordinates`` attribute, :func:`coordinate_frame`).
         window: window size in voxels; cut to the volume size along short axes (so no padding
             is needed); any size works, the network is fully convolutional.
         overlap: fraction of a window shared with its neighbour along each axis.
@@ -791,8 +803,9 @@ def segment_probabilities(model: torch.nn.Module, image: np.ndarray, device: str
     if image.ndim != 3:
         raise ValueError(f"image must be (X, Y, Z), got shape {image.shape}")
     device = device if isinstance(device, torch.device) else select_device(device)
+    frame = coordinate_frame(image, getattr(model, "coordinates", "volume"))
     model = fold_batchnorm(model.eval()).to(memory_format=CHANNELS_LAST) if fold_bn else model.eval()
-    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(image.shape)]))[None].to(device)
+    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(image.shape, frame=frame)]))[None].to(device)
     roi = tuple(int(min(w, s)) for w, s in zip(window, image.shape))
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:

@@ -29,21 +29,63 @@ from torch import nn
 from ..anatomy import BOMBS_NAMES
 from .blocks import ConvBlock, UpBlock
 
-__all__ = ["BOMBS_CLASSES", "UNet3D", "build_segmenter", "coordinate_channels"]
+__all__ = ["BOMBS_CLASSES", "COORDINATE_FRAMES", "UNet3D", "build_segmenter", "coordinate_channels",
+           "coordinate_frame", "volume_frame"]
+
+#: What the coordinate channels are relative to (config ``segmenter.coordinates``): ``volume``,
+#: the whole array (the paper); ``brain``, the extent of the brain in it (:func:`coordinate_frame`).
+COORDINATE_FRAMES = ("volume", "brain")
+
+#: Percentiles of the brain voxels' indices along each axis that span the ``brain`` frame
+#: (a few stray mask voxels far off do not stretch it).
+BRAIN_FRAME_PERCENTILES = (0.5, 99.5)
 
 #: Output channel names, index = BOMBS code (from :data:`microbleed.anatomy.BOMBS_NAMES`).
 BOMBS_CLASSES = tuple(BOMBS_NAMES[c] for c in sorted(BOMBS_NAMES))
 
 
-def coordinate_channels(shape: Sequence[int], dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """Absolute normalised voxel positions of a whole volume.
+def volume_frame(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``volume`` frame of :func:`coordinate_frame` for an array of ``shape``: origin 0,
+    span ``shape - 1`` (at least 1)."""
+    return np.zeros(3), np.maximum(np.asarray(shape[:3], dtype=float) - 1.0, 1.0)
+
+
+def coordinate_frame(image: np.ndarray, mode: str = "volume") -> tuple[np.ndarray, np.ndarray]:
+    """Origin and span (voxels, per array axis) that map voxel indices to coordinate channels.
+
+    ``volume`` (the paper): origin 0, span ``shape - 1``, so the channels run 0..1 over the
+    whole array. ``brain``: the 0.5th and 99.5th percentiles of the indices of the image's
+    nonzero voxels (a pre-processed image is 0 outside the brain mask), so the channels run
+    about 0..1 over the brain wherever the head lies in the field of view and whatever its
+    size; voxels outside it get values below 0 or above 1. An image without nonzero
+    voxels falls back to ``volume``.
+
+    Returns:
+        ``(origin (3,) float64, span (3,) float64)``, span >= 1.
+    """
+    volume = volume_frame(np.shape(image))
+    if mode == "volume":
+        return volume
+    if mode != "brain":
+        raise ValueError(f"coordinates must be one of {COORDINATE_FRAMES}, got {mode!r}")
+    idx = np.nonzero(np.asarray(image) != 0)
+    if idx[0].size == 0:
+        return volume
+    lo_hi = np.array([np.percentile(i, BRAIN_FRAME_PERCENTILES) for i in idx])
+    return lo_hi[:, 0], np.maximum(lo_hi[:, 1] - lo_hi[:, 0], 1.0)
+
+
+def coordinate_channels(shape: Sequence[int], dtype: np.dtype | type = np.float32,
+                        frame: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Normalised voxel positions of a whole volume.
 
     Args:
         shape: ``(X, Y, Z)`` of the whole volume (voxel ijk order).
+        frame: ``(origin, span)`` of :func:`coordinate_frame`; ``None``: the volume frame.
     Returns:
-        ``(3, X, Y, Z)`` array; channel ``a`` holds ``index_a / (shape[a] - 1)``
-        (0 at the first voxel, 1 at the last; 0 everywhere along an axis of size 1).
-        A crop ``[x0:x1, y0:y1, z0:z1]`` of this array is the crop's own
+        ``(3, X, Y, Z)`` array; channel ``a`` holds ``(index_a - origin_a) / span_a``
+        (volume frame: 0 at the first voxel, 1 at the last; 0 everywhere along an axis of
+        size 1). A crop ``[x0:x1, y0:y1, z0:z1]`` of this array is the crop's own
         position in the whole volume.
 
     Example:
@@ -52,7 +94,10 @@ def coordinate_channels(shape: Sequence[int], dtype: np.dtype | type = np.float3
     """
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be 3 positive ints (X, Y, Z), got {tuple(shape)}")
-    axes = [np.linspace(0.0, 1.0, n, dtype=dtype) if n > 1 else np.zeros(1, dtype=dtype) for n in shape]
+    if frame is None:
+        axes = [np.linspace(0.0, 1.0, n, dtype=dtype) if n > 1 else np.zeros(1, dtype=dtype) for n in shape]
+    else:
+        axes = [((np.arange(n) - o) / sp).astype(dtype) for n, o, sp in zip(shape, *frame)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=0)
 
 
@@ -64,12 +109,18 @@ class UNet3D(nn.Module):
             ``len(widths) - 1`` poolings.
         in_channels: input channels (4: structural + 3 coordinates).
         n_classes: output channels (4 BOMBS classes).
+        coordinates: the frame of the coordinate channels it is trained with (an attribute
+            the inference functions read: :func:`coordinate_frame`).
 
     ``forward(x (B, C_in, D, H, W)) -> logits (B, n_classes, D, H, W)`` for any D, H, W >= 1.
     """
 
-    def __init__(self, widths: Sequence[int], in_channels: int = 4, n_classes: int = 4):
+    def __init__(self, widths: Sequence[int], in_channels: int = 4, n_classes: int = 4,
+                 coordinates: str = "volume"):
         super().__init__()
+        if coordinates not in COORDINATE_FRAMES:
+            raise ValueError(f"coordinates must be one of {COORDINATE_FRAMES}, got {coordinates!r}")
+        self.coordinates = coordinates
         widths = [int(w) for w in widths]
         if len(widths) < 2 or min(widths) < 1:
             raise ValueError(f"widths must hold >= 2 positive ints, got {widths}")
@@ -113,12 +164,14 @@ def build_segmenter(cfg: Mapping[str, Any]) -> UNet3D:
 
     Args:
         cfg: ``widths`` (list of ints), ``in_channels`` (default 4), ``n_classes``
-            (default 4); other keys are ignored (the training config may be passed).
+            (default 4), ``coordinates`` (default ``volume``); other keys are ignored (the
+            training config may be passed).
     Returns:
         An :class:`UNet3D` in ``torch.channels_last_3d`` memory format (conv3d runs
         about 2x faster on the CPU in that layout).
     """
     if "widths" not in cfg:
         raise ValueError(f"segmenter config needs 'widths', got keys {sorted(cfg)}")
-    net = UNet3D(cfg["widths"], int(cfg.get("in_channels", 4)), int(cfg.get("n_classes", 4)))
+    net = UNet3D(cfg["widths"], int(cfg.get("in_channels", 4)), int(cfg.get("n_classes", 4)),
+                 str(cfg.get("coordinates") or "volume"))
     return net.to(memory_format=torch.channels_last_3d)
