@@ -19,15 +19,22 @@ import yaml
 
 from microbleed.segment import train_segmenter
 from microbleed.io import preproc_path, preproc_subjects
+from microbleed.preprocess import normalisation_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(spacing: str, out_dir: Path, results: Path, cohort: str = "bench-train", lesions: str | None = None,
-         settings: dict | None = None) -> dict:
+         settings: dict | None = None, anchor_erode_mm: float | None = None) -> dict:
+    """``anchor_erode_mm``: the normalisation the images of ``results`` were pre-processed with,
+    recorded in the card (``None``: config.yaml's ``preprocess``, as the workflow would have run)."""
+    preprocess = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["preprocess"]
+    if anchor_erode_mm is not None:
+        preprocess["anchor_erode_mm"] = float(anchor_erode_mm)
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["segmenter"]
     cfg.update(yaml.safe_load((ROOT / "config" / "benchmark.yaml").read_text())["segmenter"])
     cfg["spacing_mm"] = None if spacing == "none" else [float(v) for v in spacing.split(",")]
+    cfg["normalisation"] = normalisation_spec(preprocess)
     if lesions is not None:
         cfg["augment_lesions"] = lesions == "on"
     schema = yaml.safe_load((ROOT / "config" / "schemas" / "config.schema.yaml").read_text())
@@ -57,7 +64,11 @@ if __name__ == "__main__":
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="other segmenter keys, the value read as YAML (e.g. ema_decay=0.995)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--anchor-erode-mm", type=float, default=None,
+                    help="preprocess.anchor_erode_mm the results' images were normalised with, for the card "
+                         "(default: config.yaml's; 0 for results made before 2026-12-03)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    main(args.spacing, Path(args.out_dir), Path(args.results), lesions=args.lesions, settings=settings)
+    main(args.spacing, Path(args.out_dir), Path(args.results), lesions=args.lesions, settings=settings,
+         anchor_erode_mm=args.anchor_erode_mm)

@@ -85,7 +85,8 @@ def model_rows(model: Path, args) -> list[dict]:
     recal = int(training.get("bn_recalibration_crops", 0) or 0)
 
     def load(cohort, ids):
-        return [load_training_subject(s, *subject_paths(args.results, cohort, s, image), training.get("spacing_mm"))
+        return [load_training_subject(s, *subject_paths(args.results, cohort, s, image), training.get("spacing_mm"),
+                                      card["config"].get("coordinates") or "volume")
                 for s in ids]
 
     train = load(args.cohort, card["train_subjects"])

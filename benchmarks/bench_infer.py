@@ -117,16 +117,17 @@ def make_head(cache: Path, cfg: dict, grid: dict, seed: int = 2026) -> dict:
     if not Path(paths["brain_mask"]).exists():
         simulate_subject(cache, sub, "cmb", seed, cfg["acquisitions"]["paper"], threads=2)
     tag = "x".join(f"{v:g}" for v in grid["spacing_mm"]) + "mm" if "spacing_mm" in grid else f"z{grid['z_slices']}"
-    pre = {k: cache / f"sub-{sub}_desc-{k}.nii.gz" for k in ("preproc_swi", "preproc_phase")}
-    pre["detector_input"] = cache / f"sub-{sub}_grid-{tag}_desc-detector_input.nii.gz"
     p = cfg["preprocess"]
+    norm = normalisation_spec(p)   # in the file names: a cache of another normalisation is not reused
+    ntag = "p{:g}-{:g}e{:g}".format(*norm["percentiles"], norm["anchor_erode_mm"])
+    pre = {k: cache / f"sub-{sub}_norm-{ntag}_desc-{k}.nii.gz" for k in ("preproc_swi", "preproc_phase")}
+    pre["detector_input"] = cache / f"sub-{sub}_norm-{ntag}_grid-{tag}_desc-detector_input.nii.gz"
     if not pre["preproc_swi"].exists():
         preprocess_swi_phase(paths["swi"], paths["phase"], paths["brain_mask"], pre["preproc_swi"],
                              pre["preproc_phase"], subject=sub, phase_mode=p["phase"], phase_units=p["phase_units"],
                              phase_sign=p["phase_sign"] if p["phase_sign"] == "auto" else int(p["phase_sign"]),
                              highpass_fwhm_mm=float(p["highpass_fwhm_mm"]),
-                             percentiles=tuple(normalisation_spec(p)["percentiles"]),
-                             anchor_erode_mm=normalisation_spec(p)["anchor_erode_mm"])
+                             percentiles=tuple(norm["percentiles"]), anchor_erode_mm=norm["anchor_erode_mm"])
     if not pre["detector_input"].exists():
         detector_input(pre["preproc_swi"], pre["preproc_phase"], pre["detector_input"], grid, sub)
     swi, aff = load_volume(pre["preproc_swi"], sub)

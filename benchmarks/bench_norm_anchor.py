@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
 from microbleed.cohort import simulated_root  # noqa: E402
-from microbleed.io import load_image, load_volume, preproc_subjects, write_tsv  # noqa: E402
+from microbleed.io import load_image, load_volume, preproc_subjects, voxel_sizes, write_tsv  # noqa: E402
 from microbleed.metrics import dice_per_class  # noqa: E402
-from microbleed.preprocess import robust_minmax  # noqa: E402
+from microbleed.preprocess import anchor_mask, card_normalisation, robust_minmax  # noqa: E402
 from microbleed.runtime import read_card  # noqa: E402
 from microbleed.segment import inference_spacing, load_segmenter, segment_image  # noqa: E402
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cohort", required=True)
     ap.add_argument("--model", type=Path, required=True, help="SWI segmenter folder (model.pt + card.json)")
     ap.add_argument("--low", type=float, nargs="+", default=[0.5, 2.0], help="low anchor percentiles tried")
+    ap.add_argument("--anchor-erode-mm", type=float, default=None,
+                    help="anchors taken this far inside the mask (default: the model card's normalisation)")
     ap.add_argument("--subjects", nargs="*", default=None, help="default: every subject of the cohort")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if (card.get("config") or {}).get("input", "swi") != "swi":
         raise SystemExit(f"{args.model}: not an SWI segmenter")
     model, offsets = load_segmenter(args.model, "cpu"), card.get("class_offsets")
+    trained = card_normalisation(card.get("config"))
+    erode = trained["anchor_erode_mm"] if args.anchor_erode_mm is None else float(args.anchor_erode_mm)
     root = simulated_root(args.cohort, args.results)
     rows = []
     for sub in args.subjects or preproc_subjects(args.results, args.cohort):
@@ -66,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         truth = load_volume(args.results / args.cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz", sub,
                             dtype=np.int16, allow_zero=True)[0]
         spacing = inference_spacing(card, img.affine)
+        inner = anchor_mask(mask, voxel_sizes(img.affine), erode, subject=sub)
         for low in args.low:
-            norm = robust_minmax(raw, mask, (low, 99.5), subject=sub)
+            norm = robust_minmax(raw, mask, (low, 99.5), zooms=voxel_sizes(img.affine), anchor_erode_mm=erode,
+                                 subject=sub)
             pred = segment_image(model, norm, img.affine, spacing_mm=spacing, offsets=offsets)
             d = dice_per_class(pred, truth)
             rows.append({"subject": sub, "low_percentile": low,
-                         "raw_low_anchor": round(float(np.percentile(raw[mask], low)), 3),
+                         "raw_low_anchor": round(float(np.percentile(raw[inner], low)), 3),
                          **{k: round(v, 3) for k, v in d.items() if k != "none"}})
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
@@ -82,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
           f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
           f"- machine: {platform.node()} ({platform.machine()}, {torch.get_num_threads()} threads)",
           f"- command: `{command}`",
-          "- raw_low_anchor: the raw SWI value at that percentile inside the brain mask; Dice per subject, "
-          "the card's grid and class offsets as in the `segment` rule; the model was trained with 0.5.", "",
+          f"- raw_low_anchor: the raw SWI value at that percentile inside the brain mask eroded by {erode:g} mm; "
+          "Dice per subject, the card's grid and class offsets as in the `segment` rule; the model was trained "
+          f"with {trained}.", "",
           table.to_markdown(index=False), ""]
     (args.out / f"{args.stem}.md").write_text("\n".join(md))
     return 0

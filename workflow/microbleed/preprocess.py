@@ -473,12 +473,14 @@ def anchor_mask(mask: np.ndarray, zooms=None, erode_mm: float = 0.0, *, subject:
 
 
 def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *, zooms=None,
-                  anchor_erode_mm: float = 0.0, subject: str | None = None, path=None) -> np.ndarray:
+                  anchor_erode_mm: float = 0.0, anchor: np.ndarray | None = None, subject: str | None = None,
+                  path=None) -> np.ndarray:
     """Min-max normalise inside ``mask`` with robust percentiles, clipped to [0, 1], 0 outside.
 
     The percentiles are taken over :func:`anchor_mask` (the mask eroded by
     ``anchor_erode_mm`` mm, ``zooms`` the voxel sizes); the mapping is applied to the
-    whole mask.
+    whole mask. ``anchor``: that eroded mask when already computed (several images of one
+    subject), instead of ``zooms`` / ``anchor_erode_mm``.
 
     Returns:
         float32 ``(X, Y, Z)``.
@@ -488,7 +490,9 @@ def robust_minmax(data: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5), *
     mask = np.asarray(mask, bool)
     if not mask.any():
         raise InputError("brain mask is empty", subject=subject, path=path)
-    inside = data[anchor_mask(mask, zooms, anchor_erode_mm, subject=subject, path=path)]
+    if anchor is None:
+        anchor = anchor_mask(mask, zooms, anchor_erode_mm, subject=subject, path=path)
+    inside = data[anchor]
     lo, hi = np.percentile(inside, percentiles)
     if not hi > lo:
         raise InputError(f"image is constant inside the brain mask (percentiles {percentiles} "
@@ -528,9 +532,9 @@ def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *,
     rad = rad * float(sign)
     log.info("subject %s: phase units %s, mode %s, sign %+d (setting %s; darkest-SWI phase evidence %.2f)",
              subject, units, phase_mode, sign, phase_sign, evidence)
+    anchor = anchor_mask(mask, voxel_sizes(aff), anchor_erode_mm, subject=subject, path=mask_path)
     for data, src, out in ((swi, swi_path, out_swi), (rad, phase_path, out_phase)):
-        norm = robust_minmax(data, mask, percentiles, zooms=voxel_sizes(aff), anchor_erode_mm=anchor_erode_mm,
-                             subject=subject, path=src)
+        norm = robust_minmax(data, mask, percentiles, anchor=anchor, subject=subject, path=src)
         save_image(norm, aff, out, dtype=np.float32)
     return Path(out_swi), Path(out_phase)
 

@@ -4,7 +4,9 @@ Input ``(B, 4, D, H, W)``: channel 0 is the pre-processed SWI or T1w (values in
 [0, 1]), channels 1-3 are the absolute position of each voxel in the *whole*
 volume along the three array axes, normalised to [0, 1]
 (:func:`coordinate_channels`), cropped together with the image so that a crop
-knows where in the head it lies (paper section 2.4.2.1). ``D, H, W`` are the
+knows where in the head it lies (paper section 2.4.2.1); or, in the ``brain``
+frame (:func:`coordinate_frame`), the position within the brain's extent, which
+does not move with the head's place in the field of view. ``D, H, W`` are the
 array axes of the NIfTI volume (voxel i, j, k), in that order.
 
 Output ``(B, 4, D, H, W)``: logits in class order [none, lobar, deep,
