@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from microbleed.segment import train_segmenter
-from microbleed.io import preproc_path, preproc_subjects
+from microbleed.io import labels_path, preproc_path, preproc_subjects
 from microbleed.preprocess import normalisation_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +28,11 @@ def main(spacing: str, out_dir: Path, results: Path, cohort: str = "bench-train"
          settings: dict | None = None, anchor_erode_mm: float | None = None) -> dict:
     """``anchor_erode_mm``: the normalisation the images of ``results`` were pre-processed with,
     recorded in the card (``None``: config.yaml's ``preprocess``, as the workflow would have run)."""
-    preprocess = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["preprocess"]
+    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    preprocess = base["preprocess"]
     if anchor_erode_mm is not None:
         preprocess["anchor_erode_mm"] = float(anchor_erode_mm)
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["segmenter"]
+    cfg = base["segmenter"]
     cfg.update(yaml.safe_load((ROOT / "config" / "benchmark.yaml").read_text())["segmenter"])
     cfg["spacing_mm"] = None if spacing == "none" else [float(v) for v in spacing.split(",")]
     cfg["normalisation"] = normalisation_spec(preprocess)
@@ -45,7 +46,7 @@ def main(spacing: str, out_dir: Path, results: Path, cohort: str = "bench-train"
         cfg[key] = value
     subs = preproc_subjects(results, cohort)
     inputs = [(s, str(preproc_path(results, cohort, s, "preproc_swi")),
-               str(results / cohort / "labels" / f"sub-{s}_desc-bombs_dseg.nii.gz")) for s in subs]
+               str(labels_path(results, cohort, s))) for s in subs]
     card = train_segmenter(inputs, out_dir, cfg, "cpu")
     out = {"spacing_mm": cfg["spacing_mm"], "augment_lesions": cfg.get("augment_lesions", False),
            **(settings or {}),

@@ -32,7 +32,7 @@ import torch
 from microbleed.metrics import dice_per_class
 from microbleed.nets.segmenter import build_segmenter
 from microbleed.segment import load_training_subject, recalibrate_batchnorm, segment_volume
-from microbleed.io import preproc_path, preproc_subjects
+from microbleed.io import labels_path, preproc_path, preproc_subjects
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("none", "lobar", "deep", "infratentorial")
@@ -42,7 +42,7 @@ def subject_paths(results: Path, cohort: str, subject: str, image: str = "swi") 
     """Pre-processed structural image and BOMBS label map of a subject in a workflow results folder."""
     suffix = "swi" if image == "swi" else "T1w"
     return (str(preproc_path(results, cohort, subject, f"preproc_{suffix}")),
-            str(results / cohort / "labels" / f"sub-{subject}_desc-bombs_dseg.nii.gz"))
+            str(labels_path(results, cohort, subject)))
 
 
 def cohort_subjects(results: Path, cohort: str) -> list[str]:

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
-from microbleed.io import preproc_path  # noqa: E402
+from microbleed.io import labels_path, preproc_path  # noqa: E402
 from microbleed.metrics import dice_per_class  # noqa: E402
 from microbleed.runtime import read_card, write_card  # noqa: E402
 from microbleed.segment import (fit_class_offsets, load_segmenter, load_training_subject,  # noqa: E402
@@ -57,7 +57,7 @@ def probabilities(model, card: dict, results: Path, cohort: str, subjects: Seque
     segmented as the card's training validated them (:func:`microbleed.segment.volume_probabilities`)."""
     suffix = "T1w" if card.get("config", {}).get("input") == "t1" else "swi"
     subs = [load_training_subject(sid, preproc_path(results, cohort, sid, f"preproc_{suffix}"),
-                                  results / cohort / "labels" / f"sub-{sid}_desc-bombs_dseg.nii.gz",
+                                  labels_path(results, cohort, sid),
                                   card.get("config", {}).get("spacing_mm"))
             for sid in subjects]
     return volume_probabilities(model, subs, card.get("training", {}), device)

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
-from microbleed.io import load_image, load_volume, preproc_path, preproc_subjects, write_tsv  # noqa: E402
+from microbleed.io import labels_path, load_image, load_volume, preproc_path, preproc_subjects, voxel_sizes, write_tsv  # noqa: E402
 from microbleed.metrics import dice_per_class  # noqa: E402
 from microbleed.runtime import read_card  # noqa: E402
 from microbleed.segment import inference_spacing, load_segmenter, segment_image  # noqa: E402
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         path = preproc_path(args.results, args.cohort, sub, "preproc_swi" if segin == "swi" else "preproc_T1w")
         img = load_image(path, sub)
         image = np.asarray(img.dataobj, dtype=np.float32)
-        truth = load_volume(args.results / args.cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz", sub,
+        truth = load_volume(labels_path(args.results, args.cohort, sub), sub,
                             dtype=np.int16, allow_zero=True)[0]
         spacing = inference_spacing(card, img.affine)
-        vox = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(0))
+        vox = voxel_sizes(img.affine)
         moves = [(None, 0)] if 0.0 in args.shift_mm else []
         moves += [(axis, sign * mm) for mm in args.shift_mm if mm for axis in range(3) for sign in (1, -1)]
         for axis, mm in moves:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
 from microbleed.cohort import simulated_root  # noqa: E402
-from microbleed.io import load_image, load_volume, preproc_subjects, voxel_sizes, write_tsv  # noqa: E402
+from microbleed.io import labels_path, load_image, load_volume, preproc_subjects, voxel_sizes, write_tsv  # noqa: E402
 from microbleed.metrics import dice_per_class  # noqa: E402
 from microbleed.preprocess import anchor_mask, card_normalisation, robust_minmax  # noqa: E402
 from microbleed.runtime import read_card  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = np.asarray(img.dataobj, dtype=np.float32)
         mask = load_volume(args.results / args.cohort / f"sub-{sub}" / f"sub-{sub}_desc-brain_mask.nii.gz", sub,
                            allow_zero=True)[0] > 0
-        truth = load_volume(args.results / args.cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz", sub,
+        truth = load_volume(labels_path(args.results, args.cohort, sub), sub,
                             dtype=np.int16, allow_zero=True)[0]
         spacing = inference_spacing(card, img.affine)
         inner = anchor_mask(mask, voxel_sizes(img.affine), erode, subject=sub)

@@ -31,7 +31,7 @@ from microbleed.cohort import simulated_root
 import yaml
 
 from microbleed.infer import dark_voxels, fill_spots, fill_voids, sample_region
-from microbleed.io import load_volume, preproc_path, preproc_subjects, read_tsv, save_image
+from microbleed.io import labels_path, load_volume, preproc_path, preproc_subjects, read_tsv, save_image
 from microbleed.metrics import dice_per_class
 from microbleed.runtime import read_card
 from microbleed.segment import inference_spacing, load_segmenter, segment_image, segment_subject
@@ -168,7 +168,7 @@ def compare_fill(cohorts: list[str], model: Path, results: Path, all_subjects: b
                 images["candidates"] = fill_voids(swi, aff, mask, xyz, rule["fill_radius_mm"], rule["dark_fraction"])
                 for fd in fill_dark:            # the fill's own void threshold (the votes keep dark_fraction)
                     images[f"candidates@{fd}"] = fill_voids(swi, aff, mask, xyz, rule["fill_radius_mm"], fd)
-            labels = results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz"
+            labels = labels_path(results, cohort, sub)
             truth = load_volume(labels, sub, allow_zero=True)[0].astype(np.int64) if labels.exists() else None
             for fill, image in images.items():
                 pred = segment_image(net, image, aff, inference_spacing(card, aff), offsets=offsets)

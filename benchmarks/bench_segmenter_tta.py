@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from microbleed.io import load_volume, preproc_path, preproc_subjects
+from microbleed.io import labels_path, load_volume, preproc_path, preproc_subjects
 from microbleed.metrics import dice_per_class
 from microbleed.segment import inference_spacing, load_segmenter, segment_image
 
@@ -40,7 +40,7 @@ def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str]
     preds, secs, truths = {False: [], True: []}, {False: [], True: []}, []
     for sub in subjects:
         img, aff = load_volume(preproc_path(results, cohort, sub, f"preproc_{kind}"), sub)
-        truth, _ = load_volume(results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz", sub,
+        truth, _ = load_volume(labels_path(results, cohort, sub), sub,
                                dtype=np.int16, allow_zero=True)
         truths.append(truth.ravel())
         for flip in (False, True):

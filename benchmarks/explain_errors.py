@@ -38,7 +38,7 @@ from scipy.spatial.distance import cdist
 
 from microbleed.cohort import simulated_root
 from microbleed.infer import ball_offsets, dark_voxels, region_votes, sample_nearest
-from microbleed.io import load_volume, preproc_path, ras_to_voxel, read_tsv, voxel_sizes
+from microbleed.io import labels_path, load_volume, preproc_path, ras_to_voxel, read_tsv, voxel_sizes
 from microbleed.metrics import match_detections
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def anatomy_reader(results: Path, cohort: str, subject: str, swi: np.ndarray | N
     sub = results / cohort / f"sub-{subject}"
     paths = {"pred": sub / f"sub-{subject}_desc-bombs_dseg.nii.gz",
              "mask": sub / f"sub-{subject}_desc-brain_mask.nii.gz",
-             "true": results / cohort / "labels" / f"sub-{subject}_desc-bombs_dseg.nii.gz"}
+             "true": labels_path(results, cohort, subject)}
     if swi is None or not all(p.exists() for p in paths.values()):
         return None
     pred, affine = load_volume(paths["pred"], subject, dtype=np.int64, allow_zero=True)

@@ -28,7 +28,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
-from microbleed.io import load_volume, preproc_path, preproc_subjects  # noqa: E402
+from microbleed.io import labels_path, load_volume, preproc_path, preproc_subjects  # noqa: E402
 from microbleed.metrics import dice_per_class  # noqa: E402
 
 NAMES = ("none", "lobar", "deep", "infratentorial")
@@ -37,7 +37,7 @@ DEPTH_BINS = (0, 1, 2, 4, 7)
 
 def subject_errors(results: Path, cohort: str, sub: str, source: str | None) -> tuple[dict, np.ndarray, np.ndarray]:
     """One subject's row, its 4x4 confusion matrix and the none->lobar depth histogram."""
-    truth = load_volume(results / cohort / "labels" / f"sub-{sub}_desc-bombs_dseg.nii.gz", sub,
+    truth = load_volume(labels_path(results, cohort, sub), sub,
                         dtype=np.int16, allow_zero=True)[0]
     seg = (results / cohort / "work" / f"sub-{sub}" / f"sub-{sub}_model-{source}_desc-bombs_dseg.nii.gz" if source
            else results / cohort / f"sub-{sub}" / f"sub-{sub}_desc-bombs_dseg.nii.gz")

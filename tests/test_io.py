@@ -162,3 +162,10 @@ def test_preproc_paths_follow_the_workflow_layout(tmp_path):
     # the rule's output name (workflow/rules/preprocess.smk) is the one the helper builds
     rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "preprocess.smk").read_text()
     assert '"desc-detector_input.nii.gz", "preproc/sub-{subject}"' in rules
+
+
+def test_labels_path_follows_the_labels_rule(tmp_path):
+    from microbleed.io import labels_path
+    assert labels_path(tmp_path, "c", "007") == tmp_path / "c" / "labels" / "sub-007_desc-bombs_dseg.nii.gz"
+    rules = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "labels.smk").read_text()
+    assert 'sub_path("{cohort}", "{subject}", "desc-bombs_dseg.nii.gz", "labels")' in rules

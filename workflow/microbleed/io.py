@@ -36,7 +36,7 @@ __all__ = [
     "ras_voxel_sizes",
     "to_canonical",
     "reorient_like",
-    "preproc_path",
+    "preproc_path", "labels_path",
     "preproc_subjects",
 ]
 
@@ -239,6 +239,12 @@ def preproc_path(results: str | os.PathLike, cohort: str, subject: str, desc: st
     ``detector_input`` (the outputs of ``workflow/rules/preprocess.smk``).
     """
     return Path(results) / cohort / "preproc" / f"sub-{subject}" / f"sub-{subject}_desc-{desc}.nii.gz"
+
+
+def labels_path(results: str | os.PathLike, cohort: str, subject: str) -> Path:
+    """``<results>/<cohort>/labels/sub-<id>_desc-bombs_dseg.nii.gz``: the BOMBS map of the
+    ``labels`` rule (``workflow/rules/labels.smk``), the segmenter's training target and truth."""
+    return Path(results) / cohort / "labels" / f"sub-{subject}_desc-bombs_dseg.nii.gz"
 
 
 def preproc_subjects(results: str | os.PathLike, cohort: str) -> list[str]:
