@@ -331,7 +331,7 @@ def _threshold(cfg: dict, card: dict) -> tuple[float, str]:
     setting = cfg["infer"]["threshold"]
     try:
         return (operating_threshold(setting, card, cfg["infer"].get("operating_fp_avg", 0.5),
-                                    cfg["infer"]["candidate_floor"]), f"config infer.threshold {setting!r}")
+                                    cfg["infer"]["candidate_floor"], cfg["infer"].get("operating_rule", "midpoint")), f"config infer.threshold {setting!r}")
     except InputError:
         return 0.5, f"config infer.threshold {setting!r} not available from this card: 0.5"
 

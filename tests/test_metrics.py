@@ -194,3 +194,24 @@ def test_operating_threshold_is_the_corner_of_the_froc_step():
     fp_only = pd.DataFrame({"threshold": [math.inf, 0.7, 0.4], "fp_avg": [0.0, 0.1, 0.5],
                             "sensitivity": [0.0, 0.0, 0.0]})
     assert froc_summary(fp_only)["threshold_at_0.25"] == 0.7
+
+
+def test_threshold_range_spans_the_froc_step_and_the_rules_pick_in_it():
+    """Within FP_avg 0.5 the best sensitivity (1.0) holds from 0.5 (the corner) down to 0.2 (the
+    last threshold before FP_avg first exceeds 0.5); a later return under the budget does not count."""
+    import pandas as pd
+    from microbleed.metrics import operating_point, threshold_range
+    curve = pd.DataFrame({"threshold": [math.inf, 0.9, 0.8, 0.5, 0.2, 0.1, 0.05],
+                          "fp_avg": [0.0, 0.0, 0.25, 0.25, 0.5, 1.0, 0.5],
+                          "sensitivity": [0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0]})
+    assert threshold_range(curve, 0.5) == (0.5, 0.2)
+    assert threshold_range(curve, 0.125) == (0.9, 0.9)       # FP_avg 0.25 at 0.8 ends the step at 0.9
+    assert threshold_range(curve, 8) == (0.5, 0.05)
+    assert threshold_range(curve.iloc[:1].assign(fp_avg=1.0), 0.5) == (math.inf, math.inf)
+    assert operating_point(0.5, 0.2, "corner") == 0.5 and operating_point(0.5, 0.2, "lowest") == 0.2
+    mid = operating_point(0.8, 0.2, "midpoint")               # logit(0.8) = -logit(0.2): the middle is 0.5
+    assert mid == pytest.approx(0.5)
+    assert 0.2 < operating_point(0.5, 0.2, "midpoint") < 0.35  # log-odds middle lies below the arithmetic 0.35
+    assert operating_point(math.inf, math.inf, "midpoint") == math.inf
+    with pytest.raises(ValueError, match="operating rule"):
+        operating_point(0.5, 0.2, "median")

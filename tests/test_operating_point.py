@@ -29,6 +29,19 @@ def test_operating_threshold_reads_the_card_at_the_fp_level(tmp_path):
     assert operating_threshold("validation", CARD, 1, floor=0.05) == pytest.approx(0.05)
 
 
+def test_operating_rule_picks_within_the_cards_threshold_range(caplog):
+    """The card's corner (0.8) and lowest threshold (0.2) at FP_avg 0.5; a card without the lowest
+    (written before the rule) falls back to the corner and says so."""
+    card = {"validation": {"threshold_at_0.5": 0.8, "lowest_threshold_at_0.5": 0.2}}
+    assert operating_threshold("validation", card, 0.5, rule="corner") == pytest.approx(0.8)
+    assert operating_threshold("validation", card, 0.5, rule="lowest") == pytest.approx(0.2)
+    assert operating_threshold("validation", card, 0.5) == pytest.approx(0.5)      # midpoint in log-odds
+    assert operating_threshold("validation", card, 0.5, floor=0.6) == pytest.approx(0.6)
+    with caplog.at_level("WARNING"):
+        assert operating_threshold("validation", CARD, 0.5, rule="lowest") == pytest.approx(0.22)
+    assert "operating rule 'corner' used" in caplog.text
+
+
 def test_operating_threshold_without_validation_names_the_card(tmp_path):
     path = tmp_path / "card.json"
     path.write_text(json.dumps({"validation": {}}))

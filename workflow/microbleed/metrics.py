@@ -39,9 +39,9 @@ from scipy.spatial.distance import cdist
 from .anatomy import BOMBS_NAMES, NONE
 
 __all__ = [
-    "REGIONS", "BOMBS_CODES", "FROC_FP_POINTS", "Match", "SubjectData",
+    "REGIONS", "BOMBS_CODES", "FROC_FP_POINTS", "OPERATING_RULES", "Match", "SubjectData",
     "match_detections", "rates", "detection_table", "subject_tp_curve",
-    "froc_curve", "froc_summary", "pr_auc", "dice_per_class",
+    "froc_curve", "froc_summary", "threshold_range", "operating_point", "pr_auc", "dice_per_class",
     "localization_accuracy", "eliminated_fp", "bombs_region_tally", "count_agreement",
     "region_name",
 ]
@@ -300,17 +300,64 @@ def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINT
         value = float(np.interp(p, xs, ys))
         values.append(value)
         out[f"sens_at_{p:g}"] = value
-        ok = np.flatnonzero(fps <= p)
-        if len(ok) and sens[ok].max() > 0:
-            ok = ok[sens[ok] >= sens[ok].max()]      # rows are in decreasing threshold order: the first is the corner
-            out[f"threshold_at_{p:g}"] = float(thr[ok[0]])
-        else:
-            out[f"threshold_at_{p:g}"] = float(thr[ok[-1]]) if len(ok) else float("inf")
+        out[f"threshold_at_{p:g}"] = threshold_range(curve, p)[0]
     out["mean_sensitivity"] = float(np.mean(values)) if values else float("nan")
     if not curve["sensitivity"].notna().any():
         out = {k: (float("nan") if k.startswith("sens") or k == "mean_sensitivity" else v)
                for k, v in out.items()}
     return out
+
+
+def threshold_range(curve: pd.DataFrame, fp: float) -> tuple[float, float]:
+    """The score thresholds that reach the FROC's best sensitivity within ``fp`` FP_avg.
+
+    ``curve`` is :func:`froc_curve`'s table (rows in decreasing threshold order).
+    Every threshold ``t`` with ``low <= t <= high`` keeps the sensitivity of the
+    best point with ``fp_avg <= fp``; ``high`` (the corner of the FROC step) has
+    the fewest false positives, ``low`` the most still within ``fp`` (the last
+    row before FP_avg first exceeds ``fp``). When that sensitivity is 0 both are
+    the lowest threshold within the budget; ``(inf, inf)`` when no point has
+    ``fp_avg <= fp``.
+
+    Returns:
+        ``(high, low)`` score thresholds (CMB probabilities).
+    """
+    fps = curve["fp_avg"].to_numpy(float)
+    sens = np.nan_to_num(curve["sensitivity"].to_numpy(float))
+    thr = curve["threshold"].to_numpy(float)
+    within = fps <= fp
+    ok = np.flatnonzero(within)
+    if not len(ok):
+        return float("inf"), float("inf")
+    over = np.flatnonzero(~within)
+    last = ok[ok < over[0]][-1] if len(over) and (ok < over[0]).any() else ok[-1]
+    if sens[ok].max() <= 0:
+        return float(thr[ok[-1]]), float(thr[ok[-1]])
+    best = ok[sens[ok] >= sens[ok].max()]
+    return float(thr[best[0]]), float(thr[max(last, best[0])])
+
+
+OPERATING_RULES = ("corner", "midpoint", "lowest")
+
+
+def operating_point(high: float, low: float, rule: str = "midpoint") -> float:
+    """One threshold of :func:`threshold_range`'s ``[low, high]`` by config ``infer.operating_rule``.
+
+    ``corner``: ``high``, the fewest false positives on the validation subjects;
+    ``lowest``: ``low``, the most margin for CMBs that score lower on new data;
+    ``midpoint``: the middle of the range in log-odds, ``sigmoid((logit(high) +
+    logit(low)) / 2)``, the same margin both ways (scores are probabilities;
+    clipped to [1e-6, 1 - 1e-6] before the logit). Infinite bounds give ``high``.
+    """
+    if rule not in OPERATING_RULES:
+        raise ValueError(f"operating rule {rule!r}: expected one of {OPERATING_RULES}")
+    if rule == "corner" or not (np.isfinite(high) and np.isfinite(low)):
+        return float(high)
+    if rule == "lowest":
+        return float(low)
+    h, lo = (float(np.clip(v, 1e-6, 1 - 1e-6)) for v in (high, low))
+    mid = (np.log(h / (1 - h)) + np.log(lo / (1 - lo))) / 2
+    return float(1 / (1 + np.exp(-mid)))
 
 
 def pr_auc(curve: pd.DataFrame) -> float:

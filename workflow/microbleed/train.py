@@ -43,7 +43,7 @@ from .nets.detector import STRIDE, build_detector, preferred_memory_format
 from .preprocess import check_detector_grid, grid_spec, normalisation_spec
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
-__all__ = ["split_subjects", "validation_score", "train_detector", "load_detector", "operating_threshold",
+__all__ = ["split_subjects", "validation_curve", "validation_score", "train_detector", "load_detector", "operating_threshold",
            "LOG_FIELDS"]
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,10 @@ def split_subjects(volumes: Sequence[Volume], fraction: float, seed: int) -> tup
     return [v for i, v in enumerate(volumes) if i not in val], [v for i, v in enumerate(volumes) if i in val]
 
 
-def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
+def validation_curve(model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
                      window: Sequence[int], box: int, hit_radius_mm: float,
-                     postprocess: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """FROC summary of ``model`` on whole validation volumes (see module docstring).
+                     postprocess: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+    """FROC curve (:func:`microbleed.metrics.froc_curve`) of ``model`` on whole validation volumes.
 
     Args:
         postprocess: the inference's candidate post-processing (config ``infer``
@@ -91,13 +91,9 @@ def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: 
             missing key: NMS at :func:`microbleed.infer.default_nms_radius`, no
             dark-bridge merging. The brain is the filled ``SWI > 0`` region
             (:func:`microbleed.infer.dark_map` without a mask).
-
-    Returns:
-        :func:`microbleed.metrics.froc_summary` of the candidates after NMS
-        (``mean_sensitivity``, ``sens_at_<fp>``, ...); NaN without labelled CMBs.
     """
     from .infer import candidates_table, dark_map, detect_volume
-    from .metrics import SubjectData, froc_curve, froc_summary
+    from .metrics import SubjectData, froc_curve
     post = dict(postprocess or {})
     radius = post.get("nms_radius_mm")
     merge_mm, fraction = float(post.get("merge_dark_mm") or 0.0), float(post.get("dark_fraction") or 0.0)
@@ -110,7 +106,24 @@ def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: 
         subjects.append(SubjectData(vol.subject, "cmb" if len(labels) else "normal", labels,
                                     table[["x", "y", "z"]].to_numpy(float).reshape(-1, 3),
                                     table["score"].to_numpy(float)))
-    return froc_summary(froc_curve(subjects, hit_radius_mm))
+    return froc_curve(subjects, hit_radius_mm)
+
+
+def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
+                     window: Sequence[int], box: int, hit_radius_mm: float,
+                     postprocess: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """FROC summary of ``model`` on whole validation volumes (:func:`validation_curve`, same arguments).
+
+    Returns:
+        :func:`microbleed.metrics.froc_summary` of the candidates after NMS
+        (``mean_sensitivity``, ``sens_at_<fp>``, ``threshold_at_<fp>``, ...; NaN
+        without labelled CMBs) and ``lowest_threshold_at_<fp>``, the low end of
+        :func:`microbleed.metrics.threshold_range` (read by :func:`operating_threshold`).
+    """
+    from .metrics import FROC_FP_POINTS, froc_summary, threshold_range
+    curve = validation_curve(model, volumes, device, window, box, hit_radius_mm, postprocess)
+    return {**froc_summary(curve),
+            **{f"lowest_threshold_at_{p:g}": threshold_range(curve, p)[1] for p in FROC_FP_POINTS}}
 
 
 def _network_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -362,22 +375,28 @@ def load_detector(model_dir: str | Path, device: str | torch.device = "cpu") -> 
 
 
 def operating_threshold(setting: float | str, card: Mapping[str, Any] | str | os.PathLike,
-                        fp_avg: float = 0.5, floor: float = 0.0) -> float:
+                        fp_avg: float = 0.5, floor: float = 0.0, rule: str = "midpoint") -> float:
     """The detector's operating threshold (CMB probability) from config ``infer.threshold``.
 
     Args:
-        setting: a probability in [0, 1] (used as is), or ``"validation"``: the
-            score threshold at which the detector reached ``fp_avg`` false
-            positives per subject on its held-out validation split (the card's
-            ``validation.threshold_at_<fp_avg>``, written by :func:`train_detector`
-            from :func:`microbleed.metrics.froc_summary`).
+        setting: a probability in [0, 1] (used as is), or ``"validation"``: a
+            score threshold at which the detector reached its best sensitivity
+            with at most ``fp_avg`` false positives per subject on its held-out
+            validation split, chosen by ``rule`` within the range of such
+            thresholds (:func:`microbleed.metrics.threshold_range`: the card's
+            ``validation.threshold_at_<fp_avg>`` and ``lowest_threshold_at_<fp_avg>``,
+            written by :func:`train_detector`).
         card: the model card (dict) or the path of its ``card.json``.
         fp_avg: config ``infer.operating_fp_avg``, one of the FROC points 0.125 ... 8.
         floor: lowest threshold returned (config ``infer.candidate_floor``).
+        rule: config ``infer.operating_rule`` (:func:`microbleed.metrics.operating_point`).
+            A card written before the rule existed has no ``lowest_threshold_at_<fp>``:
+            its corner is used, with a warning.
     Raises:
         InputError: the card has no validation FROC at ``fp_avg`` (trained without
             a validation split, or an older card), naming the card.
     """
+    from .metrics import operating_point
     if not isinstance(setting, str):
         return float(setting)
     if setting != "validation":
@@ -387,9 +406,15 @@ def operating_threshold(setting: float | str, card: Mapping[str, Any] | str | os
         path = Path(card)
         card = json.loads(path.read_text())
     key = f"threshold_at_{float(fp_avg):g}"
-    value = (card.get("validation") or {}).get(key)
+    validation = card.get("validation") or {}
+    value = validation.get(key)
     if value is None or not np.isfinite(float(value)):
         raise InputError(f"infer.threshold is 'validation' but the model card has no finite validation.{key} "
                          f"(train with detector.validation_fraction > 0, or set infer.threshold to a number)",
                          path=path)
-    return max(float(value), float(floor))
+    low = validation.get(f"lowest_{key}")
+    if low is None and rule != "corner":
+        log.warning("model card %s has no validation.lowest_%s (written before infer.operating_rule): "
+                    "operating rule 'corner' used instead of %r", path or "(dict)", key, rule)
+        low, rule = value, "corner"
+    return max(operating_point(float(value), float(low), rule), float(floor))

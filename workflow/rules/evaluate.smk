@@ -76,6 +76,7 @@ rule evaluate_cohort:
         segmenter_input=config["segmenter"]["input"],
         infer_threshold=config["infer"]["threshold"],
         operating_fp_avg=config["infer"]["operating_fp_avg"],
+        operating_rule=config["infer"]["operating_rule"],
         candidate_floor=config["infer"]["candidate_floor"],
         detector_card=detector_card(),
         hit_radius_mm=config["evaluate"]["hit_radius_mm"],

@@ -107,6 +107,7 @@ rule finalise:
     params:
         threshold=config["infer"]["threshold"],
         operating_fp_avg=config["infer"]["operating_fp_avg"],
+        operating_rule=config["infer"]["operating_rule"],
         floor=config["infer"]["candidate_floor"],
         prune_outside_mask=config["infer"]["prune_outside_mask"],
         region_radius_mm=config["infer"]["region_radius_mm"],

@@ -12,13 +12,13 @@ def main(candidates: str, bombs: str, mask: str, swi: str, phase: str, cmb_tsv: 
          threshold: float | str = 0.5, prune_outside_mask: bool = True, sphere_radius_mm: float = 2.0,
          qc_max: int = 50, qc_half_width_mm: float = 16.0, region_radius_mm: float = 0.0,
          none_fraction: float = 1.0, card: str | None = None, operating_fp_avg: float = 0.5, floor: float = 0.0,
-         dark_fraction: float = 0.0) -> None:
+         dark_fraction: float = 0.0, operating_rule: str = "midpoint") -> None:
     """Run :func:`microbleed.outputs.finalise_subject` for one subject.
 
     ``threshold`` ``"validation"`` reads the operating threshold from the detector's ``card``
     (:func:`microbleed.train.operating_threshold`)."""
     setting = threshold
-    threshold = operating_threshold(setting, card or {}, operating_fp_avg, floor)
+    threshold = operating_threshold(setting, card or {}, operating_fp_avg, floor, operating_rule)
     logging.info("operating threshold %.4f (config infer.threshold %r)", threshold, setting)
     inp = FinaliseInputs(Path(candidates), Path(bombs), Path(mask), Path(swi), Path(phase),
                          Path(mars) if mars else None, Path(mars_tsv) if mars_tsv else None)
