@@ -133,6 +133,15 @@ def test_detection_on_a_las_subject_maps_back_to_ras(tmp_path):
         detect_subject(tmp_path / "in.nii.gz", tmp_path / "swi.nii.gz", tmp_path, tmp_path / "d.tsv", params, "01",
                        loader=loader({"spacing_mm": [0.5, 0.5, 2.0]}))
     assert not (tmp_path / "d.tsv").exists()
+    # a detector input tagged with one normalisation, a model card of another: refused before any work
+    from microbleed.preprocess import normalisation_descrip
+    tagged, _ = load_detector_input(tmp_path / "in.nii.gz")
+    save_image(np.moveaxis(tagged, 0, -1), grid_aff, tmp_path / "in.nii.gz",
+               descrip=normalisation_descrip({"percentiles": [0.5, 99.5], "anchor_erode_mm": 4.0}))
+    with pytest.raises(InputError, match=r"subject 01.*in.nii.gz.*trained on"):
+        detect_subject(tmp_path / "in.nii.gz", tmp_path / "swi.nii.gz", tmp_path, tmp_path / "e.tsv", params, "01",
+                       loader=loader(SPACING))
+    assert not (tmp_path / "e.tsv").exists()
 
 
 def test_the_model_card_box_wins_over_the_config(tmp_path, caplog, monkeypatch):

@@ -282,6 +282,27 @@ def test_preprocess_swi_phase_outputs(tmp_path):
         assert d[mask].std() > 0.05
 
 
+def test_preprocessed_images_carry_their_normalisation_and_models_check_it(tmp_path):
+    """The SWI, phase and detector input record the normalisation in their header; a model card
+    of another normalisation is refused naming subject, file and model; an untagged image passes."""
+    paths, aff = write_subject(tmp_path)
+    out_s, out_p = tmp_path / "o_swi.nii.gz", tmp_path / "o_phase.nii.gz"
+    P.preprocess_swi_phase(paths["swi"], paths["phase"], paths["mask"], out_s, out_p, subject="01",
+                           percentiles=(1.0, 99.0), anchor_erode_mm=4.0)
+    spec = {"percentiles": [1.0, 99.0], "anchor_erode_mm": 4.0}
+    assert P.image_normalisation(out_s) == spec and P.image_normalisation(out_p) == spec
+    assert P.normalisation_descrip(spec) == "microbleed normalisation p1-99 erode4mm"
+    P.detector_input(out_s, out_p, tmp_path / "in.nii.gz", {"spacing_mm": [1.0, 1.0, 1.5]}, "01")
+    assert P.image_normalisation(tmp_path / "in.nii.gz") == spec
+    P.check_normalisation(out_s, {"normalisation": spec}, "m", "01")           # same: no error
+    with pytest.raises(InputError, match=r"subject 01.*o_swi.*erode.*4.0.*model m was trained on.*0.0"):
+        P.check_normalisation(out_s, {}, "m", "01")                            # a card without: legacy anchors
+    with pytest.raises(InputError, match="training of m is configured for"):
+        P.check_normalisation(out_s, {"normalisation": {"percentiles": [0.5, 99.5]}}, "m", "01", training=True)
+    assert P.image_normalisation(paths["swi"]) is None                         # raw input: no tag, no check
+    P.check_normalisation(paths["swi"], {}, "m", "01")
+
+
 def test_filtered_integer_phase_of_unknown_scale_goes_through_and_raw_is_refused(tmp_path):
     """-1500..1500 integers: no scale can be read; filtered phase needs none, raw phase does."""
     paths, aff = write_subject(tmp_path, phase_scale=1501.0)

@@ -12,7 +12,7 @@ from microbleed.io import InputError, save_image
 from microbleed.nets.segmenter import build_segmenter, coordinate_channels, coordinate_frame
 from microbleed.segment import (class_centres, crop_coordinates, crop_start,
                                 load_segmenter, make_loss, sample_crops, segment_volume, split_subjects,
-                                train_segmenter, load_training_subject)
+                                train_segmenter, load_training_subject, segment_subject)
 
 torch.set_num_threads(2)
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -296,6 +296,16 @@ def test_train_writes_model_card_and_log(tmp_path):
     assert not model.training and model.coordinates == "brain"
     out = segment_volume(model, phantom()[0], "cpu", window=(24, 24, 12))
     assert out.shape == (32, 36, 16) and out.dtype == np.uint8 and out.max() <= 3
+    # an image pre-processed with another normalisation (header tag) is refused, at inference and in training
+    from microbleed.preprocess import normalisation_descrip
+    other = tmp_path / "other.nii.gz"
+    save_image(phantom()[0], AFFINE, other, descrip=normalisation_descrip({"anchor_erode_mm": 4}))
+    with pytest.raises(InputError, match=r"subject 009.*other.nii.gz.*trained on.*3.0"):
+        segment_subject(other, tmp_path / "model", tmp_path / "seg.nii.gz", subject="009")
+    assert not (tmp_path / "seg.nii.gz").exists()
+    with pytest.raises(InputError, match=r"subject 009.*training of .*configured for"):
+        train_segmenter([*inputs, ("009", str(other), inputs[0][2])], tmp_path / "model2",
+                        dict(TINY, normalisation={"anchor_erode_mm": 3}), "cpu")
 
 
 def test_whole_volume_selection_keeps_the_best_checked_epoch(tmp_path, monkeypatch):

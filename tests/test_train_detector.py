@@ -182,3 +182,18 @@ def test_inputs_off_the_configured_grid_are_rejected(tmp_path):
         train_detector(inputs, tmp_path / "m", _cfg(epochs=1), "cpu", cohort="synth")
     assert "1.5" in str(err.value) and path in str(err.value)
     assert not (tmp_path / "m" / "model.pt").exists()
+
+
+def test_training_refuses_inputs_of_another_normalisation(tmp_path):
+    """A detector input tagged with 4 mm eroded anchors, a training configured for whole-mask ones:
+    stopped before any epoch, naming the subject and the file; nothing written."""
+    from microbleed.io import InputError, save_image
+    from microbleed.preprocess import normalisation_descrip
+    path = tmp_path / "sub-01_desc-detector_input.nii.gz"
+    save_image(np.full((24, 24, 16, 2), 0.5, np.float32), np.diag([1.0, 1.0, 1.5, 1.0]), path,
+               descrip=normalisation_descrip({"anchor_erode_mm": 4.0}))
+    (tmp_path / "cmb.tsv").write_text("x\ty\tz\n")
+    cfg = {"detector": {}, "preprocess": {"detector_spacing_mm": [1.0, 1.0, 1.5], "anchor_erode_mm": 0.0}}
+    with pytest.raises(InputError, match=r"subject 01.*detector_input.*training of .*configured for"):
+        train_detector([("01", str(path), str(tmp_path / "cmb.tsv"))], tmp_path / "model", cfg, "cpu")
+    assert not (tmp_path / "model" / "card.json").exists()

@@ -701,11 +701,12 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
     from .runtime import select_device
     if loader is None:
         from .train import load_detector as loader
-    from .preprocess import card_grid, check_detector_grid
+    from .preprocess import card_grid, check_detector_grid, check_normalisation
     device = select_device(params.device)
     volume, grid_affine = load_detector_input(volume_path, subject)
     swi_affine = np.asarray(load_image(swi_path, subject).affine, dtype=float)
     model, card = loader(model_dir, device)
+    check_normalisation(volume_path, card.get("config"), model_dir, subject)
     grid = card_grid(card.get("config") or {}, default={})
     if grid:
         check_detector_grid(volume.shape[1:], grid_affine, grid, subject=subject, path=volume_path)

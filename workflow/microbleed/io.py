@@ -87,7 +87,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-               dtype: np.dtype | type | None = None, header: nib.Nifti1Header | None = None) -> Path:
+               dtype: np.dtype | type | None = None, header: nib.Nifti1Header | None = None,
+               descrip: str | None = None) -> Path:
     """Write ``data`` (voxel order of ``affine``) as NIfTI-1, atomically.
 
     Args:
@@ -95,6 +96,8 @@ def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
         affine: ``(4, 4)`` voxel ijk -> RAS mm.
         path: ``.nii`` or ``.nii.gz`` destination.
         dtype: on-disk dtype (default: that of ``data``; bool is stored as uint8).
+        descrip: the header's ``descrip`` text (at most 80 bytes), e.g. the
+            normalisation tag of :func:`microbleed.preprocess.normalisation_descrip`.
     """
     arr = np.asarray(data)
     if arr.dtype == bool:
@@ -102,6 +105,10 @@ def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
     if dtype is not None:
         arr = arr.astype(dtype)
     img = _nifti(arr, affine, header)
+    if descrip is not None:
+        if len(descrip.encode()) > 80:
+            raise ValueError(f"NIfTI descrip holds 80 bytes: {descrip!r}")
+        img.header["descrip"] = descrip
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return Path(path)

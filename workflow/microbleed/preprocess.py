@@ -37,7 +37,8 @@ __all__ = [
     "check_same_grid", "detect_phase_units", "phase_to_radians", "homodyne_highpass",
     "phase_sign_evidence", "resolve_phase_sign",
     "robust_minmax", "anchor_mask", "normalisation_spec", "card_normalisation", "effective_normalisation",
-    "LEGACY_NORMALISATION",
+    "LEGACY_NORMALISATION", "NORMALISATION_TAG", "normalisation_descrip", "image_normalisation",
+    "check_normalisation",
     "preprocess_swi_phase", "preprocess_t1",
     "resampling_affine", "interpolation_affine", "original_to_interpolated", "interpolated_to_original",
     "resample_axes", "interpolate_z", "grid_spec", "card_grid", "detector_grid_shape", "to_detector_grid", "check_slice_axis",
@@ -413,6 +414,53 @@ def normalisation_spec(preprocess_cfg) -> dict:
             "anchor_erode_mm": float(preprocess_cfg.get("anchor_erode_mm") or 0.0)}
 
 
+#: Start of the NIfTI ``descrip`` of a pre-processed image (:func:`normalisation_descrip`).
+NORMALISATION_TAG = "microbleed normalisation"
+
+
+def normalisation_descrip(spec) -> str:
+    """The header text recording a normalisation :func:`normalisation_spec` (``spec``):
+    ``"microbleed normalisation p0.5-99.5 erode4mm"``; :func:`check_normalisation` reads it."""
+    spec = normalisation_spec(spec)
+    lo, hi = spec["percentiles"]
+    return f"{NORMALISATION_TAG} p{lo:g}-{hi:g} erode{spec['anchor_erode_mm']:g}mm"
+
+
+def image_normalisation(path) -> dict | None:
+    """The normalisation recorded in a pre-processed image's header (:func:`normalisation_descrip`),
+    or ``None`` when the header has no tag (written elsewhere, or before the tag existed)."""
+    import re
+    text = bytes(nib.load(str(path)).header["descrip"]).split(b"\0")[0].decode("ascii", "replace")
+    found = re.fullmatch(rf"{NORMALISATION_TAG} p([-+0-9.e]+)-([-+0-9.e]+) erode([-+0-9.e]+)mm", text.strip())
+    if not found:
+        return None
+    return normalisation_spec({"percentiles": [float(found[1]), float(found[2])],
+                               "anchor_erode_mm": float(found[3])})
+
+
+def check_normalisation(path, card_config, model_dir, subject: str | None = None, training: bool = False) -> None:
+    """Stop when a pre-processed image was normalised otherwise than a model expects.
+
+    Compares the image's header tag (:func:`image_normalisation`) with
+    :func:`card_normalisation` of ``card_config`` (a card's ``config``, or, with
+    ``training``, ``{"normalisation": spec}`` of the model about to be trained, which
+    its card will record); an image without a tag is not checked.
+
+    Raises:
+        InputError naming the subject, the image and the model: the two differ (the image
+        was pre-processed for another model or with other ``preprocess`` settings).
+    """
+    found = image_normalisation(path)
+    wanted = card_normalisation(card_config)
+    if found is not None and found != wanted:
+        model = (f"training of {model_dir} is configured for" if training
+                 else f"the model {model_dir} was trained on")
+        raise InputError(f"pre-processed with normalisation {found} but {model} {wanted}: delete the "
+                         f"pre-processed files of this subject and run again (the workflow pre-processes "
+                         f"for the configured models), or use a model trained on it",
+                         subject=subject, path=path)
+
+
 def card_normalisation(card_config) -> dict:
     """The normalisation a model was trained on: its card's ``config.normalisation``, or
     :data:`LEGACY_NORMALISATION` for cards written before it was recorded."""
@@ -533,9 +581,10 @@ def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *,
     log.info("subject %s: phase units %s, mode %s, sign %+d (setting %s; darkest-SWI phase evidence %.2f)",
              subject, units, phase_mode, sign, phase_sign, evidence)
     anchor = anchor_mask(mask, voxel_sizes(aff), anchor_erode_mm, subject=subject, path=mask_path)
+    tag = normalisation_descrip({"percentiles": percentiles, "anchor_erode_mm": anchor_erode_mm})
     for data, src, out in ((swi, swi_path, out_swi), (rad, phase_path, out_phase)):
         norm = robust_minmax(data, mask, percentiles, anchor=anchor, subject=subject, path=src)
-        save_image(norm, aff, out, dtype=np.float32)
+        save_image(norm, aff, out, dtype=np.float32, descrip=tag)
     return Path(out_swi), Path(out_phase)
 
 
@@ -550,7 +599,8 @@ def preprocess_t1(t1_path, swi_path, mask_path, out_t1, *, subject=None, percent
     on_swi = resample_to_grid(t1, t1_aff, swi.shape, aff, order=1)
     out = robust_minmax(on_swi, mask_data > 0, percentiles, zooms=voxel_sizes(aff), anchor_erode_mm=anchor_erode_mm,
                         subject=subject, path=t1_path)
-    return save_image(out, aff, out_t1, dtype=np.float32)
+    tag = normalisation_descrip({"percentiles": percentiles, "anchor_erode_mm": anchor_erode_mm})
+    return save_image(out, aff, out_t1, dtype=np.float32, descrip=tag)
 
 
 # --------------------------------------------------------------------------- detector grid
@@ -753,7 +803,9 @@ def detector_input(swi_path, phase_path, out_path, grid, subject: str | None = N
     check_slice_axis(aff, grid, subject=subject, path=swi_path)
     swi_i, new_aff = to_detector_grid(swi, aff, grid)
     phase_i, _ = to_detector_grid(phase, aff, grid)
-    return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32)
+    spec = image_normalisation(swi_path)      # the SWI's tag travels with it
+    return save_image(np.stack([swi_i, phase_i], axis=-1), new_aff, out_path, dtype=np.float32,
+                      descrip=normalisation_descrip(spec) if spec else None)
 
 
 def detector_grid_mask(mask_path, grid, subject: str | None = None) -> tuple[np.ndarray, np.ndarray]:

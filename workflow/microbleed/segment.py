@@ -53,7 +53,7 @@ from tqdm import tqdm
 from .infer import fill_voids
 from .io import (InputError, load_volume, ras_voxel_sizes, read_tsv, reorient_like, save_image, to_canonical,
                  voxel_sizes)
-from .preprocess import normalisation_spec, resample_to_grid, to_detector_grid
+from .preprocess import check_normalisation, normalisation_spec, resample_to_grid, to_detector_grid
 from .metrics import dice_per_class
 from .nets.blocks import fold_batchnorm
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels, coordinate_frame, volume_frame
@@ -540,6 +540,9 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device if isinstance(device, torch.device) else select_device(device)
     seed_everything(int(cfg["seed"]))
+    for subject, image_path, _ in inputs:
+        check_normalisation(image_path, {"normalisation": normalisation_spec(cfg.get("normalisation") or {})},
+                            out_dir, subject, training=True)
     train, val, crop = _prepare(inputs, cfg)
     model = build_segmenter(_net_config(cfg)).to(device)
     opt = _make_optimizer(model, cfg)
@@ -919,6 +922,7 @@ def segment_subject(image_path: str | Path, model_dir: str | Path, out_path: str
         raise InputError(f"segmenter {model_dir} was trained on {trained_on!r} but config segmenter.input "
                          f"is {expected_input!r}", subject=subject, path=image_path)
     offsets = card.get("class_offsets")        # absent from cards written before the offsets: plain arg-max
+    check_normalisation(image_path, card.get("config"), model_dir, subject)
     image, affine = load_volume(image_path, subject)
     spacing = inference_spacing(card, affine, within_range)
     if spacing and not card.get("config", {}).get("spacing_mm"):

@@ -40,7 +40,7 @@ from .data import DetectionCrops, Volume, hard_negative_points, load_volumes
 from .io import InputError, voxel_to_ras
 from .losses import ConcentrationLoss, detection_loss
 from .nets.detector import STRIDE, build_detector, preferred_memory_format
-from .preprocess import check_detector_grid, grid_spec, normalisation_spec
+from .preprocess import check_detector_grid, check_normalisation, grid_spec, normalisation_spec
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
 __all__ = ["split_subjects", "validation_curve", "validation_score", "train_detector", "load_detector", "operating_threshold",
@@ -308,8 +308,10 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     volumes = load_volumes(inputs)
     grid = grid_spec(cfg["preprocess"])
+    norm = {"normalisation": normalisation_spec(cfg["preprocess"])}
     for vol, (_, path, _) in zip(volumes, inputs):
         check_detector_grid(vol.image.shape[1:], vol.affine, grid, subject=vol.subject, path=path)
+        check_normalisation(path, norm, out_dir, vol.subject, training=True)
     train_vols, val_vols = split_subjects(volumes, float(d["validation_fraction"]), int(d["seed"]))
     split = {"cohort": cohort, "train": [v.subject for v in train_vols], "val": [v.subject for v in val_vols]}
     fingerprint = _fingerprint(cfg, [v.subject for v in volumes])
