@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from microbleed.infer import (_window_for, candidates_table, detect_volume, detect_volume_monai, plan_tiles,
                               dark_voxels, prune, tiles_to_run)
 from microbleed.nets.detector import build_detector
-from microbleed.preprocess import card_grid, grid_spec, normalisation_spec
+from microbleed.preprocess import card_grid, card_normalisation, grid_spec, normalisation_spec
 from microbleed.nets.segmenter import build_segmenter, coordinate_channels, coordinate_frame
 from microbleed.runtime import PeakMemory, provenance, seed_everything, select_device
 
@@ -101,12 +101,13 @@ def make_subject(res: str, seed: int = 0):
     return img, np.stack([zi, 1.0 - zi]), swi_aff, grid_aff
 
 
-def make_head(cache: Path, cfg: dict, grid: dict, seed: int = 2026) -> dict:
+def make_head(cache: Path, cfg: dict, grid: dict, seed: int = 2026, normalisation: dict | None = None) -> dict:
     """One head simulated at the paper acquisition and pre-processed as the workflow does,
     its detector input on ``grid`` (the detector's card, :func:`microbleed.preprocess.card_grid`).
 
     Cached in ``cache`` (simulation ~40 s on 2 cores). The truth brain mask stands in
-    for skull stripping. Returns the arrays both engines need (RAS-reordered SWI grid).
+    for skull stripping. ``normalisation``: the detector card's (:func:`card_normalisation`),
+    default the config's. Returns the arrays both engines need (RAS-reordered SWI grid).
     """
     import pandas as pd
     from microbleed.io import load_volume, to_canonical
@@ -118,7 +119,8 @@ def make_head(cache: Path, cfg: dict, grid: dict, seed: int = 2026) -> dict:
         simulate_subject(cache, sub, "cmb", seed, cfg["acquisitions"]["paper"], threads=2)
     tag = "x".join(f"{v:g}" for v in grid["spacing_mm"]) + "mm" if "spacing_mm" in grid else f"z{grid['z_slices']}"
     p = cfg["preprocess"]
-    norm = normalisation_spec(p)   # in the file names: a cache of another normalisation is not reused
+    # the detector's own (its card), else the config's; in the file names: a cache of another is not reused
+    norm = normalisation or normalisation_spec(p)
     ntag = "p{:g}-{:g}e{:g}".format(*norm["percentiles"], norm["anchor_erode_mm"])
     pre = {k: cache / f"sub-{sub}_norm-{ntag}_desc-{k}.nii.gz" for k in ("preproc_swi", "preproc_phase")}
     pre["detector_input"] = cache / f"sub-{sub}_norm-{ntag}_grid-{tag}_desc-detector_input.nii.gz"
@@ -377,7 +379,9 @@ def main(argv=None) -> Path:
         threshold, how = _threshold(cfg, card)
         notes.append(f"- {res}: operating threshold {threshold:.3f} ({how})")
         grid = card_grid(card["config"]) if card.get("config") else grid_spec(cfg["preprocess"])
-        head = make_head(Path(args.head_cache), cfg, grid) if res == "paper-head" else None
+        head = (make_head(Path(args.head_cache), cfg, grid,
+                          normalisation=card_normalisation(card["config"]) if card.get("config") else None)
+                if res == "paper-head" else None)
         rows, summary = bench_resolution(res, det, seg, device, cfg, peak, threshold, window,
                                          not args.no_monai, head, card.get("segmenter_card"))
         table += rows

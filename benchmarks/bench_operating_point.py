@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
@@ -42,7 +43,6 @@ from microbleed.cohort import simulated_root  # noqa: E402
 from microbleed.data import load_volumes  # noqa: E402
 from microbleed.io import preproc_path, write_tsv  # noqa: E402
 from microbleed.metrics import OPERATING_RULES, operating_point, threshold_range  # noqa: E402
-from microbleed.runtime import read_card  # noqa: E402
 from microbleed.train import load_detector, validation_curve  # noqa: E402
 
 
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--models", type=Path, nargs="+", required=True, help="detector folders (model.pt + card.json)")
     ap.add_argument("--fp", type=float, default=0.5, help="validation FP_avg budget (config infer.operating_fp_avg)")
-    ap.add_argument("--hit-radius-mm", type=float, default=5.0)
+    ap.add_argument("--hit-radius-mm", type=float,
+                    default=yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["evaluate"]["hit_radius_mm"])
     ap.add_argument("--evaluate", nargs="*", default=[], help="cohorts whose metrics/froc_curve.tsv is read")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -74,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rows, evals = [], []
     for model_dir in args.models:
-        card = read_card(model_dir)
         model, card = load_detector(model_dir, "cpu")
         vols = load_volumes(validation_inputs(args.results, card))
         curve = validation_curve(model, vols, torch.device("cpu"), card["training"]["crop"],

@@ -16,7 +16,6 @@ def test_each_rule_reads_the_test_curve_at_its_own_threshold(tmp_path, monkeypat
     val = pd.DataFrame({"threshold": [math.inf, 0.8, 0.2, 0.1], "fp_avg": [0.0, 0.0, 0.5, 1.0],
                         "sensitivity": [0.0, 1.0, 1.0, 1.0]})
     seen = {}
-    monkeypatch.setattr(bench, "read_card", lambda d: CARD)
     monkeypatch.setattr(bench, "load_detector", lambda d, device: (None, CARD))
     monkeypatch.setattr(bench, "load_volumes", lambda inputs: seen.setdefault("inputs", inputs) and [1, 2])
     monkeypatch.setattr(bench, "validation_curve", lambda *a, **k: val)

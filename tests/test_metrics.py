@@ -211,7 +211,8 @@ def test_threshold_range_spans_the_froc_step_and_the_rules_pick_in_it():
     assert operating_point(0.5, 0.2, "corner") == 0.5 and operating_point(0.5, 0.2, "lowest") == 0.2
     mid = operating_point(0.8, 0.2, "midpoint")               # logit(0.8) = -logit(0.2): the middle is 0.5
     assert mid == pytest.approx(0.5)
-    assert 0.2 < operating_point(0.5, 0.2, "midpoint") < 0.35  # log-odds middle lies below the arithmetic 0.35
+    # logit(0.5) = 0, logit(0.2) = -ln 4: the middle -ln 2 is 1/3 (arithmetic 0.35, geometric 0.316)
+    assert operating_point(0.5, 0.2, "midpoint") == pytest.approx(1 / 3)
     assert operating_point(math.inf, math.inf, "midpoint") == math.inf
     with pytest.raises(ValueError, match="operating rule"):
         operating_point(0.5, 0.2, "median")

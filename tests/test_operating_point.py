@@ -37,9 +37,15 @@ def test_operating_rule_picks_within_the_cards_threshold_range(caplog):
     assert operating_threshold("validation", card, 0.5, rule="lowest") == pytest.approx(0.2)
     assert operating_threshold("validation", card, 0.5) == pytest.approx(0.5)      # midpoint in log-odds
     assert operating_threshold("validation", card, 0.5, floor=0.6) == pytest.approx(0.6)
+    assert operating_threshold("validation", {"validation": {"threshold_at_0.5": 0.5, "lowest_threshold_at_0.5": 0.2}},
+                               0.5) == pytest.approx(1 / 3)                      # not the arithmetic 0.35
     with caplog.at_level("WARNING"):
         assert operating_threshold("validation", CARD, 0.5, rule="lowest") == pytest.approx(0.22)
     assert "operating rule 'corner' used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert operating_threshold("validation", CARD, 0.5, rule="corner") == pytest.approx(0.22)
+    assert not caplog.text                                                       # asked for the corner: no warning
 
 
 def test_operating_threshold_without_validation_names_the_card(tmp_path):

@@ -303,6 +303,18 @@ def test_preprocessed_images_carry_their_normalisation_and_models_check_it(tmp_p
     P.check_normalisation(paths["swi"], {}, "m", "01")
 
 
+@pytest.mark.parametrize("spec", [{"percentiles": [0.5, 99.5], "anchor_erode_mm": 0.0},       # released cards
+                                  {"percentiles": [0.123456789, 99.99999], "anchor_erode_mm": 1 / 3}])
+def test_normalisation_tag_round_trip_is_accepted_by_its_own_card(tmp_path, spec):
+    """The tag keeps 6 significant digits; the check accepts its own normalisation, and a card
+    without `normalisation` (the legacy whole-mask anchors) accepts the legacy tag."""
+    save_image(np.ones((4, 4, 4), np.float32), np.eye(4), tmp_path / "x.nii.gz", descrip=P.normalisation_descrip(spec))
+    assert np.allclose(P.image_normalisation(tmp_path / "x.nii.gz")["percentiles"], spec["percentiles"], rtol=1e-5)
+    P.check_normalisation(tmp_path / "x.nii.gz", {"normalisation": spec}, "m", "01")
+    if spec["anchor_erode_mm"] == 0:
+        P.check_normalisation(tmp_path / "x.nii.gz", {}, "m", "01")
+
+
 def test_filtered_integer_phase_of_unknown_scale_goes_through_and_raw_is_refused(tmp_path):
     """-1500..1500 integers: no scale can be read; filtered phase needs none, raw phase does."""
     paths, aff = write_subject(tmp_path, phase_scale=1501.0)

@@ -315,7 +315,8 @@ def threshold_range(curve: pd.DataFrame, fp: float) -> tuple[float, float]:
     Every threshold ``t`` with ``low <= t <= high`` keeps the sensitivity of the
     best point with ``fp_avg <= fp``; ``high`` (the corner of the FROC step) has
     the fewest false positives, ``low`` the most still within ``fp`` (the last
-    row before FP_avg first exceeds ``fp``). When that sensitivity is 0 both are
+    row before FP_avg first exceeds ``fp``; when the curve never exceeds ``fp``, its
+    last row: the lowest candidate score, i.e. the candidate floor). When that sensitivity is 0 both are
     the lowest threshold within the budget; ``(inf, inf)`` when no point has
     ``fp_avg <= fp``.
 

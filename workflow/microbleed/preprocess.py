@@ -441,8 +441,8 @@ def image_normalisation(path) -> dict | None:
 def check_normalisation(path, card_config, model_dir, subject: str | None = None, training: bool = False) -> None:
     """Stop when a pre-processed image was normalised otherwise than a model expects.
 
-    Compares the image's header tag (:func:`image_normalisation`) with
-    :func:`card_normalisation` of ``card_config`` (a card's ``config``, or, with
+    Compares the image's header tag (:func:`image_normalisation`, 6 significant
+    digits, so within a relative 1e-5) with :func:`card_normalisation` of ``card_config`` (a card's ``config``, or, with
     ``training``, ``{"normalisation": spec}`` of the model about to be trained, which
     its card will record); an image without a tag is not checked.
 
@@ -452,7 +452,9 @@ def check_normalisation(path, card_config, model_dir, subject: str | None = None
     """
     found = image_normalisation(path)
     wanted = card_normalisation(card_config)
-    if found is not None and found != wanted:
+    same = found is None or np.allclose([*found["percentiles"], found["anchor_erode_mm"]],
+                                        [*wanted["percentiles"], wanted["anchor_erode_mm"]], rtol=1e-5, atol=1e-6)
+    if not same:
         model = (f"training of {model_dir} is configured for" if training
                  else f"the model {model_dir} was trained on")
         raise InputError(f"pre-processed with normalisation {found} but {model} {wanted}: delete the "

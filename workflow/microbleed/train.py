@@ -306,12 +306,13 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     """
     d, device, out_dir = cfg["detector"], torch.device(device), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    norm = {"normalisation": normalisation_spec(cfg["preprocess"])}
+    for subject, path, _ in inputs:          # headers only: refused before any volume is read
+        check_normalisation(path, norm, out_dir, subject, training=True)
     volumes = load_volumes(inputs)
     grid = grid_spec(cfg["preprocess"])
-    norm = {"normalisation": normalisation_spec(cfg["preprocess"])}
     for vol, (_, path, _) in zip(volumes, inputs):
         check_detector_grid(vol.image.shape[1:], vol.affine, grid, subject=vol.subject, path=path)
-        check_normalisation(path, norm, out_dir, vol.subject, training=True)
     train_vols, val_vols = split_subjects(volumes, float(d["validation_fraction"]), int(d["seed"]))
     split = {"cohort": cohort, "train": [v.subject for v in train_vols], "val": [v.subject for v in val_vols]}
     fingerprint = _fingerprint(cfg, [v.subject for v in volumes])
@@ -415,8 +416,9 @@ def operating_threshold(setting: float | str, card: Mapping[str, Any] | str | os
                          f"(train with detector.validation_fraction > 0, or set infer.threshold to a number)",
                          path=path)
     low = validation.get(f"lowest_{key}")
-    if low is None and rule != "corner":
-        log.warning("model card %s has no validation.lowest_%s (written before infer.operating_rule): "
-                    "operating rule 'corner' used instead of %r", path or "(dict)", key, rule)
+    if low is None:
+        if rule != "corner":
+            log.warning("model card %s has no validation.lowest_%s (written before infer.operating_rule): "
+                        "operating rule 'corner' used instead of %r", path or "(dict)", key, rule)
         low, rule = value, "corner"
     return max(operating_point(float(value), float(low), rule), float(floor))
