@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 
 
-def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str], kind: str) -> list[dict]:
+def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str], kind: str,
+              device: str = "cpu") -> list[dict]:
     """Dice per class (pooled) and mean seconds per subject, flip off and on (each subject read once)."""
     cfg = card.get("training", {})
     preds, secs, truths = {False: [], True: []}, {False: [], True: []}, []
@@ -45,7 +46,7 @@ def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str]
         truths.append(truth.ravel())
         for flip in (False, True):
             t0 = time.time()
-            preds[flip].append(segment_image(model, img, aff, inference_spacing(card, aff), "cpu",
+            preds[flip].append(segment_image(model, img, aff, inference_spacing(card, aff), device,
                                              cfg.get("window", (128, 128, 32)), float(cfg.get("overlap", 0.25)),
                                              int(cfg.get("sw_batch_size", 2)), flip,
                                              card.get("class_offsets")).ravel())
@@ -67,20 +68,21 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--cohorts", nargs="*", default=[])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stem", default="segmenter_tta")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     card = json.loads((a.model / "card.json").read_text())
     kind = "swi" if card.get("config", {}).get("input", "swi") == "swi" else "T1w"
-    model = load_segmenter(a.model, "cpu")
-    rows = score_set(model, card, a.results, a.train_cohort, card["validation_subjects"], kind)
+    model = load_segmenter(a.model, a.device)
+    rows = score_set(model, card, a.results, a.train_cohort, card["validation_subjects"], kind, a.device)
     rows[0]["set"] = rows[1]["set"] = f"{a.train_cohort} validation"
     for cohort in a.cohorts:
         subs = preproc_subjects(a.results, cohort)
-        rows += score_set(model, card, a.results, cohort, subs, kind)
+        rows += score_set(model, card, a.results, cohort, subs, kind, a.device)
     table = pd.DataFrame(rows)
     text = (f"# Segmenter left-right test-time augmentation ({a.model.name}, input {kind})\n\n"
             f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n"
-            f"- machine: {platform.node()} ({platform.machine()}, {a.threads} threads, {platform.platform()})\n"
+            f"- machine: {platform.node()} ({platform.machine()}, {a.threads} threads, device {a.device}, {platform.platform()})\n"
             f"- command: `benchmarks/bench_segmenter_tta.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n"
             f"- the choice is made on the validation rows; test cohorts are listed for the record.\n\n"
             f"{table.to_markdown(index=False)}\n")

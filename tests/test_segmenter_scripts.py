@@ -221,6 +221,39 @@ def test_ablate_segmenter_sets_segmenter_keys_and_refuses_unknown_ones(tmp_path,
     assert seen["inputs"][0][0] == "001" and seen["inputs"][0][2].endswith("labels/sub-001_desc-bombs_dseg.nii.gz")
     with pytest.raises(SystemExit, match="no_such_key"):
         ablate.main("none", tmp_path / "m", tmp_path, settings={"no_such_key": 1})
+    ablate.main("none", tmp_path / "m", tmp_path, config=Path(__file__).resolve().parents[1] / "config"
+                / "benchmark-gpu.yaml", device="cuda")
+    gpu = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "benchmark-gpu.yaml").read_text())
+    assert seen["cfg"]["widths"] == gpu["segmenter"]["widths"] != bench["segmenter"]["widths"]
+
+
+def test_pack_cohort_quantises_within_a_step_and_keeps_the_normalisation_tag(tmp_path):
+    """benchmarks/pack_cohort.py: the packed image differs from the original by at most half a
+    quantisation step of its range, keeps the NIfTI descrip (normalisation tag), and the labels are
+    copied unchanged into the same results layout."""
+    import nibabel as nib
+    from benchscripts import load_bench
+    from microbleed.io import labels_path, preproc_path
+    pack = load_bench("pack_cohort")
+    rng = np.random.default_rng(0)
+    data = rng.normal(0.4, 0.2, (12, 10, 8)).astype(np.float32)
+    src = preproc_path(tmp_path / "r", "c", "001", "preproc_swi")
+    src.parent.mkdir(parents=True)
+    img = nib.Nifti1Image(data, np.diag([0.9, 0.9, 2.0, 1.0]))
+    img.header["descrip"] = b"microbleed normalisation p0.5-99.5 erode4mm"
+    nib.save(img, src)
+    lab = labels_path(tmp_path / "r", "c", "001")
+    lab.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(rng.integers(0, 4, data.shape).astype(np.uint8), img.affine), lab)
+    pack.main(tmp_path / "r", tmp_path / "o", ["c"], 8, "preproc_swi")
+    out = nib.load(preproc_path(tmp_path / "o", "c", "001", "preproc_swi"))
+    step = (data.max() - data.min()) / 255
+    assert out.get_data_dtype() == np.uint8
+    assert np.abs(out.get_fdata() - data).max() <= step / 2 + 1e-6
+    assert bytes(out.header["descrip"]).rstrip(b"\0") == b"microbleed normalisation p0.5-99.5 erode4mm"
+    np.testing.assert_array_equal(nib.load(labels_path(tmp_path / "o", "c", "001")).get_fdata(),
+                                  nib.load(lab).get_fdata())
+    np.testing.assert_allclose(out.affine, img.affine)
 
 
 def test_segment_script_fills_the_voids_around_candidates_first(tmp_path, monkeypatch):
