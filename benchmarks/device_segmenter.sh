@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The SWI segmenter trained on a GPU, on the benchmark's training cohort, in three settings side by
-# side (one process each, same data, same seed, same validation subjects):
+# The SWI segmenter trained on a GPU, on the benchmark's training cohort, in four settings side by
+# side (one process each, sharing the GPU, same data, same seed, same validation subjects):
 #   cpucfg  config/benchmark.yaml's segmenter (widths 8..64, 160 epochs of 128 crops): what
 #           `make benchmark` trains on the 2-core CPU, here on the GPU;
 #   gpucfg  config/benchmark-gpu.yaml's segmenter (widths 16..128, 200 epochs of 256 crops, batch 8);
-#   gpuctx  gpucfg with 128 x 128 x 32 crops (four times the context per crop, batch 4).
+#   gpuctx  gpucfg with 128 x 128 x 32 crops (16 times the voxels per crop; 32 crops of batch 4 per
+#           epoch, so that an epoch sees as many voxels as gpucfg's);
+#   gpulong gpucfg for 400 epochs, the whole-volume check every 20 (as many checks).
 # Each arm's model folder (model.pt, card.json, train_log.csv) and log come back as $OUT/<arm>.tar.
 #
 # Made for the device tool's machine (its own torch; monai and nibabel carried as wheels in .whl;
@@ -36,6 +38,7 @@ run_arm() {
 }
 run_arm cpucfg &
 run_arm gpucfg --config config/benchmark-gpu.yaml &
-run_arm gpuctx --config config/benchmark-gpu.yaml --set "crop=[128, 128, 32]" batch_size=4 &
+run_arm gpuctx --config config/benchmark-gpu.yaml --set "crop=[128, 128, 32]" batch_size=4 crops_per_epoch=32 &
+run_arm gpulong --config config/benchmark-gpu.yaml --set epochs=400 volume_validation_every=20 &
 wait
 for f in /tmp/seg_models/*/run.log; do echo "== $f"; tail -3 "$f"; done
