@@ -694,25 +694,6 @@ def test_inference_spacing_fixed_grid_and_old_cards():
     assert segment.inference_spacing({"config": {}}, aff) is None
 
 
-def _fit_offsets_by_argmax(fixed, logp, truth, grid, rounds=2):
-    """The coordinate ascent spelt out: one full arg-max per offset tried (the reference)."""
-    grid = sorted((float(v) for v in grid), key=abs)
-
-    def score(off):
-        return segment._confusion_dice(fixed + segment._confusion(truth, (logp + off[:, None]).argmax(0)))["total"]
-    offsets = np.zeros(4, dtype=np.float32)
-    best = score(offsets)
-    for _ in range(rounds):
-        for c in range(1, 4):
-            for v in grid:
-                trial = offsets.copy()
-                trial[c] = v
-                value = score(trial)
-                if value > best + 1e-12:
-                    best, offsets = value, trial
-    return offsets
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_offset_fit_from_sorted_margins_equals_the_argmax_search(seed):
     """The fast fit (one sort per class step) chooses the offsets of the plain search, ties included:
@@ -725,9 +706,11 @@ def test_offset_fit_from_sorted_margins_equals_the_argmax_search(seed):
     prob = np.exp(logits - logits.max(0))
     prob /= prob.sum(0)
     prob[:, :500] = np.where(rng.random((4, 500)) < 0.5, 1e-12, prob[:, :500])   # clipped: exact ties
+    from benchscripts import load_bench
+    reference = load_bench("bench_offset_fit").fit_offsets_by_argmax
     fixed, logp, truth = segment._split_movable(segment._log_probabilities(prob), labels, segment.OFFSET_GRID)
     fast = segment._fit_offsets(fixed, logp, truth, segment.OFFSET_GRID)
-    np.testing.assert_array_equal(fast, _fit_offsets_by_argmax(fixed, logp, truth, segment.OFFSET_GRID))
+    np.testing.assert_array_equal(fast, reference(fixed, logp, truth, segment.OFFSET_GRID))
     for c in (1, 2, 3):
         table = segment._confusions_over_offsets(logp, truth, fast, c, segment.OFFSET_GRID)
         for v, conf in zip(segment.OFFSET_GRID, table):
