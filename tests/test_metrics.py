@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from microbleed.metrics import (BOMBS_CODES, REGIONS, SubjectData, bombs_region_tally, count_agreement,
-                                detection_table, dice_per_class, eliminated_fp, froc_curve, froc_summary,
+                                detection_table, dice_per_class, eliminated_fp, fp_at_sensitivity, froc_curve, froc_summary,
                                 localization_accuracy, match_detections, pr_auc, rates, region_name,
                                 subject_tp_curve)
 
@@ -100,6 +100,10 @@ def test_froc_curve_and_points_by_hand():
     assert s["threshold_at_0.125"] == math.inf and s["threshold_at_0.5"] == 0.9
     # at FP_avg <= 2 every point qualifies; sensitivity 1 is first reached at .6 (.3 only adds a false positive)
     assert s["threshold_at_1"] == 0.6 and s["threshold_at_2"] == 0.6
+    # matched sensitivity: 90 % and 95 % are first reached at (1, 1); 50 % at (.5, .5); 100 % never missed
+    assert s["fp_avg_at_sens_0.9"] == 1.0 and s["fp_avg_at_sens_0.95"] == 1.0
+    assert fp_at_sensitivity(curve, 0.5) == 0.5 and fp_at_sensitivity(curve, 0.25) == 0.5
+    assert fp_at_sensitivity(curve[curve["sensitivity"] < 1], 0.9) == math.inf   # never reached
     # AUC-PR: recall steps +.5 at precision .5 (t=.9) and +.5 at precision .5 (t=.6)
     assert pr_auc(curve) == pytest.approx(0.5)
 
@@ -114,6 +118,7 @@ def test_froc_rematches_per_threshold():
 def test_froc_without_labels_is_nan():
     curve = froc_curve([_cohort()[1]], R)
     assert math.isnan(froc_summary(curve)["mean_sensitivity"])
+    assert math.isnan(froc_summary(curve)["fp_avg_at_sens_0.9"])
     assert math.isnan(pr_auc(curve))
 
 

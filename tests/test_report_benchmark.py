@@ -18,7 +18,8 @@ def _write(d: Path, det_rows, loc_rows, froc_rows):
     pd.DataFrame(det_rows, columns=cols).to_csv(d / "detection.tsv", sep="\t", index=False)
     pd.DataFrame(loc_rows, columns=["region", "dice_mean", "la", "n_correct", "n_detected", "efp_avg"]).to_csv(
         d / "localization.tsv", sep="\t", index=False)
-    pd.DataFrame(froc_rows, columns=["method", "sens_at_0.125", "sens_at_1", "mean_sensitivity", "auc_pr"]).to_csv(
+    pd.DataFrame(froc_rows, columns=["method", "sens_at_0.125", "sens_at_1", "mean_sensitivity", "auc_pr",
+                                     "fp_avg_at_sens_0.9", "fp_avg_at_sens_0.95"][:len(froc_rows[0])]).to_csv(
         d / "froc.tsv", sep="\t", index=False)
 
 
@@ -26,8 +27,8 @@ def test_render_results(run_all, tmp_path):
     det = [("rpn+ffm+hspl", "cmb", 0.9, 0.5, 1.25), ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.5),
            ("rpn+ffm+hspl+pruning(swi)", "cmb", 0.9, 0.75, 0.5), ("rpn+ffm+hspl+pruning(swi)", "normal", None, 0.0, 0.0)]
     loc = [("none", 0.97, None, None, None, None), ("lobar", 0.8, 1.0, 3, 3, None), ("total", 0.7, 0.75, 3, 4, 0.25)]
-    froc = [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66)]
-    _write(tmp_path / "segin-swi" / "int", det, loc, froc)
+    froc = [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66)]                       # a table without matched-sensitivity columns
+    _write(tmp_path / "segin-swi" / "int", det, loc, [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66, 0.375, float("inf"))])
     _write(tmp_path / "segin-swi" / "ext", [("rpn+ffm+hspl", "cmb", 0.8, 0.4, 2.0),
                                             ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.33)], loc, froc)
     _write(tmp_path / "segin-t1" / "int", [("rpn+ffm+hspl+pruning(t1)", "cmb", 0.85, 0.8, 0.4)], loc, froc)
@@ -46,6 +47,10 @@ def test_render_results(run_all, tmp_path):
     assert "n/a (88.00)" in rows["two-stage YOLOv2 + 3D CNN (paper only)"]
     assert "0.800 (0.904)" in text and "0.25 (0.30)" in text and "3/4" in text         # Table 2, internal swi
     assert "0.66 (0.94)" in text                                                          # AUC-PR vs Fig. 9
+    froc_int = next(line for line in text.splitlines() if line.startswith("| int | rpn+ffm+hspl |"))
+    assert froc_int.endswith("| 0.38 | inf |"), froc_int                                 # FP_avg at 90 % / 95 %
+    froc_ext = next(line for line in text.splitlines() if line.startswith("| ext | rpn+ffm+hspl |"))
+    assert froc_ext.endswith("| n/a | n/a |"), froc_ext                                  # older froc.tsv
     assert "- commit: abc" in text
 
 
@@ -226,3 +231,19 @@ def test_sections_only_keeps_the_run_and_rereads_notes_and_scripts(run_all):
                                     "\n## Speed and resources (per script)\n\nnew speed\n") == text
     with pytest.raises(ValueError, match="Detection"):
         run_all.refresh_sections("# something else\n", "", "")
+
+
+def test_matched_sensitivity_reads_each_methods_froc_curve(tmp_path):
+    """benchmarks/matched_sensitivity.py: per method, the smallest FP_avg at which its FROC reaches
+    the level (inf when it never does); a missing curve file names the cohort."""
+    mod = load_bench("matched_sensitivity")
+    d = tmp_path / "c" / "metrics"
+    d.mkdir(parents=True)
+    pd.DataFrame({"method": ["a"] * 3 + ["b"] * 3,
+                  "sensitivity": [0.0, 0.9, 1.0, 0.0, 0.5, 0.8],
+                  "fp_avg": [0.0, 0.25, 2.0, 0.0, 1.0, 3.0]}).to_csv(d / "froc_curve.tsv", sep="\t", index=False)
+    out = mod.table(tmp_path, ["c"], (0.9, 0.95)).set_index("method")
+    assert out.loc["a", "fp_avg_at_sens_0.9"] == 0.25 and out.loc["a", "fp_avg_at_sens_0.95"] == 2.0
+    assert out.loc["b", "fp_avg_at_sens_0.9"] == float("inf") and out.loc["b", "max_sensitivity"] == 0.8
+    with pytest.raises(SystemExit, match="missing"):
+        mod.table(tmp_path, ["missing"])
