@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from microbleed.runtime import select_device
 from microbleed.segment import train_segmenter
 from microbleed.io import labels_path, preproc_path, preproc_subjects
 from microbleed.preprocess import normalisation_spec
@@ -54,7 +55,7 @@ def main(spacing: str, out_dir: Path, results: Path, cohort: str = "bench-train"
                str(labels_path(results, cohort, s))) for s in subs]
     start = time.perf_counter()
     card = train_segmenter(inputs, out_dir, cfg, device)
-    out = {"config": Path(config).name, "device": device,
+    out = {"config": Path(config).name, "device": str(select_device(device)),
            "train_seconds": round(time.perf_counter() - start, 1),
            "spacing_mm": cfg["spacing_mm"], "augment_lesions": cfg.get("augment_lesions", False),
            **(settings or {}),

@@ -4,14 +4,14 @@
 #   cpucfg  config/benchmark.yaml's segmenter (widths 8..64, 160 epochs of 128 crops): what
 #           `make benchmark` trains on the 2-core CPU, here on the GPU;
 #   gpucfg  config/benchmark-gpu.yaml's segmenter (widths 16..128, 200 epochs of 256 crops, batch 8);
-#   gpuctx  gpucfg with 128 x 128 x 32 crops (16 times the voxels per crop; 32 crops of batch 4 per
+#   gpuctx  gpucfg with 128 x 128 x 32 crops (8 times the voxels per crop; 32 crops of batch 4 per
 #           epoch, so that an epoch sees as many voxels as gpucfg's);
 #   gpulong gpucfg for 400 epochs, the whole-volume check every 20 (as many checks).
 # Each arm's model folder (model.pt, card.json, train_log.csv) and log come back as $OUT/<arm>.tar.
 #
 # Made for the device tool's machine (its own torch; monai and nibabel carried as wheels in .whl;
 # the cohort packed by benchmarks/pack_cohort.py into .gpudata, 8-bit, under the 64 MiB limit):
-#   python3 benchmarks/pack_cohort.py <bench results> .gpudata --cohorts bench-train --bits 8
+#   PYTHONPATH=workflow .venv/bin/python benchmarks/pack_cohort.py <bench results> .gpudata --cohorts bench-train --bits 8
 #   device run, carry [.whl, .gpudata]: bash benchmarks/device_segmenter.sh
 # Test Dice of the returned models is measured on the CPU, on the full-precision images, by
 # benchmarks/bench_segmenter_tta.py --model <arm folder> --cohorts bench-test bench-external.

@@ -1,7 +1,7 @@
 """Pack a cohort's pre-processed SWI (or T1w) and BOMBS labels into a small copy of the results
 layout, for a device machine that takes at most 64 MiB per call (the ``run`` tool's limit).
 
-The images are stored as ``int16`` with a NIfTI scale factor (``--bits 16``, ~1/65535 of the
+The images are stored as ``uint16`` with a NIfTI scale factor (``--bits 16``, ~1/65535 of the
 intensity range per step: lossless for the networks) or ``uint8`` (``--bits 8``, 1/255 of the range:
 below the simulated SWI noise, which is what makes the copy compress). The normalisation tag in the
 NIfTI descrip is kept, so the copy passes :func:`microbleed.preprocess.check_normalisation`. Labels
@@ -27,7 +27,10 @@ def pack_image(src: Path, dst: Path, bits: int) -> float:
     the largest absolute difference between the stored and the original intensities."""
     img = nib.load(src)
     data = np.asarray(img.dataobj, dtype=np.float32)
-    lo, hi = float(data.min()), float(data.max())
+    if data.min() < 0:
+        raise SystemExit(f"{src}: intensities below 0; pack_cohort takes pre-processed images (0 outside "
+                         "the brain, which must stay exactly 0)")
+    lo, hi = 0.0, float(data.max())       # 0 is a level: the background stays exactly 0
     levels = 255 if bits == 8 else 65535
     slope = (hi - lo) / levels if hi > lo else 1.0
     q = np.round((data - lo) / slope)

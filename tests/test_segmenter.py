@@ -717,3 +717,25 @@ def test_offset_fit_from_sorted_margins_equals_the_argmax_search(seed):
             trial = fast.copy()
             trial[c] = v
             np.testing.assert_array_equal(conf, segment._confusion(truth, (logp + trial[:, None]).argmax(0)))
+
+
+def test_offset_confusions_follow_argmax_on_float32_ties():
+    """Two classes with the same (unclipped) probability: ``logp + v`` rounded to float32 can land on
+    the other class's value, a tie that argmax gives to the first class. The sorted-margin counts
+    must reproduce argmax there too, for every class step and offset of the grid."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    logp = np.log(rng.uniform(0.05, 0.95, (4, n))).astype(np.float32)
+    pair = rng.integers(0, 4, (2, n))
+    logp[pair[1], np.arange(n)] = logp[pair[0], np.arange(n)]        # equal probabilities, not clipped
+    logp[:, :50] = np.float32(np.log(np.float32(0.7819432)))           # the reviewed case: ties in every class
+    truth = rng.integers(0, 4, n)
+    for offsets in (np.zeros(4, np.float32), np.array([0, 0, 1, 0], np.float32),
+                    np.array([0, -1.25, 0.75, 2.5], np.float32)):
+        for c in (1, 2, 3):
+            table = segment._confusions_over_offsets(logp, truth, offsets, c, segment.OFFSET_GRID)
+            for v, conf in zip(segment.OFFSET_GRID, table):
+                trial = offsets.copy()
+                trial[c] = v
+                np.testing.assert_array_equal(conf, segment._confusion(truth, (logp + trial[:, None]).argmax(0)),
+                                              err_msg=f"offsets {trial}, class {c}")

@@ -229,14 +229,15 @@ def test_ablate_segmenter_sets_segmenter_keys_and_refuses_unknown_ones(tmp_path,
 
 def test_pack_cohort_quantises_within_a_step_and_keeps_the_normalisation_tag(tmp_path):
     """benchmarks/pack_cohort.py: the packed image differs from the original by at most half a
-    quantisation step of its range, keeps the NIfTI descrip (normalisation tag), and the labels are
-    copied unchanged into the same results layout."""
+    quantisation step of its range, keeps 0 exactly and the NIfTI descrip (normalisation tag), and
+    the labels are copied unchanged into the same results layout; negative intensities are refused."""
     import nibabel as nib
     from benchscripts import load_bench
     from microbleed.io import labels_path, preproc_path
     pack = load_bench("pack_cohort")
     rng = np.random.default_rng(0)
-    data = rng.normal(0.4, 0.2, (12, 10, 8)).astype(np.float32)
+    data = np.clip(rng.normal(0.4, 0.2, (12, 10, 8)), 0, 1).astype(np.float32)
+    data[:3] = 0                                                      # outside the brain
     src = preproc_path(tmp_path / "r", "c", "001", "preproc_swi")
     src.parent.mkdir(parents=True)
     img = nib.Nifti1Image(data, np.diag([0.9, 0.9, 2.0, 1.0]))
@@ -247,13 +248,17 @@ def test_pack_cohort_quantises_within_a_step_and_keeps_the_normalisation_tag(tmp
     nib.save(nib.Nifti1Image(rng.integers(0, 4, data.shape).astype(np.uint8), img.affine), lab)
     pack.main(tmp_path / "r", tmp_path / "o", ["c"], 8, "preproc_swi")
     out = nib.load(preproc_path(tmp_path / "o", "c", "001", "preproc_swi"))
-    step = (data.max() - data.min()) / 255
+    step = data.max() / 255
     assert out.get_data_dtype() == np.uint8
     assert np.abs(out.get_fdata() - data).max() <= step / 2 + 1e-6
+    assert np.all(out.get_fdata()[:3] == 0)                         # the background stays exactly 0
     assert bytes(out.header["descrip"]).rstrip(b"\0") == b"microbleed normalisation p0.5-99.5 erode4mm"
     np.testing.assert_array_equal(nib.load(labels_path(tmp_path / "o", "c", "001")).get_fdata(),
                                   nib.load(lab).get_fdata())
     np.testing.assert_allclose(out.affine, img.affine)
+    nib.save(nib.Nifti1Image(data - 0.5, img.affine), src)
+    with pytest.raises(SystemExit, match="below 0"):
+        pack.main(tmp_path / "r", tmp_path / "o2", ["c"], 8, "preproc_swi")
 
 
 def test_segment_script_fills_the_voids_around_candidates_first(tmp_path, monkeypatch):
