@@ -90,3 +90,21 @@ def test_benchmark_experiments_are_valid_overrides(name):
     assert cfg["cohorts"] == base["cohorts"], "an experiment keeps the benchmark cohorts"
     validate(cfg, str(SCHEMA), set_default=True)
     assert run_all.deep_merge({"a": {"b": 1, "c": [1]}}, {"a": {"c": [2]}}) == {"a": {"b": 1, "c": [2]}}
+
+
+def test_fresh_cohorts_are_new_and_valid():
+    """config/benchmark-fresh.yaml, given after config/benchmark.yaml, is a valid config whose evaluated
+    cohorts are its own and whose simulator seeds no benchmark, released or generalisation cohort uses."""
+    from benchscripts import load_bench
+    run_all = load_bench("run_all")
+    cfg = run_all.load_config(ROOT / "config" / "benchmark.yaml", [ROOT / "config" / "benchmark-fresh.yaml"])
+    validate(cfg, str(SCHEMA), set_default=True)
+    fresh = load("benchmark-fresh.yaml")
+    assert cfg["evaluate_cohorts"] == list(fresh["cohorts"])
+    assert cfg["train_cohort"] == load("benchmark.yaml")["train_cohort"], "the fresh cohorts train nothing"
+    used = {c["simulate"]["seed"] for name in ("config.yaml", "benchmark.yaml", "benchmark-gpu.yaml",
+                                               "generalise.yaml", "released-bench.yaml")
+            if (ROOT / "config" / name).exists()
+            for c in (load(name).get("cohorts") or {}).values() if "simulate" in c}
+    seeds = [c["simulate"]["seed"] for c in fresh["cohorts"].values()]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & used
