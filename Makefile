@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 CORES   ?= $(shell nproc 2>/dev/null || echo 2)
 SMK     := $(BIN)/snakemake --profile workflow/profiles/default --cores $(CORES)
 
-.PHONY: venv demo test test-all lint dryrun benchmark benchmark-gpu generalise clean
+.PHONY: venv demo test test-all lint dryrun benchmark benchmark-gpu benchmark-fresh generalise clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ benchmark: $(STAMP)
 
 benchmark-gpu: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --config config/benchmark-gpu.yaml --out benchmarks/RESULTS-gpu.md
+
+benchmark-fresh: $(STAMP)
+	$(BIN)/python benchmarks/bench_fresh.py --cores $(CORES)
 
 generalise: $(STAMP)
 	$(BIN)/python benchmarks/bench_generalise.py --run --cores $(CORES)

@@ -247,3 +247,27 @@ def test_matched_sensitivity_reads_each_methods_froc_curve(tmp_path):
     assert out.loc["b", "fp_avg_at_sens_0.9"] == float("inf") and out.loc["b", "max_sensitivity"] == 0.8
     with pytest.raises(SystemExit, match="missing"):
         mod.table(tmp_path, ["missing"])
+
+
+def test_bench_fresh_reuses_the_run_and_reads_fresh_tables(tmp_path):
+    """bench_fresh.py: Snakemake gets the run's config then the fresh cohorts with mtime triggers (nothing
+    retrained); the tables come from the fresh cohorts' metrics, the first cohort as the internal one; a
+    cohort without a detection table is an error that names it."""
+    mod = load_bench("bench_fresh")
+    cmd = mod.snakemake_command(Path("run.yaml"), Path("fresh.yaml"), 2)
+    i = cmd.index("--configfile")
+    assert cmd[i + 1:i + 3] == ["run.yaml", "fresh.yaml"]
+    assert cmd[cmd.index("--rerun-triggers") + 1] == "mtime"
+    det = [("rpn+ffm+hspl", "cmb", 0.875, 1.0, 0.0), ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.25)]
+    loc = [("lobar", 0.9, 1.0, 2, 2, None)]
+    _write(tmp_path / "fresh-a" / "metrics", det, loc, [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66)])
+    _write(tmp_path / "fresh-b" / "metrics", [("rpn+ffm+hspl", "cmb", 0.6, 1.0, 0.0)], loc,
+           [("rpn+ffm+hspl", 0.5, 0.9, 0.8, 0.66)])
+    found = mod.read_tables(tmp_path, ["fresh-a", "fresh-b"])
+    text = mod.render(found, ["fresh-a", "fresh-b"], {"commit": "abc"})
+    assert text.startswith("# The benchmark's models on fresh cohorts")
+    assert "| method | fresh-a sens % |" in text and "| fresh-b sens % |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| rpn+ffm+hspl |"))
+    assert "87.50 (94.66)" in row and "60.00 (93.89)" in row and "0.25 (0.85)" in row
+    with pytest.raises(FileNotFoundError, match="fresh-c"):
+        mod.read_tables(tmp_path, ["fresh-a", "fresh-c"])
