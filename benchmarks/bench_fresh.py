@@ -33,6 +33,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "workflow"))
+import matched_sensitivity  # noqa: E402
 import run_all  # noqa: E402
 
 
@@ -45,6 +47,7 @@ def snakemake_command(config: Path, fresh: Path, cores: int) -> list[str]:
 
 def read_tables(results: Path, cohorts: Sequence[str], segin: str = "swi") -> dict:
     """``{(segin, cohort): {table: DataFrame}}`` from ``<results>/<cohort>/metrics/`` (as run_all.collect).
+    A ``froc`` table written before the matched-sensitivity columns gets them from ``froc_curve.tsv``.
 
     Raises:
         FileNotFoundError: a cohort has no detection table (its evaluation did not run).
@@ -54,8 +57,14 @@ def read_tables(results: Path, cohorts: Sequence[str], segin: str = "swi") -> di
         metrics = results / cohort / "metrics"
         if not (metrics / "detection.tsv").exists():
             raise FileNotFoundError(f"{cohort}: no {metrics / 'detection.tsv'}; did its evaluate_cohort job run?")
-        found[(segin, cohort)] = {n: pd.read_csv(metrics / f"{n}.tsv", sep="\t") for n in run_all.TABLES
-                                  if (metrics / f"{n}.tsv").exists()}
+        tables = {n: pd.read_csv(metrics / f"{n}.tsv", sep="\t") for n in run_all.TABLES
+                  if (metrics / f"{n}.tsv").exists()}
+        froc = tables.get("froc")
+        if froc is not None and (metrics / "froc_curve.tsv").exists() and not any(
+                c.startswith("fp_avg_at_sens_") for c in froc):   # evaluated by code older than those columns
+            matched = matched_sensitivity.table(results, [cohort]).drop(columns=["cohort", "max_sensitivity"])
+            tables["froc"] = froc.merge(matched, on="method", how="left")
+        found[(segin, cohort)] = tables
     return found
 
 

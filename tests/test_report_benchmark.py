@@ -271,3 +271,9 @@ def test_bench_fresh_reuses_the_run_and_reads_fresh_tables(tmp_path):
     assert "87.50 (94.66)" in row and "60.00 (93.89)" in row and "0.25 (0.85)" in row
     with pytest.raises(FileNotFoundError, match="fresh-c"):
         mod.read_tables(tmp_path, ["fresh-a", "fresh-c"])
+    # a froc.tsv older than the matched-sensitivity columns gets them from its froc_curve.tsv
+    pd.DataFrame({"method": ["rpn+ffm+hspl"] * 3, "threshold": [0.9, 0.5, 0.1], "sensitivity": [0.5, 0.9, 1.0],
+                  "fp_avg": [0.0, 0.25, 3.0]}).to_csv(tmp_path / "fresh-a" / "metrics" / "froc_curve.tsv",
+                                                       sep="\t", index=False)
+    froc = mod.read_tables(tmp_path, ["fresh-a"])[("swi", "fresh-a")]["froc"]
+    assert froc.loc[0, "fp_avg_at_sens_0.9"] == 0.25 and froc.loc[0, "fp_avg_at_sens_0.95"] == 3.0
