@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microbleed.metrics import (BOMBS_CODES, REGIONS, SubjectData, bombs_region_tally, count_agreement,
+from microbleed.metrics import (BOMBS_CODES, REGIONS, SubjectData, bombs_region_tally, count_agreement, pool_froc_curves,
                                 detection_table, dice_per_class, eliminated_fp, fp_at_sensitivity, froc_curve, froc_summary,
                                 localization_accuracy, match_detections, pr_auc, rates, region_name,
                                 subject_tp_curve)
@@ -221,3 +221,19 @@ def test_threshold_range_spans_the_froc_step_and_the_rules_pick_in_it():
     assert operating_point(math.inf, math.inf, "midpoint") == math.inf
     with pytest.raises(ValueError, match="operating rule"):
         operating_point(0.5, 0.2, "median")
+
+
+def test_pool_froc_curves_equals_the_curve_of_all_subjects():
+    """Pooling two cohorts' FROC tables gives froc_curve of their subjects together (shared and
+    cohort-specific thresholds), and FP_avg at a sensitivity read off it is the pooled one."""
+    a, b = _cohort()
+    c = SubjectData("C", "cmb", [[0, 0, 0]], [[0, 0, 0], [40, 0, 0]], [0.5, 0.9])   # L .5 (own), FP .9 (shared)
+    first, second = [a, b], [c]
+    pooled = pool_froc_curves([froc_curve(first, R), froc_curve(second, R)], [len(first), len(second)])
+    whole = froc_curve(first + second, R)
+    pd.testing.assert_frame_equal(pooled.reset_index(drop=True), whole.reset_index(drop=True), check_dtype=False)
+    assert fp_at_sensitivity(pooled, 1.0) == pytest.approx(1.0)   # all 3 CMBs at t = .5: FPs .95, .7, .9 / 3 subjects
+    with pytest.raises(ValueError, match="subject counts"):
+        pool_froc_curves([froc_curve(first, R)], [2, 1])
+    with pytest.raises(ValueError, match="threshold inf"):
+        pool_froc_curves([froc_curve(first, R).iloc[1:]], [2])

@@ -249,6 +249,31 @@ def test_matched_sensitivity_reads_each_methods_froc_curve(tmp_path):
         mod.table(tmp_path, ["missing"])
 
 
+def test_matched_sensitivity_pools_cohorts(tmp_path):
+    """--pool: a row per method over the cohorts' subjects together (counts summed at each threshold,
+    FP_avg over all subjects); a method missing from one cohort is not pooled."""
+    mod = load_bench("matched_sensitivity")
+    inf = float("inf")
+    for name, curve, n in (("c1", [(inf, 0, 0, 0, 2), (0.8, 1, 1, 0, 1), (0.4, 3, 2, 1, 0)], 2),
+                           ("c2", [(inf, 0, 0, 0, 2), (0.6, 2, 1, 1, 1), (0.2, 4, 2, 2, 0)], 2)):
+        d = tmp_path / name / "metrics"
+        d.mkdir(parents=True)
+        rows = [{"method": "m", "threshold": t, "n_detections": k, "tp": a, "fp": b, "fn": c,
+                 "sensitivity": a / 2, "precision": a / k if k else float("nan"), "fp_avg": b / n}
+                for t, k, a, b, c in curve]
+        rows += [] if name == "c2" else [{**rows[-1], "method": "only-c1"}]
+        pd.DataFrame(rows).to_csv(d / "froc_curve.tsv", sep="\t", index=False)
+        pd.DataFrame({"method": ["m"], "group": ["all"], "n_subjects": [n]}).to_csv(
+            d / "detection.tsv", sep="\t", index=False)
+    out = mod.table(tmp_path, ["c1", "c2"], (0.75, 1.0), pool="both")
+    pooled = out[out["cohort"] == "both"].set_index("method")
+    assert list(pooled.index) == ["m"]
+    # 3 of 4 CMBs first at t = .4 (c1's .4 row: 2 TP + 1 FP; c2 keeps its .6 row: 1 TP + 1 FP): FP_avg 2/4
+    assert pooled.loc["m", "fp_avg_at_sens_0.75"] == 0.5
+    # all 4 at t = .2: FPs 1 + 2 over 4 subjects
+    assert pooled.loc["m", "fp_avg_at_sens_1"] == 0.75 and pooled.loc["m", "max_sensitivity"] == 1.0
+
+
 def test_bench_fresh_reuses_the_run_and_reads_fresh_tables(tmp_path):
     """bench_fresh.py: Snakemake gets the run's config then the fresh cohorts with mtime triggers (nothing
     retrained); the tables come from the fresh cohorts' metrics, the first cohort as the internal one; a

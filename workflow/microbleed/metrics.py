@@ -311,6 +311,41 @@ def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINT
     return out
 
 
+def pool_froc_curves(curves: Sequence[pd.DataFrame], n_subjects: Sequence[int]) -> pd.DataFrame:
+    """One FROC curve over several cohorts' subjects, from each cohort's :func:`froc_curve` table.
+
+    At every threshold of any cohort, each cohort contributes the counts of its own
+    row with the smallest threshold ``>=`` it (the detections it keeps there); TP,
+    FP and FN are summed and the rates recomputed over all ``sum(n_subjects)``
+    subjects. Equal to :func:`froc_curve` on the cohorts' subjects taken together.
+
+    Raises:
+        ValueError: ``curves`` and ``n_subjects`` differ in length, or a curve lacks
+            its ``threshold = inf`` row (not a :func:`froc_curve` table).
+    """
+    if len(curves) != len(n_subjects):
+        raise ValueError(f"{len(curves)} curves but {len(n_subjects)} subject counts")
+    ordered = []
+    for curve in curves:
+        c = curve.sort_values("threshold", ascending=False, kind="stable")
+        if not len(c) or not np.isinf(c["threshold"].iloc[0]):
+            raise ValueError("a FROC curve must start at threshold inf (froc_curve's table)")
+        ordered.append(c)
+    thresholds = np.unique(np.concatenate([c["threshold"].to_numpy(float) for c in ordered]))[::-1]
+    tp, fp, fn, n_det = (np.zeros(len(thresholds), int) for _ in range(4))
+    for c in ordered:
+        t = c["threshold"].to_numpy(float)
+        idx = np.searchsorted(-t, -thresholds, side="right") - 1     # last row with threshold >= t
+        for total, col in ((tp, "tp"), (fp, "fp"), (fn, "fn"), (n_det, "n_detections")):
+            total += c[col].to_numpy(int)[idx]
+    n = int(sum(n_subjects))
+    rows = [{"threshold": t, "n_detections": int(d), "tp": int(a), "fp": int(b), "fn": int(m),
+             **{k: v for k, v in rates(a, b, m, n).items() if k != "f1"}}
+            for t, d, a, b, m in zip(thresholds, n_det, tp, fp, fn)]
+    return pd.DataFrame(rows, columns=["threshold", "n_detections", "tp", "fp", "fn",
+                                       "sensitivity", "precision", "fp_avg"])
+
+
 def fp_at_sensitivity(curve: pd.DataFrame, sensitivity: float) -> float:
     """FP_avg (false positives per subject) that a detector needs to reach ``sensitivity``.
 
