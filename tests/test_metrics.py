@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microbleed.metrics import (BOMBS_CODES, REGIONS, SubjectData, bombs_region_tally, count_agreement, pool_froc_curves,
-                                detection_table, dice_per_class, eliminated_fp, fp_at_sensitivity, froc_curve, froc_summary,
-                                localization_accuracy, match_detections, pr_auc, rates, region_name,
-                                subject_tp_curve)
+from microbleed.metrics import (BOMBS_CODES, REGIONS, SubjectData, bombs_region_tally, count_agreement,
+                                detection_table, dice_per_class, eliminated_fp, fp_at_sensitivity, froc_curve,
+                                froc_summary, localization_accuracy, match_detections, pool_froc_curves, pr_auc,
+                                rates, region_name, subject_tp_curve)
 
 R = 5.0
 

@@ -39,9 +39,10 @@ from scipy.spatial.distance import cdist
 from .anatomy import BOMBS_NAMES, NONE
 
 __all__ = [
-    "REGIONS", "BOMBS_CODES", "FROC_FP_POINTS", "OPERATING_RULES", "Match", "SubjectData",
+    "REGIONS", "BOMBS_CODES", "FROC_FP_POINTS", "FROC_SENS_POINTS", "OPERATING_RULES", "Match", "SubjectData",
     "match_detections", "rates", "detection_table", "subject_tp_curve",
-    "froc_curve", "froc_summary", "fp_at_sensitivity", "threshold_range", "operating_point", "pr_auc", "dice_per_class",
+    "froc_curve", "froc_summary", "fp_at_sensitivity", "pool_froc_curves", "threshold_range", "operating_point",
+    "pr_auc", "dice_per_class",
     "localization_accuracy", "eliminated_fp", "bombs_region_tally", "count_agreement",
     "region_name",
 ]

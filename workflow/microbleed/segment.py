@@ -737,7 +737,7 @@ def _fit_offsets(fixed: np.ndarray, logp: np.ndarray, truth: np.ndarray, grid: S
 
     Each class's step scores every offset of the grid from one sort of the voxels' margins
     (:func:`_confusions_over_offsets`) instead of one arg-max of all ``(4, M)`` values per offset:
-    the same choices, 5-8 times faster (``benchmarks/bench_offset_fit.py``)."""
+    the same choices, 5-10 times faster on 6.7 M voxels (``benchmarks/bench_offset_fit.py``)."""
     grid = sorted((float(np.float32(v)) for v in grid), key=abs)
     truth = np.asarray(truth, dtype=np.int64)
     offsets = np.zeros(N_CLASSES, dtype=np.float32)
