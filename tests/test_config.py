@@ -93,18 +93,23 @@ def test_benchmark_experiments_are_valid_overrides(name):
 
 
 def test_fresh_cohorts_are_new_and_valid():
-    """config/benchmark-fresh.yaml, given after config/benchmark.yaml, is a valid config whose evaluated
-    cohorts are its own and whose simulator seeds no benchmark, released or generalisation cohort uses."""
+    """Each config/benchmark-fresh*.yaml, given after config/benchmark.yaml, is a valid config whose evaluated
+    cohorts are its own and whose simulator seeds no benchmark, released or generalisation cohort, nor
+    another fresh config, uses."""
     from benchscripts import load_bench
     run_all = load_bench("run_all")
-    cfg = run_all.load_config(ROOT / "config" / "benchmark.yaml", [ROOT / "config" / "benchmark-fresh.yaml"])
-    validate(cfg, str(SCHEMA), set_default=True)
-    fresh = load("benchmark-fresh.yaml")
-    assert cfg["evaluate_cohorts"] == list(fresh["cohorts"])
-    assert cfg["train_cohort"] == load("benchmark.yaml")["train_cohort"], "the fresh cohorts train nothing"
     used = {c["simulate"]["seed"] for name in ("config.yaml", "benchmark.yaml", "benchmark-gpu.yaml",
                                                "generalise.yaml", "released-bench.yaml")
             if (ROOT / "config" / name).exists()
             for c in (load(name).get("cohorts") or {}).values() if "simulate" in c}
-    seeds = [c["simulate"]["seed"] for c in fresh["cohorts"].values()]
+    fresh_files = sorted(p.name for p in (ROOT / "config").glob("benchmark-fresh*.yaml"))
+    assert fresh_files[:2] == ["benchmark-fresh.yaml", "benchmark-fresh2.yaml"]
+    seeds = []
+    for name in fresh_files:
+        cfg = run_all.load_config(ROOT / "config" / "benchmark.yaml", [ROOT / "config" / name])
+        validate(cfg, str(SCHEMA), set_default=True)
+        fresh = load(name)
+        assert cfg["evaluate_cohorts"] == list(fresh["cohorts"])
+        assert cfg["train_cohort"] == load("benchmark.yaml")["train_cohort"], "the fresh cohorts train nothing"
+        seeds += [c["simulate"]["seed"] for c in fresh["cohorts"].values()]
     assert len(set(seeds)) == len(seeds) and not set(seeds) & used

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from microbleed.data import load_detector_input
 from microbleed.infer import (CANDIDATE_COLUMNS, CMB_COLUMNS, candidates_table, dark_bridged, dark_map,
-                              default_nms_radius, detect_volume, detect_volume_monai, nms_ras, peak_candidates, plan_tiles, prune)
+                              default_nms_radius, detect_volume, detect_volume_monai, fuse_views, nms_ras, peak_candidates, plan_tiles, prune)
 from microbleed.io import InputError, save_image, voxel_to_ras
 from test_infer_fakes import DarkCentroidNet, blob_image
 
@@ -83,6 +83,34 @@ def test_tiled_equals_single_window_and_monai_finds_the_same():
     assert np.allclose(found[0][:, :3], centres, atol=0.15)
     # MONAI averages the offsets of a window that cuts the blob: same blobs, blurrier centres
     assert np.allclose(found[2][:, :3], centres, atol=0.5)
+
+
+@pytest.mark.parametrize("shape", [(90, 71, 37), (64, 48, 40)])
+def test_flip_views_map_back_onto_the_same_cells_and_centres(shape):
+    """An analytic detector that does not care about orientation: every flipped view, mapped back,
+    finds each blob in the same cell at the same centre, so the averaged score stays at the
+    single pass's (a view off by one cell would halve it), also when no axis is a multiple of 4."""
+    centres = [[20.2, 30.5, 10.0], [47.3, 33.1, 21.7], [57.4, 12.2, 28.9]]   # off cell borders in every view
+    vol = _volume(shape, centres)
+    one = detect_volume(DarkCentroidNet(), vol, "cpu", (48, 48, 48), 0.25)
+    flips = [[0], [1], [2], [0, 1, 2]]
+    tta = detect_volume(DarkCentroidNet(), vol, "cpu", (48, 48, 48), 0.25, flips=flips)
+    strong = [c[c[:, 3] > 0.5] for c in (one, tta)]
+    assert len(strong[0]) == len(strong[1]) == 3
+    a, b = (s[np.argsort(s[:, 0])] for s in strong)
+    assert np.allclose(a, b, atol=1e-3)
+    assert np.allclose(b[:, :3], centres, atol=0.15)
+    with pytest.raises(ValueError, match="grid axes"):
+        detect_volume(DarkCentroidNet(), vol, "cpu", (48, 48, 48), 0.25, flips=[[3]])
+
+
+def test_fuse_views_averages_probability_and_weights_centres():
+    prob = [torch.tensor([[[0.8, 0.0]]]), torch.tensor([[[0.2, 0.0]]])]
+    cen = [torch.full((3, 1, 1, 2), 10.0), torch.full((3, 1, 1, 2), 20.0)]
+    p, c = fuse_views(list(zip(prob, cen)))
+    assert torch.allclose(p, torch.tensor([[[0.5, 0.0]]]))
+    assert torch.allclose(c[:, 0, 0, 0], torch.full((3,), 12.0))       # 0.8 * 10 + 0.2 * 20
+    assert torch.allclose(c[:, 0, 0, 1], torch.full((3,), 15.0))       # no view says CMB: plain mean
 
 
 def test_detect_volume_rejects_bad_volume_shape():

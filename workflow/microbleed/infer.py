@@ -68,7 +68,7 @@ from .io import load_image, load_volume, ras_to_voxel, voxel_sizes, voxel_to_ras
 from .nets.detector import STRIDE
 
 __all__ = [
-    "TilePlan", "plan_tiles", "tiles_to_run", "detect_volume", "detect_volume_monai", "peak_candidates",
+    "TilePlan", "plan_tiles", "tiles_to_run", "detect_volume", "detect_volume_monai", "fuse_views", "peak_candidates",
     "default_nms_radius", "nms_ras", "dark_map", "dark_bridged", "candidates_table", "ball_offsets", "dark_voxels", "fill_voids", "fill_spots", "prune",
     "DetectParams", "detect_subject", "read_candidates", "load_labels",
     "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
@@ -240,7 +240,7 @@ def detect_volume(model: torch.nn.Module, volume: np.ndarray, device: str | torc
                   window: Sequence[int] = (128, 128, 128), overlap: float = 0.25,
                   threshold_floor: float = 0.05, batch: int = 2, box: int = 20,
                   channels_last: bool | None = None, mask: np.ndarray | None = None,
-                  fold_bn: bool = True) -> np.ndarray:
+                  fold_bn: bool = True, flips: Sequence[Sequence[int]] = ()) -> np.ndarray:
     """Sliding-window detection over a whole detector input.
 
     Args:
@@ -264,6 +264,13 @@ def detect_volume(model: torch.nn.Module, volume: np.ndarray, device: str | torc
             (:func:`tiles_to_run`) and their cells get probability 0.
         fold_bn: run a copy with BatchNorm folded into the convolutions
             (:func:`microbleed.nets.blocks.fold_batchnorm`).
+        flips: test-time augmentation (config ``infer.flip_tta``): besides the
+            volume as it is, one more pass per entry over the volume flipped along
+            those grid axes (e.g. ``[[0], [1], [0, 1]]``: four passes in all).
+            The volume is zero-padded to ``4n + 1`` voxels per axis first, so that
+            every view's cells are the same voxels; the per-cell probabilities are
+            averaged over the views and the regressed centres are averaged
+            weighted by them (:func:`fuse_views`). Each view costs one more pass.
     Returns:
         ``(N, 4)`` float64 ``[i, j, k, score]``: centres in grid voxel ijk, CMB
         probability; local-maximum cells only, before NMS, highest score first.
@@ -276,31 +283,81 @@ def detect_volume(model: torch.nn.Module, volume: np.ndarray, device: str | torc
     device = torch.device(device)
     if mask is not None and np.shape(mask) != volume.shape[1:]:
         raise ValueError(f"mask shape {np.shape(mask)} differs from the volume grid {volume.shape[1:]}")
-    plan = plan_tiles(volume.shape[1:], window, overlap, box)
+    flips = [tuple(sorted({int(a) for a in f})) for f in flips]
+    if any(not f or min(f) < 0 or max(f) > 2 for f in flips):
+        raise ValueError(f"flips must be non-empty lists of grid axes 0, 1, 2, got {flips}")
     fmt = _memory_format(device, channels_last)
     model = model.to(device).eval().to(memory_format=fmt)
     if fold_bn:
         from .nets.blocks import fold_batchnorm
         model = fold_batchnorm(model).to(memory_format=fmt)
     vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)
-    out_prob = torch.zeros(plan.cells, device=device)
-    out_centres = torch.zeros((3, *plan.cells), device=device)
-    tiles = tiles_to_run(plan, mask, box)
+    views = [()] + flips
+    if flips:
+        # 4n + 1 voxels per axis: position p is p' = 4n - p once flipped, so a flipped cell
+        # [4k, 4k + 4) is the volume's cell n - 1 - k (the cell grid maps onto itself)
+        size = [_ceil_to(n, STRIDE) + 1 for n in volume.shape[1:]]
+        vol = F.pad(vol, (0, size[2] - vol.shape[3], 0, size[1] - vol.shape[2], 0, size[0] - vol.shape[1]))
+        if mask is not None:
+            mask = np.pad(np.asarray(mask, dtype=bool), [(0, c - n) for c, n in zip(size, np.shape(mask))])
+    plan = plan_tiles(vol.shape[1:], window, overlap, box)
+    maps = []
     with torch.inference_mode():
-        for b0 in tqdm(range(0, len(tiles), batch), desc="detect", unit="batch", disable=None):
-            chunk = tiles[b0:b0 + batch]
-            x = torch.stack([_tile_input(vol, [plan.starts[a][t[a]] for a in range(3)], plan.window)
-                             for t in chunk])
-            if 1 < batch and len(chunk) < batch:     # keep the batched (oneDNN) conv path, see `batch`
-                x = torch.cat([x, x.new_zeros((batch - len(chunk), *x.shape[1:]))])
-            x = x.contiguous(memory_format=fmt)
-            prob, centres = _decode(model(x)["logits"].float())
-            for n, t in enumerate(chunk):
-                _stitch(prob[n], centres[n], plan, t, out_prob, out_centres)
+        for axes in views:
+            dims = [a + 1 for a in axes]
+            tiles = tiles_to_run(plan, None if mask is None else np.flip(mask, axes), box)
+            prob, centres = _probability_map(model, vol.flip(dims) if axes else vol, plan, tiles, batch, fmt)
+            if axes:   # back to the volume's cells (flipped, then one cell over) and coordinates
+                prob, centres = prob.flip(list(axes)), centres.flip(dims)
+                for a in axes:
+                    prob = torch.cat([prob.narrow(a, 1, plan.cells[a] - 1),
+                                      torch.zeros_like(prob.narrow(a, 0, 1))], dim=a)
+                    centres = torch.cat([centres.narrow(a + 1, 1, plan.cells[a] - 1),
+                                         centres.narrow(a + 1, 0, 1)], dim=a + 1)
+                    centres[a] = vol.shape[a + 1] - 1 - centres[a]
+            maps.append((prob, centres))
+        out_prob, out_centres = fuse_views(maps)
         cands = peak_candidates(out_prob, out_centres, volume.shape[1:], threshold_floor)
-    log.info("detect_volume: %d of %d tiles of %s voxels run, %d candidates >= %.2f",
-             len(tiles), plan.n_tiles, plan.window, len(cands), threshold_floor)
+    log.info("detect_volume: %d view(s), %d of %d tiles of %s voxels run, %d candidates >= %.2f",
+             len(views), len(tiles), plan.n_tiles, plan.window, len(cands), threshold_floor)
     return cands
+
+
+def _probability_map(model: torch.nn.Module, vol: torch.Tensor, plan: TilePlan,
+                     tiles: Sequence[tuple[int, int, int]], batch: int, fmt: torch.memory_format
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sliding-window pass: ``prob (cells)`` and regressed ``centres (3, *cells)`` in vol's voxels."""
+    out_prob = torch.zeros(plan.cells, device=vol.device)
+    out_centres = torch.zeros((3, *plan.cells), device=vol.device)
+    for b0 in tqdm(range(0, len(tiles), batch), desc="detect", unit="batch", disable=None):
+        chunk = tiles[b0:b0 + batch]
+        x = torch.stack([_tile_input(vol, [plan.starts[a][t[a]] for a in range(3)], plan.window)
+                         for t in chunk])
+        if 1 < batch and len(chunk) < batch:     # keep the batched (oneDNN) conv path, see `batch`
+            x = torch.cat([x, x.new_zeros((batch - len(chunk), *x.shape[1:]))])
+        x = x.contiguous(memory_format=fmt)
+        prob, centres = _decode(model(x)["logits"].float())
+        for n, t in enumerate(chunk):
+            _stitch(prob[n], centres[n], plan, t, out_prob, out_centres)
+    return out_prob, out_centres
+
+
+def fuse_views(maps: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average test-time views cell by cell.
+
+    Args:
+        maps: per view ``(prob (Dc, Hc, Wc), centres (3, Dc, Hc, Wc))``, all on the
+            same cells and in the same voxel coordinates.
+    Returns:
+        the mean probability per cell, and the centres averaged with the views'
+        probabilities as weights (the plain mean where every view says 0).
+    """
+    probs = torch.stack([p for p, _ in maps])
+    centres = torch.stack([c for _, c in maps])
+    weight = probs.sum(0)
+    fused = (centres * probs[:, None]).sum(0) / weight.clamp_min(1e-12)
+    fused = torch.where(weight[None] > 0, fused, centres.mean(0))
+    return probs.mean(0), fused
 
 
 def detect_volume_monai(model: torch.nn.Module, volume: np.ndarray, device: str | torch.device = "cpu",
@@ -667,6 +724,7 @@ class DetectParams:
     channels_last: bool | None = None
     device: str = "auto"
     fold_bn: bool = True
+    flips: tuple[tuple[int, ...], ...] = ()
 
 
 def _window_for(window: Sequence[int], card: dict) -> tuple[int, int, int]:
@@ -722,13 +780,18 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
                              f"the detector input (shape {volume.shape[1:]}, affine\n{grid_affine}\nvs mask "
                              f"\n{mask_aff}): the mask must be in the SWI grid the input was built from",
                              subject=subject, path=mask_path)
+    card_flips = [list(f) for f in (card.get("validation_postprocess") or {}).get("flip_tta") or ()]
+    if card_flips != [list(f) for f in params.flips]:
+        log.warning("subject %s: test-time flips %s differ from those the card's validation threshold was set "
+                    "with (%s); an operating threshold read from the card may not fit (benchmarks/bench_tta.py "
+                    "recomputes it)", subject, [list(f) for f in params.flips], card_flips)
     window = _window_for(params.window, card)
     box = int((card.get("config") or {}).get("box_voxels") or params.box)  # the model's own box, if it says
     if box != params.box:
         log.info("subject %s: box %d voxels from the model card (config detector.box_voxels %d ignored)",
                  subject, box, params.box)
     cands = detect_volume(model, volume, device, window, params.overlap, params.floor, params.batch,
-                          box, params.channels_last, mask=mask, fold_bn=params.fold_bn)
+                          box, params.channels_last, mask=mask, fold_bn=params.fold_bn, flips=params.flips)
     dark = None
     if params.merge_dark_mm > 0 and params.dark_fraction > 0:
         dark = dark_map(volume[0], mask, params.dark_fraction)

@@ -68,6 +68,7 @@ rule detect:
         nms_radius_mm=config["infer"]["nms_radius_mm"],
         merge_dark_mm=config["infer"]["merge_dark_mm"],
         dark_fraction=config["infer"]["dark_fraction"],
+        flip_tta=config["infer"]["flip_tta"],
         box=config["detector"]["box_voxels"],
         device=config["device"],
     log:

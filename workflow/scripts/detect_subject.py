@@ -10,12 +10,15 @@ from microbleed.infer import DetectParams, detect_subject
 def main(volume: str, swi: str, model_dir: str, out_tsv: str, *, subject: str,
          window: Sequence[int], overlap: float, batch: int, floor: float,
          nms_radius_mm: float | None, box: int, device: str, mask: str | None = None,
-         merge_dark_mm: float = 0.0, dark_fraction: float = 0.0) -> None:
+         merge_dark_mm: float = 0.0, dark_fraction: float = 0.0,
+         flip_tta: Sequence[Sequence[int]] = ()) -> None:
     """Run :func:`microbleed.infer.detect_subject` for one subject and one detector variant
-    (``mask``: brain mask in the SWI grid; tiles far from it are skipped)."""
+    (``mask``: brain mask in the SWI grid; tiles far from it are skipped; ``flip_tta``:
+    extra passes over the flipped volume, averaged)."""
     params = DetectParams(window=tuple(int(w) for w in window), overlap=float(overlap), batch=int(batch),
                           floor=float(floor), nms_radius_mm=nms_radius_mm, box=int(box), device=device,
-                          merge_dark_mm=float(merge_dark_mm), dark_fraction=float(dark_fraction))
+                          merge_dark_mm=float(merge_dark_mm), dark_fraction=float(dark_fraction),
+                          flips=tuple(tuple(int(a) for a in f) for f in flip_tta))
     detect_subject(Path(volume), Path(swi), Path(model_dir), Path(out_tsv), params, subject=subject,
                    mask_path=Path(mask) if mask else None)
 
