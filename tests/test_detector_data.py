@@ -6,9 +6,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from microbleed.data import (DetectionCrops, Volume, encode_targets, extract_crop, hard_negative_points,
-                             load_volumes, resample_crop,
-                             scaled_positions)
+from microbleed.data import (DetectionCrops, Volume, cmb_contrast, encode_targets, extract_crop, faint_weights,
+                             hard_negative_points, load_volumes, resample_crop, scaled_positions)
 from microbleed.io import InputError
 from microbleed.train import split_subjects
 from test_detector_synth import AFFINE, make_subject, synth_volume
@@ -107,6 +106,44 @@ def test_hard_negative_crops_hold_the_spot_and_no_cmb():
         assert np.argwhere(it["image"][0].numpy() == 7.0).min() >= 4   # at least `margin` from the border
     assert sum(float(plain[i]["image"][0].max()) == 7.0 for i in range(1, 12, 2)) < 6
     assert all(bool(ds[i]["has_cmb"]) for i in range(0, 12, 2))
+
+
+def _paint_spheres(img, centres, swi_values, radius=2.0):
+    """Dark spheres of the given SWI values (channel 0) in ``img``."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in img.shape[1:]], indexing="ij"))
+    for c, v in zip(centres, swi_values):
+        img[0][((grid - np.asarray(c, float)[:, None, None, None]) ** 2).sum(0) <= radius ** 2] = v
+    return img
+
+
+def test_cmb_contrast_orders_spots_by_darkness_and_faint_weights_rank_them():
+    """Three spheres of SWI 0.1, 0.3 and 0.5 in tissue of 0.6: contrasts about 0.5, 0.3, 0.1 (the
+    tissue median minus the core mean); the faintest gets weight 1 + g, the darkest 1."""
+    spheres = [(16, 16, 16), (40, 16, 30), (20, 44, 40)]
+    img = _paint_spheres(synth_volume((64, 64, 64)), spheres, (0.1, 0.3, 0.5))
+    c = cmb_contrast(Volume("01", img, AFFINE, np.array(spheres, float)))
+    assert c == pytest.approx([0.5, 0.3, 0.1], abs=0.03)
+    w = faint_weights(c, 2.0)
+    assert w.sum() == pytest.approx(1.0) and w[2] / w[0] == pytest.approx(3.0) and w[0] < w[1] < w[2]
+    assert faint_weights(c, 0.0) == pytest.approx([1 / 3] * 3)
+    assert faint_weights(np.array([0.2, np.nan, 0.4]), 1.0)[1] == pytest.approx(1.5 / 4.5)   # NaN counts as the median
+    assert len(faint_weights(np.zeros(0), 1.0)) == 0
+
+
+def test_faint_weight_draws_the_faint_cmb_more_often():
+    """One dark and one faint labelled sphere: with faint_weight 4 the faint one is the crop's CMB
+    about 5 times as often as the dark one; uniformly, about as often."""
+    spheres = [(16, 16, 16), (46, 46, 46)]
+    img = _paint_spheres(synth_volume((64, 64, 64)), spheres, (0.1, 0.45))
+    vols = [Volume("01", img, AFFINE, np.array(spheres, float))]
+
+    def faint_share(g):
+        ds = DetectionCrops(vols, (32, 32, 32), n_crops=400, seed=3, augment=False, faint_weight=g)
+        rng_k = [ds._start_positive(np.random.default_rng([3, 0, i]), np.array(ds.crop))[2] for i in range(0, 400, 2)]
+        return np.mean(np.array(rng_k) == 1)
+
+    assert faint_share(4.0) == pytest.approx(5 / 6, abs=0.08)
+    assert faint_share(0.0) == pytest.approx(0.5, abs=0.1)
 
 
 def test_resample_crop_samples_where_scaled_positions_say():

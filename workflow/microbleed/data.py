@@ -12,7 +12,8 @@ Frames:
 
 Sampling rule (HSPL, METHOD.md section 3): even crop indices contain a CMB,
 odd ones do not. A CMB crop is placed around one labelled CMB drawn uniformly
-over all CMBs of the set; a crop without CMB is centred on a random brain
+over all CMBs of the set (or, with ``faint_weight > 0``, more often the faint ones:
+:func:`cmb_contrast`); a crop without CMB is centred on a random brain
 voxel (non-zero SWI) and redrawn until no CMB centre lies within the crop
 enlarged by :data:`CLEAR_VOXELS` on every side (after ``NEG_TRIES`` failures the
 last draw is kept and labelled normally). Every crop is drawn from its own
@@ -37,7 +38,8 @@ from .io import InputError, ras_to_voxel, read_tsv, voxel_to_ras
 from .nets.detector import STRIDE
 
 __all__ = ["Volume", "label_paths", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
-           "encode_targets", "resample_crop", "scaled_positions", "DetectionCrops", "CLEAR_VOXELS", "hard_negative_points"]
+           "encode_targets", "resample_crop", "scaled_positions", "DetectionCrops", "CLEAR_VOXELS", "hard_negative_points",
+           "cmb_contrast", "faint_weights"]
 
 #: Margin (detector voxels) around a CMB-free crop that must also be free of CMB centres.
 CLEAR_VOXELS = 4
@@ -153,6 +155,46 @@ def hard_negative_points(vol: Volume, n: int = 50, clear_mm: float = 5.0) -> np.
     return np.rint(ijk[:n]).astype(int).reshape(-1, 3)
 
 
+def cmb_contrast(vol: Volume, core_voxels: float = 1.0, shell_voxels: tuple[float, float] = (5.0, 8.0)) -> np.ndarray:
+    """How dark each labelled CMB is against the tissue around it, on the SWI channel.
+
+    Per centre: the median SWI of the brain voxels (SWI > 0) whose distance from the centre lies
+    in ``shell_voxels`` minus the mean SWI within ``core_voxels`` of it (detector voxels; the
+    shell starts 5 voxels out so that it lies outside CMBs up to about 10 mm across). The
+    detector input's SWI is scaled to the brain's intensity range, so this is in those units:
+    on bench-train's first subjects 0.14-0.50, the 2-3 mm CMBs 0.2-0.35 and most larger ones
+    0.37-0.50. Returns ``(N,)`` float64, NaN where the shell holds no brain voxel.
+    """
+    swi = np.asarray(vol.image[0], dtype=np.float32)
+    r_out = int(np.ceil(shell_voxels[1]))
+    offs = np.stack(np.meshgrid(*[np.arange(-r_out, r_out + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    dist = np.linalg.norm(offs, axis=1)
+    core, shell = offs[dist <= core_voxels], offs[(dist >= shell_voxels[0]) & (dist <= shell_voxels[1])]
+    hi = np.array(swi.shape) - 1
+    out = np.full(len(vol.centres), np.nan)
+    for n, c in enumerate(np.rint(np.asarray(vol.centres, float)).astype(int).reshape(-1, 3)):
+        sv = swi[tuple(np.clip(c + shell, 0, hi).T)]
+        sv = sv[sv > 0]
+        if len(sv):
+            out[n] = float(np.median(sv)) - float(swi[tuple(np.clip(c + core, 0, hi).T)].mean())
+    return out
+
+
+def faint_weights(contrasts: np.ndarray, faint_weight: float) -> np.ndarray:
+    """Sampling weights of CMBs by rank of contrast: ``1 + faint_weight * r``, with ``r`` from 0
+    (the most conspicuous CMB) to 1 (the faintest); NaN contrasts count as the median. All ones
+    when ``faint_weight`` is 0 or there is at most one CMB. Normalised to sum 1."""
+    c = np.asarray(contrasts, dtype=float).reshape(-1)
+    if not len(c):
+        return c
+    if faint_weight <= 0 or len(c) == 1:
+        return np.full(len(c), 1.0 / len(c))
+    c = np.where(np.isfinite(c), c, np.nanmedian(c) if np.isfinite(c).any() else 0.0)
+    rank = np.argsort(np.argsort(-c, kind="stable"), kind="stable") / (len(c) - 1)   # 0 brightest-contrast, 1 faintest
+    w = 1.0 + float(faint_weight) * rank
+    return w / w.sum()
+
+
 def extract_crop(image: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
     """``image[:, start:start+size]`` with zeros where the window leaves the volume.
 
@@ -260,6 +302,10 @@ class DetectionCrops(Dataset):
             CMB but are none (:func:`hard_negative_points`); that fraction of the CMB-free crops
             holds one of them at a random position (at least ``margin`` voxels from the
             border), the others are drawn around random brain voxels as before.
+        faint_weight: ``g > 0``: a CMB crop's CMB is drawn with weight ``1 + g r`` (``r`` its rank
+            of SWI contrast over the training set, 0 the most conspicuous, 1 the faintest:
+            :func:`cmb_contrast`, :func:`faint_weights`), so the faintest is seen ``1 + g`` times as
+            often as the most conspicuous; 0: uniformly.
         augment_scale: ``s > 0``: each crop covers ``round(crop * z)`` voxels of the volume,
             ``z`` log-uniform in ``[1 / (1 + s), 1 + s]`` per axis, resampled to ``crop``
             (:func:`resample_crop`; CMB centres by :func:`scaled_positions`): lesions and
@@ -273,7 +319,8 @@ class DetectionCrops(Dataset):
     def __init__(self, volumes: Sequence[Volume], crop: Sequence[int], n_crops: int, seed: int,
                  epoch: int = 0, augment: bool = True, margin: int = 4, ignore_neighbours: bool = True,
                  stride: int = STRIDE, augment_contrast: bool = False, augment_scale: float = 0.0,
-                 hard_negatives: Sequence[np.ndarray] | None = None, hard_fraction: float = 0.0):
+                 hard_negatives: Sequence[np.ndarray] | None = None, hard_fraction: float = 0.0,
+                 faint_weight: float = 0.0):
         if any(int(n) % 16 for n in crop):
             raise ValueError(f"crop must be multiples of 16, got {list(crop)}")
         if not volumes:
@@ -285,6 +332,11 @@ class DetectionCrops(Dataset):
         self.augment_scale = float(augment_scale)
         self.margin = int(min(margin, min(self.crop) // 2 - 1))
         self.cmbs = [(v, k) for v, vol in enumerate(self.volumes) for k in range(len(vol.centres))]
+        self.faint_weight = float(faint_weight)
+        self.cmb_p = None
+        if self.faint_weight > 0 and self.cmbs:
+            contrast = np.concatenate([cmb_contrast(vol) for vol in self.volumes if len(vol.centres)])
+            self.cmb_p = faint_weights(contrast, self.faint_weight)
         self.fg = [_foreground(vol.image) for vol in self.volumes]
         self.hard_fraction = float(hard_fraction)
         self.hard = [(v, np.asarray(p, dtype=int)) for v, pts in enumerate(hard_negatives or [])
@@ -297,7 +349,7 @@ class DetectionCrops(Dataset):
         return self.n_crops
 
     def _start_positive(self, rng: np.random.Generator, size: np.ndarray) -> tuple[int, np.ndarray, int]:
-        v, k = self.cmbs[rng.integers(len(self.cmbs))]
+        v, k = self.cmbs[rng.integers(len(self.cmbs)) if self.cmb_p is None else rng.choice(len(self.cmbs), p=self.cmb_p)]
         centre = self.volumes[v].centres[k]
         margin = int(min(self.margin, size.min() // 2 - 1))
         pos = rng.integers(margin, size - margin)
