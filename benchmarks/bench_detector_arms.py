@@ -145,11 +145,7 @@ def evaluate(arm_dir: Path, cfg: Mapping[str, Any], results: Path, cohorts: Sequ
     threshold = max(operating_threshold("validation", card, float(infer["operating_fp_avg"]),
                                         float(infer["candidate_floor"]), infer["operating_rule"]),
                     float(infer["candidate_floor"]))
-    params = DetectParams(window=tuple(infer["window"]), overlap=float(infer["overlap"]),
-                          batch=int(infer["batch_size"]), floor=float(infer["candidate_floor"]),
-                          nms_radius_mm=infer["nms_radius_mm"], box=int(card["training"]["box_voxels"]),
-                          merge_dark_mm=float(infer["merge_dark_mm"]), dark_fraction=float(infer["dark_fraction"]),
-                          device="cpu", flips=tuple(tuple(f) for f in infer.get("flip_tta") or ()))
+    params = DetectParams.from_config(infer, card["training"]["box_voxels"], "cpu")
     rows = []
     for cohort in cohorts:
         subjects, diameters = [], []

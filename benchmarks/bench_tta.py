@@ -157,12 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         curve = validation_curve(model, val_vols, torch.device("cpu"), card["training"]["crop"],
                                  int(card["training"]["box_voxels"]), radius, post)
         threshold = operating(curve, infer)
-        params = DetectParams(window=tuple(infer["window"]), overlap=float(infer["overlap"]),
-                              batch=int(infer["batch_size"]), floor=float(infer["candidate_floor"]),
-                              nms_radius_mm=infer["nms_radius_mm"], box=int(cfg["detector"]["box_voxels"]),
-                              merge_dark_mm=float(infer["merge_dark_mm"]),
-                              dark_fraction=float(infer["dark_fraction"]), device="cpu",
-                              flips=tuple(tuple(f) for f in flips))
+        params = DetectParams.from_config({**infer, "flip_tta": flips}, cfg["detector"]["box_voxels"], "cpu")
         for cohort in args.cohorts:
             subjects = []
             for files in cohort_subjects(args.results, cohort, slug, main_slug):

@@ -31,3 +31,13 @@ def test_band_sensitivity_counts_each_cmb_in_its_diameter_band():
     assert out["sens_0-3mm"] == 0.5 and out["n_0-3mm"] == 2
     assert out["sens_3-5mm"] == 0.0 and out["n_3-5mm"] == 1
     assert np.isnan(out["sens_5mm+"]) and out["n_5mm+"] == 0
+
+
+def test_detect_params_from_config_take_the_infer_section():
+    from microbleed.infer import DetectParams
+    bench = load_bench("bench_detector_arms")
+    infer = {**bench.load_cfg([bench.ROOT / "config" / "benchmark.yaml"])["infer"], "flip_tta": [[0], [0, 1]]}
+    p = DetectParams.from_config(infer, 20, "cpu")
+    assert p.window == tuple(infer["window"]) and p.batch == infer["batch_size"] and p.floor == infer["candidate_floor"]
+    assert p.flips == ((0,), (0, 1)) and p.box == 20 and p.device == "cpu"
+    assert p.merge_dark_mm == infer["merge_dark_mm"] and p.nms_radius_mm == infer["nms_radius_mm"]

@@ -52,7 +52,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -725,6 +725,16 @@ class DetectParams:
     device: str = "auto"
     fold_bn: bool = True
     flips: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def from_config(cls, infer: Mapping[str, Any], box: int, device: str = "auto") -> "DetectParams":
+        """The options of config ``infer`` (``window``, ``overlap``, ``batch_size``, ``candidate_floor``,
+        ``nms_radius_mm``, ``merge_dark_mm``, ``dark_fraction``, ``flip_tta``) with ``detector.box_voxels``."""
+        return cls(window=tuple(int(w) for w in infer["window"]), overlap=float(infer["overlap"]),
+                   batch=int(infer["batch_size"]), floor=float(infer["candidate_floor"]),
+                   nms_radius_mm=infer["nms_radius_mm"], box=int(box),
+                   merge_dark_mm=float(infer["merge_dark_mm"]), dark_fraction=float(infer["dark_fraction"]),
+                   device=device, flips=tuple(tuple(int(a) for a in f) for f in infer.get("flip_tta") or ()))
 
 
 def _window_for(window: Sequence[int], card: dict) -> tuple[int, int, int]:
