@@ -6,8 +6,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from microbleed.data import (DetectionCrops, Volume, cmb_contrast, encode_targets, extract_crop, faint_weights,
-                             hard_negative_points, load_volumes, resample_crop, scaled_positions)
+from microbleed.data import (DetectionCrops, Volume, cmb_contrast, cmb_extent, encode_targets, extract_crop,
+                             faint_weights, hard_negative_points, load_volumes, resample_crop, scaled_positions,
+                             size_weights)
 from microbleed.io import InputError
 from microbleed.train import split_subjects
 from test_detector_synth import AFFINE, make_subject, synth_volume
@@ -144,6 +145,29 @@ def test_faint_weight_draws_the_faint_cmb_more_often():
 
     assert faint_share(4.0) == pytest.approx(5 / 6, abs=0.08)
     assert faint_share(0.0) == pytest.approx(0.5, abs=0.1)
+
+
+def test_cmb_extent_measures_the_dark_blob_even_where_its_core_is_zero():
+    """Spheres of radius 1.5, 3 and 5 voxels (AFFINE's voxels), the largest with SWI 0 inside (the
+    normalisation's floor): equivalent diameters within a voxel of the painted ones, in order."""
+    spheres, radii = [(14, 14, 14), (40, 18, 30), (22, 44, 42)], (1.5, 3.0, 5.0)
+    img = synth_volume((64, 64, 64))
+    for c, r, v in zip(spheres, radii, (0.1, 0.1, 0.0)):
+        img = _paint_spheres(img, [c], [v], radius=r)
+    mm = float(np.prod(np.abs(np.diag(AFFINE)[:3]))) ** (1 / 3)
+    d = cmb_extent(Volume("01", img, AFFINE, np.array(spheres, float)))
+    painted = [2 * (3 * ((np.linalg.norm(np.mgrid[-6:7, -6:7, -6:7], axis=0) <= r).sum()) / (4 * np.pi)) ** (1 / 3)
+               for r in radii]
+    assert d == pytest.approx(np.array(painted) * mm, abs=mm)
+    assert d[0] < d[1] < d[2]
+
+
+def test_size_weights_favour_the_rare_sizes():
+    e = np.array([4.0] * 10 + [5.0] * 10 + [13.0])
+    w = size_weights(e, 1.0)
+    assert w.sum() == pytest.approx(1.0) and w[-1] > 3 * w[0]
+    assert size_weights(e, 0.0) == pytest.approx(np.full(21, 1 / 21))
+    assert size_weights(np.array([4.0, np.nan, 13.0, 4.0]), 1.0)[1] == pytest.approx(size_weights(np.array([4.0, 4.0, 13.0, 4.0]), 1.0)[1])
 
 
 def test_resample_crop_samples_where_scaled_positions_say():

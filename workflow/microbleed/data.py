@@ -12,8 +12,8 @@ Frames:
 
 Sampling rule (HSPL, METHOD.md section 3): even crop indices contain a CMB,
 odd ones do not. A CMB crop is placed around one labelled CMB drawn uniformly
-over all CMBs of the set (or, with ``faint_weight > 0``, more often the faint ones:
-:func:`cmb_contrast`); a crop without CMB is centred on a random brain
+over all CMBs of the set (or, with ``faint_weight`` or ``size_balance > 0``, more
+often the faint ones or those of rare sizes: :func:`cmb_contrast`, :func:`cmb_extent`); a crop without CMB is centred on a random brain
 voxel (non-zero SWI) and redrawn until no CMB centre lies within the crop
 enlarged by :data:`CLEAR_VOXELS` on every side (after ``NEG_TRIES`` failures the
 last draw is kept and labelled normally). Every crop is drawn from its own
@@ -39,7 +39,7 @@ from .nets.detector import STRIDE
 
 __all__ = ["Volume", "label_paths", "load_detector_input", "load_cmb_voxels", "load_volumes", "extract_crop",
            "encode_targets", "resample_crop", "scaled_positions", "DetectionCrops", "CLEAR_VOXELS", "hard_negative_points",
-           "cmb_contrast", "faint_weights"]
+           "cmb_contrast", "cmb_extent", "faint_weights", "size_weights"]
 
 #: Margin (detector voxels) around a CMB-free crop that must also be free of CMB centres.
 CLEAR_VOXELS = 4
@@ -180,6 +180,62 @@ def cmb_contrast(vol: Volume, core_voxels: float = 1.0, shell_voxels: tuple[floa
     return out
 
 
+def cmb_extent(vol: Volume, radius_voxels: int = 8) -> np.ndarray:
+    """Equivalent diameter (mm) of the dark blob at each labelled CMB, seen on the SWI channel.
+
+    Within ``radius_voxels`` of the centre (a cube), the voxels darker than the midpoint between
+    the core's mean SWI (within 1 voxel) and the surrounding tissue's median (brain voxels 5-8
+    voxels out, as :func:`cmb_contrast`); the 6-connected component of them that holds the
+    darkest core voxel, inside the brain (SWI > 0 with its holes filled); the diameter of the
+    sphere of its volume (the detector grid's voxel sizes). Needs no diameter in the labels. Blooming makes it larger than the CMB, a vein
+    touching the CMB larger still; the cube caps it. Returns ``(N,)`` float64, NaN where the
+    tissue around holds no brain voxel.
+    """
+    from scipy import ndimage
+    swi = np.asarray(vol.image[0], dtype=np.float32)
+    voxel_mm3 = float(np.prod(np.linalg.norm(np.asarray(vol.affine, float)[:3, :3], axis=0)))
+    contrast = cmb_contrast(vol)
+    brain = ndimage.binary_fill_holes(swi > 0)       # a CMB's core may be 0, the brain's darkest
+    r = int(radius_voxels)
+    out = np.full(len(vol.centres), np.nan)
+    for n, c in enumerate(np.rint(np.asarray(vol.centres, float)).astype(int).reshape(-1, 3)):
+        if not np.isfinite(contrast[n]):
+            continue
+        lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, swi.shape)
+        box = swi[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        centre = np.clip(c - lo, 0, np.array(box.shape) - 1)
+        core = box[tuple(slice(max(x - 1, 0), x + 2) for x in centre)]
+        seed = tuple(np.add(np.unravel_index(np.argmin(core), core.shape), np.maximum(centre - 1, 0)))
+        cross = np.clip(centre + np.vstack([np.zeros(3, int), np.eye(3, dtype=int), -np.eye(3, dtype=int)]),
+                        0, np.array(box.shape) - 1)
+        level = float(box[tuple(cross.T)].mean()) + contrast[n] / 2      # halfway from the core to the tissue
+        dark = (box < level) & brain[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        dark[seed] = True
+        labels, _ = ndimage.label(dark)
+        voxels = int((labels == labels[seed]).sum())
+        out[n] = 2.0 * (3.0 * voxels * voxel_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0)
+    return out
+
+
+def size_weights(extents_mm: np.ndarray, balance: float) -> np.ndarray:
+    """Sampling weights that even out CMB sizes: ``density ** -balance``, the density of
+    ``log(extent)`` over the set (a Gaussian kernel estimate, Scott's bandwidth). 0: all equal;
+    1: each size about equally often, so the rare large (and very small) CMBs are drawn more.
+    NaN extents count as the median. Normalised to sum 1."""
+    from scipy.stats import gaussian_kde
+    e = np.asarray(extents_mm, dtype=float).reshape(-1)
+    if not len(e):
+        return e
+    if balance <= 0 or len(e) < 3:
+        return np.full(len(e), 1.0 / len(e))
+    e = np.where(np.isfinite(e) & (e > 0), e, np.nanmedian(e) if np.isfinite(e).any() else 1.0)
+    x = np.log(e)
+    if np.ptp(x) == 0:
+        return np.full(len(e), 1.0 / len(e))
+    w = gaussian_kde(x)(x) ** -float(balance)
+    return w / w.sum()
+
+
 def faint_weights(contrasts: np.ndarray, faint_weight: float) -> np.ndarray:
     """Sampling weights of CMBs by rank of contrast: ``1 + faint_weight * r``, with ``r`` from 0
     (the most conspicuous CMB) to 1 (the faintest); NaN contrasts count as the median. All ones
@@ -306,6 +362,9 @@ class DetectionCrops(Dataset):
             of SWI contrast over the training set, 0 the most conspicuous, 1 the faintest:
             :func:`cmb_contrast`, :func:`faint_weights`), so the faintest is seen ``1 + g`` times as
             often as the most conspicuous; 0: uniformly.
+        size_balance: ``b > 0``: a CMB crop's CMB is drawn with weight ``density ** -b`` of its
+            apparent size over the training set (:func:`cmb_extent`, :func:`size_weights`), so
+            rare sizes (the largest CMBs) are seen more often; multiplies ``faint_weight``'s.
         augment_scale: ``s > 0``: each crop covers ``round(crop * z)`` voxels of the volume,
             ``z`` log-uniform in ``[1 / (1 + s), 1 + s]`` per axis, resampled to ``crop``
             (:func:`resample_crop`; CMB centres by :func:`scaled_positions`): lesions and
@@ -320,7 +379,7 @@ class DetectionCrops(Dataset):
                  epoch: int = 0, augment: bool = True, margin: int = 4, ignore_neighbours: bool = True,
                  stride: int = STRIDE, augment_contrast: bool = False, augment_scale: float = 0.0,
                  hard_negatives: Sequence[np.ndarray] | None = None, hard_fraction: float = 0.0,
-                 faint_weight: float = 0.0):
+                 faint_weight: float = 0.0, size_balance: float = 0.0):
         if any(int(n) % 16 for n in crop):
             raise ValueError(f"crop must be multiples of 16, got {list(crop)}")
         if not volumes:
@@ -333,10 +392,16 @@ class DetectionCrops(Dataset):
         self.margin = int(min(margin, min(self.crop) // 2 - 1))
         self.cmbs = [(v, k) for v, vol in enumerate(self.volumes) for k in range(len(vol.centres))]
         self.faint_weight = float(faint_weight)
+        self.size_balance = float(size_balance)
         self.cmb_p = None
-        if self.faint_weight > 0 and self.cmbs:
-            contrast = np.concatenate([cmb_contrast(vol) for vol in self.volumes if len(vol.centres)])
-            self.cmb_p = faint_weights(contrast, self.faint_weight)
+        if (self.faint_weight > 0 or self.size_balance > 0) and self.cmbs:
+            with_cmb = [vol for vol in self.volumes if len(vol.centres)]
+            p = np.ones(len(self.cmbs))
+            if self.faint_weight > 0:
+                p *= faint_weights(np.concatenate([cmb_contrast(vol) for vol in with_cmb]), self.faint_weight)
+            if self.size_balance > 0:
+                p *= size_weights(np.concatenate([cmb_extent(vol) for vol in with_cmb]), self.size_balance)
+            self.cmb_p = p / p.sum()
         self.fg = [_foreground(vol.image) for vol in self.volumes]
         self.hard_fraction = float(hard_fraction)
         self.hard = [(v, np.asarray(p, dtype=int)) for v, pts in enumerate(hard_negatives or [])

@@ -332,7 +332,8 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
                            augment_contrast=bool(d.get("augment_contrast", False)),
                            augment_scale=float(d.get("augment_scale", 0.0)),
                            hard_negatives=hard, hard_fraction=hard_fraction,
-                           faint_weight=float(d.get("faint_weight", 0.0)))
+                           faint_weight=float(d.get("faint_weight", 0.0)),
+                           size_balance=float(d.get("size_balance", 0.0)))
     window = [int(c) for c in d["crop"]]
     log.info("training %s on %d subjects (validation %d), %d crops/epoch, device %s",
              d["variant"], len(train_vols), len(val_vols), len(crops), device)
