@@ -237,3 +237,57 @@ def test_pool_froc_curves_equals_the_curve_of_all_subjects():
         pool_froc_curves([froc_curve(first, R)], [2, 1])
     with pytest.raises(ValueError, match="threshold inf"):
         pool_froc_curves([froc_curve(first, R).iloc[1:]], [2])
+
+
+def test_count_thresholds_reads_the_kth_score_per_subject():
+    from microbleed.metrics import count_thresholds
+    scores = np.arange(100, 0, -1) / 100.0          # 1.00, 0.99, ..., 0.01 over 2 subjects
+    t = count_thresholds(scores, 2, levels=(1, 8, 50, 64))
+    assert t["count_threshold_at_1"] == pytest.approx(0.99)     # 2nd highest: one per subject
+    assert t["count_threshold_at_8"] == pytest.approx(0.85)     # 16th highest
+    assert t["count_threshold_at_50"] == pytest.approx(0.01)    # all 100
+    assert np.isnan(t["count_threshold_at_64"])                 # 128 candidates needed, 100 there
+    with pytest.raises(ValueError):
+        count_thresholds(scores, 0)
+
+
+def _logit(p):
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_adapted_threshold_follows_a_logit_shift_of_the_background():
+    from microbleed.metrics import adapted_threshold, count_thresholds
+    rng = np.random.default_rng(0)
+    background = _sigmoid(rng.normal(-5.0, 1.2, size=20 * 400))        # 20 subjects, 400 candidates each
+    ref = count_thresholds(background, 20)
+    # the same detector on a scanner that scores everything 1.5 logits lower
+    shifted = count_thresholds(_sigmoid(_logit(background) - 1.5), 20)
+    thr, info = adapted_threshold(0.6, ref, shifted, "both")
+    assert info["slope"] == pytest.approx(1.0, abs=1e-6) and info["intercept"] == pytest.approx(-1.5, abs=1e-6)
+    assert thr == pytest.approx(_sigmoid(_logit(0.6) - 1.5))
+    assert adapted_threshold(0.6, ref, shifted, "lower")[0] == pytest.approx(thr)
+    # a cohort scored higher: "lower" keeps the validation threshold, "both" raises it
+    raised = count_thresholds(_sigmoid(_logit(background) + 1.0), 20)
+    assert adapted_threshold(0.6, ref, raised, "lower")[0] == pytest.approx(0.6)
+    assert adapted_threshold(0.6, ref, raised, "both")[0] > 0.6
+    # the same distribution: unchanged
+    assert adapted_threshold(0.6, ref, ref, "both")[0] == pytest.approx(0.6)
+    assert adapted_threshold(0.6, ref, shifted, "off")[0] == 0.6
+
+
+def test_adapted_threshold_keeps_the_threshold_without_enough_levels():
+    from microbleed.metrics import adapted_threshold
+    ref = {"count_threshold_at_8": 0.1, "count_threshold_at_16": 0.05, "count_threshold_at_32": float("nan")}
+    cohort = {"count_threshold_at_8": 0.05, "count_threshold_at_16": 0.02, "count_threshold_at_32": 0.01}
+    thr, info = adapted_threshold(0.6, ref, cohort, "both")      # two finite levels only
+    assert thr == 0.6 and np.isnan(info["mapped"]) and info["levels"] == 2
+    # a mapping that decreases (nonsense for a detector's scores) is refused
+    ref = {f"count_threshold_at_{k}": v for k, v in zip((8, 16, 32), (0.1, 0.05, 0.02))}
+    cohort = {f"count_threshold_at_{k}": v for k, v in zip((8, 16, 32), (0.01, 0.02, 0.05))}
+    assert adapted_threshold(0.6, ref, cohort, "both")[0] == 0.6
+    with pytest.raises(ValueError):
+        adapted_threshold(0.6, ref, cohort, "up")

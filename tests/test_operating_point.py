@@ -87,3 +87,99 @@ def test_contrast_augmentation_changes_the_brain_only_and_is_seeded():
     far = np.zeros_like(brain)
     far[:4] = True              # beyond any blur reach of the brain
     np.testing.assert_array_equal(a[:, far], image[:, far])
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _adapt_card(tmp_path, rng):
+    """A card whose validation background (10 subjects) is logistic-normal in log-odds."""
+    from microbleed.metrics import count_thresholds
+    background = _sigmoid(rng.normal(-5.0, 1.2, size=10 * 400))
+    card = {"validation": {"threshold_at_0.5": 0.6, "lowest_threshold_at_0.5": 0.6,
+                           **count_thresholds(background, 10)}}
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    return path, background
+
+
+INFER = {"threshold": "validation", "operating_fp_avg": 0.5, "operating_rule": "midpoint", "candidate_floor": 0.05,
+         "adapt_threshold": "lower", "adapt_min_subjects": 8}
+
+
+def test_cohort_threshold_is_lowered_for_a_cohort_scored_lower(tmp_path):
+    from microbleed.train import cohort_threshold
+    rng = np.random.default_rng(0)
+    card, background = _adapt_card(tmp_path, rng)
+    logit = np.log(background / (1 - background))
+    cohort = [_sigmoid(logit[i::10] - 1.0) for i in range(10)]          # 10 subjects, 1 logit lower
+    rec = cohort_threshold(INFER, card, cohort, "site-x")
+    expected = _sigmoid(np.log(0.6 / 0.4) - 1.0)
+    assert rec["validation_threshold"] == pytest.approx(0.6)
+    assert rec["threshold"] == pytest.approx(expected, rel=1e-6) and rec["adapted"]
+    assert rec["slope"] == pytest.approx(1.0) and rec["n_subjects"] == 10
+    # never below the candidates file's floor
+    far = [_sigmoid(logit[i::10] - 6.0) for i in range(10)]
+    assert cohort_threshold(INFER, card, far)["threshold"] == pytest.approx(0.05)
+    # off, a fixed number, or too few subjects: the validation threshold
+    assert cohort_threshold({**INFER, "adapt_threshold": "off"}, card, cohort)["threshold"] == pytest.approx(0.6)
+    assert cohort_threshold({**INFER, "threshold": 0.3}, card, cohort)["threshold"] == pytest.approx(0.3)
+    few = cohort_threshold(INFER, card, cohort[:5])
+    assert few["threshold"] == pytest.approx(0.6) and not few["adapted"] and "adapt_min_subjects" in few["reason"]
+
+
+def test_cohort_threshold_keeps_the_validation_threshold_of_an_older_card(tmp_path, caplog):
+    """A card written before the count thresholds existed (the released models): validation threshold,
+    a warning naming the card, and the reason in the record."""
+    from microbleed.train import cohort_threshold
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({"validation": {"threshold_at_0.5": 0.6}}))
+    subjects = [np.full(200, 0.01)] * 8
+    with caplog.at_level("WARNING"):
+        rec = cohort_threshold(INFER, path, subjects, "c")
+    assert rec["threshold"] == pytest.approx(0.6) and not rec["adapted"]
+    assert str(path) in rec["reason"] and str(path) in caplog.text
+
+
+def test_cohort_threshold_script_writes_its_record(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    from microbleed.io import write_tsv
+    import pandas as pd
+    rng = np.random.default_rng(1)
+    card, background = _adapt_card(tmp_path, rng)
+    files = []
+    for i in range(8):
+        files.append(tmp_path / f"sub-{i}_background.tsv")
+        write_tsv(pd.DataFrame({"score": background[i::10]}), files[-1], float_format="%.6g")   # 400 a subject
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("cohort_threshold", root / "workflow/scripts/cohort_threshold.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "work" / "detector_threshold.json"
+    mod.main([str(f) for f in files], str(card), str(out), infer={**INFER, "adapt_threshold": "both"}, cohort="c")
+    rec = json.loads(out.read_text())
+    assert rec["cohort"] == "c" and rec["mode"] == "both" and rec["n_subjects"] == 8
+    assert rec["threshold"] == pytest.approx(0.6, abs=0.02)      # the validation background itself: unchanged
+
+
+def test_finalise_script_reads_the_cohort_threshold_file(tmp_path):
+    """The finalise rule applies the cohort's detector_threshold.json when it is given, else the card's."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("finalise_subject", root / "workflow/scripts/finalise_subject.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+    script.finalise_subject = lambda inp, out, params, subject: seen.append(params.threshold)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"validation": {"threshold_at_0.5": 0.6, "lowest_threshold_at_0.5": 0.6}}))
+    path = tmp_path / "detector_threshold.json"
+    path.write_text(json.dumps({"threshold": 0.123}))
+    args = [str(tmp_path / n) for n in ("c.tsv", "b.nii.gz", "m.nii.gz", "s.nii.gz", "p.nii.gz", "o.tsv",
+                                        "o.nii.gz", "n.tsv", "qc")]
+    script.main(*args, subject="01", threshold="validation", card=str(card))
+    script.main(*args, subject="01", threshold="validation", card=str(card), cohort_threshold=str(path))
+    assert seen == [pytest.approx(0.6), 0.123]

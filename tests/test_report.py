@@ -170,3 +170,28 @@ def test_each_source_is_pruned_with_its_own_map(tree):
     save_image(own[:-1], AFF, own_path)
     with pytest.raises(InputError, match="differ in shape"):
         evaluate_cohort([f], methods, EvalOptions(hit_radius_mm=3.0))
+
+
+def test_evaluate_script_applies_the_cohort_threshold_file(tree, tmp_path):
+    """config infer.adapt_threshold: the cohort's detector_threshold.json replaces infer.threshold
+    for every method the evaluation thresholds itself."""
+    import importlib.util
+    root, files = tree
+    spec = importlib.util.spec_from_file_location("evaluate_cohort", "workflow/scripts/evaluate_cohort.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+
+    def spy(methods, variant, segmenter_input, threshold, frst_threshold=None):
+        seen.append(threshold)
+        return parse_methods(methods, variant, segmenter_input, threshold, frst_threshold)
+    script.parse_methods = spy
+    names = ["detection", "localization", "framework", "froc", "froc_curve", "subjects", "agreement"]
+    outputs = {n: str(tmp_path / f"{n}.tsv") for n in names}
+    outputs.update(froc_png=str(tmp_path / "froc.png"), pr_png=str(tmp_path / "pr.png"))
+    path = tmp_path / "detector_threshold.json"
+    path.write_text(json.dumps({"threshold": 0.123, "validation_threshold": 0.5}))
+    for cohort_threshold in (None, str(path)):
+        script.main("c1", [f.__dict__ for f in files], [], "rpn+ffm+hspl", "swi", 0.5, 3.0, True, None, outputs,
+                    allow_missing=True, cohort_threshold=cohort_threshold)
+    assert seen == [0.5, 0.123]

@@ -104,7 +104,39 @@ def test_validation_candidates_are_post_processed_as_detect_does(monkeypatch):
     merged = run({"nms_radius_mm": 5.0, "merge_dark_mm": 10.0, "dark_fraction": 0.6})
     assert merged["sens_at_8"] == 0.0                           # one void: one finding, 7 mm off the label
     image[0, 14, 20, 20] = 1.0                                  # the segment broken: no merge
-    assert run({"nms_radius_mm": 5.0, "merge_dark_mm": 10.0, "dark_fraction": 0.6}) == five
+    broken = run({"nms_radius_mm": 5.0, "merge_dark_mm": 10.0, "dark_fraction": 0.6})
+    assert broken.keys() == five.keys()
+    assert all(broken[k] == five[k] or (np.isnan(broken[k]) and np.isnan(five[k])) for k in five)
+    # two candidates in one subject: fewer than 8 per subject, so no count threshold (NaN)
+    assert all(np.isnan(five[f"count_threshold_at_{n}"]) for n in (8, 16, 32, 64, 128))
+
+
+def test_validation_records_count_thresholds_and_keeps_the_froc(monkeypatch):
+    """Validation detects down to BACKGROUND_FLOOR for the card's count thresholds, but its FROC sees
+    only candidates at or above VALIDATION_FLOOR, as before."""
+    import microbleed.infer as infer
+    from microbleed.data import Volume
+    from microbleed.train import BACKGROUND_FLOOR, VALIDATION_FLOOR, validation_score
+    rng = np.random.default_rng(0)
+    vol = Volume("01", np.ones((2, 60, 60, 60), np.float32), np.eye(4), np.array([[30.0, 30.0, 30.0]]))
+    grid = np.stack(np.meshgrid(*[np.arange(2.0, 60, 6)] * 3, indexing="ij"), -1).reshape(-1, 3)   # 1000, 6 mm apart
+    low = np.sort(rng.uniform(0.003, 0.04, len(grid) - 1))[::-1]
+    cands = np.column_stack([grid, np.r_[0.9, low]])
+    cands[0, :3] = [30.0, 30.0, 30.0]                          # the CMB's candidate
+    floors = []
+
+    def fake(*a, threshold_floor=0.05, **k):
+        floors.append(threshold_floor)
+        return cands[cands[:, 3] >= threshold_floor]
+    monkeypatch.setattr(infer, "detect_volume", fake)
+    m = validation_score(None, [vol], torch.device("cpu"), (32, 32, 32), 20, 5.0, {"nms_radius_mm": 2.0})
+    assert floors == [BACKGROUND_FLOOR]
+    assert m["count_threshold_at_8"] == pytest.approx(low[6])          # 8th highest: the CMB + 7 below it
+    assert m["count_threshold_at_128"] == pytest.approx(low[126])
+    assert m["sens_at_0.125"] == 1.0 and m["threshold_at_0.125"] == 0.9
+    # every other candidate lies under the validation floor: the FROC never sees them (had it, the
+    # lowest threshold within 8 false positives would be one of theirs)
+    assert m["lowest_threshold_at_8"] == 0.9 and VALIDATION_FLOOR > low[0]
 
 
 def test_train_rule_passes_the_postprocess_keys():

@@ -145,10 +145,14 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
     assert planned(smk(*args, "-n", "--quiet", "rules")) == {}  # finished: nothing to do
     write_bids(bids, ["A1", "A2", "A3"], regenerate=["A3"])
     plan = planned(smk(*args, "-n", "--quiet", "rules"))
-    per_subject = {"skullstrip", "preprocess", "interpolate", "labels", "detect", "segment", "finalise"}
+    per_subject = {"skullstrip", "preprocess", "interpolate", "labels", "detect", "segment"}
     assert {r: plan.get(r) for r in per_subject} == {r: 1 for r in per_subject}
+    # infer.adapt_threshold (default lower): the cohort's threshold reads every subject's background
+    # scores, so it is recomputed and every subject is finalised again with it (seconds each)
+    assert plan.get("cohort_threshold") == 1 and plan.get("finalise") == 3
     assert plan.get("evaluate_cohort") == 1 and plan.get("report") == 1 and plan.get("summarise_cohort") == 1
-    assert set(plan) <= per_subject | {"evaluate_cohort", "report", "summarise_cohort", "all"}
+    assert set(plan) <= per_subject | {"cohort_threshold", "finalise", "evaluate_cohort", "report",
+                                       "summarise_cohort", "all"}
 
 
 def test_released_models_on_demo_external_plan_no_training(tmp_path):
@@ -187,3 +191,32 @@ def test_fill_voids_makes_segment_wait_for_the_candidates_of_its_own_detector(tm
                                                     for line in inputs["segment_for_source"])  # never pruned
     else:
         assert not inputs["segment_for_source"]
+
+
+@pytest.mark.parametrize("mode", ["off", "lower"])
+def test_adaptive_threshold_plans_one_cohort_threshold_that_finalise_waits_for(tmp_path, mode):
+    """infer.adapt_threshold on: one `cohort_threshold` job per cohort reads every subject's background
+    scores, and each `finalise` and `evaluate_cohort` reads its JSON; off: no such job or input."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["infer"]["adapt_threshold"] = mode
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    text = smk("-n", "--forceall", "--configfile", str(path)).stdout
+    finalise = re.findall(r"rule finalise:\n\s+input: (.*)", text)
+    evaluate = re.findall(r"rule evaluate_cohort:\n\s+input: (.*)", text)
+    detect = re.findall(r"rule detect:\n\s+input: .*\n\s+output: (.*)", text)
+    assert finalise and evaluate and detect
+    assert all("_background.tsv" in line for line in detect)
+    jobs = re.findall(r"rule cohort_threshold:\n\s+input: (.*)\n\s+output: (.*)", text)
+    if mode == "off":
+        assert not jobs
+        assert not any("detector_threshold.json" in line for line in finalise + evaluate)
+    else:
+        cohorts = set(cfg["evaluate_cohorts"])
+        assert {re.search(r"results/([^/]+)/work/detector_threshold.json", out).group(1) for _, out in jobs} >= cohorts
+        for inp, out in jobs:
+            cohort = re.search(r"results/([^/]+)/work/", out).group(1)
+            n = len(re.findall(rf"results/{cohort}/work/sub-[^/]+/sub-[^_]+_model-rpn-ffm-hspl_background.tsv", inp))
+            finals = " ".join(re.findall(r"rule finalise:\n\s+input: .*\n\s+output: (.*)", text))
+            assert n > 0 and n == len(re.findall(rf"results/{cohort}/sub-[^/]+/sub-[^_]+_cmb.tsv", finals))
+        assert all("detector_threshold.json" in line for line in finalise + evaluate)

@@ -725,16 +725,19 @@ class DetectParams:
     device: str = "auto"
     fold_bn: bool = True
     flips: tuple[tuple[int, ...], ...] = ()
+    background_floor: float = 0.0
 
     @classmethod
     def from_config(cls, infer: Mapping[str, Any], box: int, device: str = "auto") -> "DetectParams":
         """The options of config ``infer`` (``window``, ``overlap``, ``batch_size``, ``candidate_floor``,
-        ``nms_radius_mm``, ``merge_dark_mm``, ``dark_fraction``, ``flip_tta``) with ``detector.box_voxels``."""
+        ``nms_radius_mm``, ``merge_dark_mm``, ``dark_fraction``, ``flip_tta``, ``background_floor``) with
+        ``detector.box_voxels``."""
         return cls(window=tuple(int(w) for w in infer["window"]), overlap=float(infer["overlap"]),
                    batch=int(infer["batch_size"]), floor=float(infer["candidate_floor"]),
                    nms_radius_mm=infer["nms_radius_mm"], box=int(box),
                    merge_dark_mm=float(infer["merge_dark_mm"]), dark_fraction=float(infer["dark_fraction"]),
-                   device=device, flips=tuple(tuple(int(a) for a in f) for f in infer.get("flip_tta") or ()))
+                   device=device, flips=tuple(tuple(int(a) for a in f) for f in infer.get("flip_tta") or ()),
+                   background_floor=float(infer.get("background_floor", 0.0)))
 
 
 def _window_for(window: Sequence[int], card: dict) -> tuple[int, int, int]:
@@ -752,8 +755,15 @@ def _window_for(window: Sequence[int], card: dict) -> tuple[int, int, int]:
 
 def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str | Path,
                    out_tsv: str | Path, params: DetectParams, subject: str | None = None,
-                   loader: Callable | None = None, mask_path: str | Path | None = None) -> pd.DataFrame:
+                   loader: Callable | None = None, mask_path: str | Path | None = None,
+                   background_tsv: str | Path | None = None) -> pd.DataFrame:
     """Detector input + SWI affine + model folder -> the raw candidates TSV (score >= floor).
+
+    ``background_tsv``: also write the scores of every candidate down to
+    ``params.background_floor`` (one column ``score``; after the same NMS), the
+    subject's share of the cohort's background score distribution read by
+    :func:`microbleed.metrics.count_thresholds` (config ``infer.adapt_threshold``).
+    NMS is greedy by score, so the candidates TSV is the same as without it.
 
     ``loader(model_dir, device) -> (model, card)`` defaults to
     :func:`microbleed.train.load_detector`. ``mask_path``: the brain mask in the SWI
@@ -800,13 +810,22 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
     if box != params.box:
         log.info("subject %s: box %d voxels from the model card (config detector.box_voxels %d ignored)",
                  subject, box, params.box)
-    cands = detect_volume(model, volume, device, window, params.overlap, params.floor, params.batch,
+    floor = params.floor
+    if background_tsv is not None:
+        if not params.background_floor > 0:
+            raise ValueError("detect_subject: background_tsv needs params.background_floor > 0")
+        floor = min(floor, params.background_floor)
+    cands = detect_volume(model, volume, device, window, params.overlap, floor, params.batch,
                           box, params.channels_last, mask=mask, fold_bn=params.fold_bn, flips=params.flips)
     dark = None
     if params.merge_dark_mm > 0 and params.dark_fraction > 0:
         dark = dark_map(volume[0], mask, params.dark_fraction)
     table = candidates_table(cands, grid_affine, swi_affine, params.nms_radius_mm, box,
                              params.merge_dark_mm, dark)
+    if background_tsv is not None:
+        write_tsv(table[["score"]], background_tsv, float_format="%.6g")
+        table = table[table["score"] >= params.floor].reset_index(drop=True)
+        table["cand_id"] = np.arange(1, len(table) + 1)
     write_tsv(table, out_tsv, float_format="%.6g")
     log.info("subject %s: %d candidates after NMS -> %s", subject, len(table), out_tsv)
     return table

@@ -42,7 +42,7 @@ __all__ = [
     "REGIONS", "BOMBS_CODES", "FROC_FP_POINTS", "FROC_SENS_POINTS", "OPERATING_RULES", "Match", "SubjectData",
     "match_detections", "rates", "detection_table", "subject_tp_curve",
     "froc_curve", "froc_summary", "fp_at_sensitivity", "pool_froc_curves", "threshold_range", "operating_point",
-    "pr_auc", "dice_per_class",
+    "COUNT_LEVELS", "count_thresholds", "adapted_threshold", "pr_auc", "dice_per_class",
     "localization_accuracy", "eliminated_fp", "bombs_region_tally", "count_agreement",
     "region_name",
 ]
@@ -52,6 +52,9 @@ BOMBS_CODES = {name: code for code, name in sorted(BOMBS_NAMES.items())}
 #: The CMB regions (every BOMBS class but ``none``).
 REGIONS = tuple(name for code, name in sorted(BOMBS_NAMES.items()) if code != NONE)
 FROC_FP_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: Candidates per subject at which :func:`count_thresholds` reads a score distribution
+#: (almost all of them false positives: a subject has a few CMBs, these levels 8-128 candidates).
+COUNT_LEVELS = (8.0, 16.0, 32.0, 64.0, 128.0)
 FROC_SENS_POINTS = (0.9, 0.95)   # sensitivities at which the FP_avg needed is reported (matched-sensitivity comparison)
 
 
@@ -414,6 +417,77 @@ def operating_point(high: float, low: float, rule: str = "midpoint") -> float:
     h, lo = (float(np.clip(v, 1e-6, 1 - 1e-6)) for v in (high, low))
     mid = (np.log(h / (1 - h)) + np.log(lo / (1 - lo))) / 2
     return float(1 / (1 + np.exp(-mid)))
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def count_thresholds(scores: np.ndarray | Sequence[float], n_subjects: int,
+                     levels: Iterable[float] = COUNT_LEVELS) -> dict[str, float]:
+    """Score (probability) at which a cohort has ``level`` candidates per subject, for each level.
+
+    ``scores`` are the candidate scores of ``n_subjects`` subjects pooled; the
+    value for level L is the ``round(L n)``-th highest score, NaN when there are
+    fewer candidates (a candidate floor too high for that level). Keys
+    ``count_threshold_at_<L>``. Labels are not needed: at 8-128 candidates per
+    subject nearly all candidates are false positives, so these thresholds
+    describe how the detector scores the background of that cohort.
+    """
+    if n_subjects < 1:
+        raise ValueError("count_thresholds needs at least one subject")
+    s = np.sort(np.asarray(scores, dtype=float))[::-1]
+    out = {}
+    for level in levels:
+        k = int(round(float(level) * n_subjects))
+        out[f"count_threshold_at_{float(level):g}"] = float(s[k - 1]) if 1 <= k <= len(s) else float("nan")
+    return out
+
+
+def adapted_threshold(threshold: float, reference: Mapping[str, float], cohort: Mapping[str, float],
+                      mode: str = "lower") -> tuple[float, dict[str, float]]:
+    """Move an operating threshold set on validation subjects to a cohort scored differently.
+
+    A detector applied to another scanner scores background and CMBs alike
+    lower (weaker susceptibility contrast, coarser voxels) or higher, so the
+    validation threshold gives that cohort another false-positive rate. Both
+    count-threshold tables (:func:`count_thresholds`; ``reference`` on the
+    validation subjects, ``cohort`` on the cohort, same levels and candidate
+    post-processing) give the score at which each has L candidates per subject;
+    a least-squares line ``logit(s_cohort) = a logit(s_reference) + b`` through
+    them maps ``threshold`` to the cohort: the score with the same rank among
+    the cohort's background candidates, so about the same FP_avg. No labels of
+    the cohort are read.
+
+    Args:
+        threshold: the validation operating threshold (:func:`operating_point`).
+        mode: ``"lower"``: ``min(threshold, mapped)``, moved only toward more
+            candidates (a cohort that scores its background lower: the validation
+            threshold would give it far fewer false positives than the budget);
+            ``"both"``: the mapped value; ``"off"``: ``threshold``.
+    Returns:
+        (threshold for the cohort, ``{"slope": a, "intercept": b, "mapped": s, "levels": n}``).
+        Fewer than 3 levels finite in both tables, or a slope that is not
+        positive, gives ``threshold`` unchanged (``mapped`` NaN).
+    """
+    if mode not in ("lower", "both", "off"):
+        raise ValueError(f"adaptive threshold mode {mode!r}: expected 'lower', 'both' or 'off'")
+    keys = [k for k in reference if k.startswith("count_threshold_at_") and k in cohort
+            and np.isfinite(reference[k]) and np.isfinite(cohort[k])]
+    info = {"slope": float("nan"), "intercept": float("nan"), "mapped": float("nan"), "levels": float(len(keys))}
+    if mode == "off" or len(keys) < 3:
+        return float(threshold), info
+    x = _logit([reference[k] for k in keys])
+    y = _logit([cohort[k] for k in keys])
+    if np.ptp(x) <= 0:
+        return float(threshold), info
+    a, b = np.polyfit(x, y, 1)
+    if not a > 0:
+        return float(threshold), info
+    mapped = float(1 / (1 + np.exp(-(a * _logit(threshold) + b))))
+    info.update(slope=float(a), intercept=float(b), mapped=mapped)
+    return (min(float(threshold), mapped) if mode == "lower" else mapped), info
 
 
 def pr_auc(curve: pd.DataFrame) -> float:

@@ -44,6 +44,7 @@ from .preprocess import check_detector_grid, check_normalisation, grid_spec, nor
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
 __all__ = ["split_subjects", "validation_curve", "validation_score", "train_detector", "load_detector", "operating_threshold",
+           "cohort_threshold",
            "LOG_FIELDS"]
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,17 @@ def split_subjects(volumes: Sequence[Volume], fraction: float, seed: int) -> tup
     return [v for i, v in enumerate(volumes) if i not in val], [v for i, v in enumerate(volumes) if i in val]
 
 
+#: Candidate floor of validation's FROC (:func:`microbleed.infer.detect_volume`'s default).
+VALIDATION_FLOOR = 0.05
+#: Candidate floor of the background scores whose count thresholds the card records
+#: (``validation.count_threshold_at_<L>``, the reference of config ``infer.adapt_threshold``).
+BACKGROUND_FLOOR = 0.002
+
+
 def validation_curve(model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
                      window: Sequence[int], box: int, hit_radius_mm: float,
-                     postprocess: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+                     postprocess: Mapping[str, Any] | None = None,
+                     background: list | None = None) -> "pd.DataFrame":
     """FROC curve (:func:`microbleed.metrics.froc_curve`) of ``model`` on whole validation volumes.
 
     Args:
@@ -92,6 +101,10 @@ def validation_curve(model: torch.nn.Module, volumes: Sequence[Volume], device: 
             ``None`` or a missing key: NMS at :func:`microbleed.infer.default_nms_radius`,
             no dark-bridge merging, one pass. The brain is the filled ``SWI > 0`` region
             (:func:`microbleed.infer.dark_map` without a mask).
+        background: a list that gets, per volume, the scores of its candidates down to
+            :data:`BACKGROUND_FLOOR` (same post-processing; the FROC uses those at or
+            above :data:`VALIDATION_FLOOR` only, the same candidates as without it:
+            NMS is greedy by score).
     """
     from .infer import candidates_table, dark_map, detect_volume
     from .metrics import SubjectData, froc_curve
@@ -101,9 +114,13 @@ def validation_curve(model: torch.nn.Module, volumes: Sequence[Volume], device: 
     flips = [list(f) for f in post.get("flip_tta") or ()]
     subjects = []
     for vol in volumes:
-        cands = detect_volume(model, vol.image, device, window=window, overlap=0.25, box=box, flips=flips)
+        cands = detect_volume(model, vol.image, device, window=window, overlap=0.25, box=box, flips=flips,
+                              threshold_floor=BACKGROUND_FLOOR if background is not None else VALIDATION_FLOOR)
         dark = dark_map(vol.image[0], None, fraction) if merge_mm > 0 and fraction > 0 else None
         table = candidates_table(cands, vol.affine, vol.affine, radius, box, merge_mm, dark)
+        if background is not None:
+            background.append(table["score"].to_numpy(float))
+            table = table[table["score"] >= VALIDATION_FLOOR]
         labels = voxel_to_ras(vol.centres, vol.affine) if len(vol.centres) else np.zeros((0, 3))
         subjects.append(SubjectData(vol.subject, "cmb" if len(labels) else "normal", labels,
                                     table[["x", "y", "z"]].to_numpy(float).reshape(-1, 3),
@@ -120,12 +137,17 @@ def validation_score(model: torch.nn.Module, volumes: Sequence[Volume], device: 
         :func:`microbleed.metrics.froc_summary` of the candidates after NMS
         (``mean_sensitivity``, ``sens_at_<fp>``, ``threshold_at_<fp>``, ...; NaN
         without labelled CMBs) and ``lowest_threshold_at_<fp>``, the low end of
-        :func:`microbleed.metrics.threshold_range` (read by :func:`operating_threshold`).
+        :func:`microbleed.metrics.threshold_range` (read by :func:`operating_threshold`),
+        and ``count_threshold_at_<L>`` (:func:`microbleed.metrics.count_thresholds` of
+        the candidates down to :data:`BACKGROUND_FLOOR`: the reference of
+        :func:`microbleed.metrics.adapted_threshold`).
     """
-    from .metrics import FROC_FP_POINTS, froc_summary, threshold_range
-    curve = validation_curve(model, volumes, device, window, box, hit_radius_mm, postprocess)
+    from .metrics import FROC_FP_POINTS, count_thresholds, froc_summary, threshold_range
+    background: list = []
+    curve = validation_curve(model, volumes, device, window, box, hit_radius_mm, postprocess, background)
+    counts = count_thresholds(np.concatenate(background) if background else np.zeros(0), max(len(volumes), 1))
     return {**froc_summary(curve),
-            **{f"lowest_threshold_at_{p:g}": threshold_range(curve, p)[1] for p in FROC_FP_POINTS}}
+            **{f"lowest_threshold_at_{p:g}": threshold_range(curve, p)[1] for p in FROC_FP_POINTS}, **counts}
 
 
 def _network_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -426,3 +448,54 @@ def operating_threshold(setting: float | str, card: Mapping[str, Any] | str | os
                         "operating rule 'corner' used instead of %r", path or "(dict)", key, rule)
         low, rule = value, "corner"
     return max(operating_point(float(value), float(low), rule), float(floor))
+
+
+def cohort_threshold(infer: Mapping[str, Any], card: Mapping[str, Any] | str | os.PathLike,
+                     background: Sequence[np.ndarray], cohort: str | None = None) -> dict[str, Any]:
+    """The operating threshold of one cohort: :func:`operating_threshold`, moved by config ``infer.adapt_threshold``.
+
+    Args:
+        infer: config ``infer`` (``threshold``, ``operating_fp_avg``, ``operating_rule``,
+            ``candidate_floor``, ``adapt_threshold``, ``adapt_min_subjects``).
+        card: the detector's card (dict or path of ``card.json``); with adaptation on
+            it must hold ``validation.count_threshold_at_<L>`` (:func:`validation_score`).
+        background: per subject of the cohort, the scores of its candidates down to
+            ``infer.background_floor`` (the detect rule's ``_background.tsv``).
+    Returns:
+        ``threshold`` (what finalise and evaluation apply), ``validation_threshold``,
+        ``mode``, ``n_subjects``, ``adapted`` (bool), ``reason``, and with adaptation
+        the map's ``slope``, ``intercept``, ``mapped`` and the cohort's count thresholds.
+        A card written before the count thresholds were recorded keeps the
+        validation threshold, with a warning and the reason in the record.
+    """
+    from .metrics import adapted_threshold, count_thresholds
+    floor = float(infer["candidate_floor"])
+    base = operating_threshold(infer["threshold"], card, float(infer["operating_fp_avg"]), floor,
+                               infer["operating_rule"])
+    mode = str(infer.get("adapt_threshold", "off"))
+    out: dict[str, Any] = {"cohort": cohort, "threshold": base, "validation_threshold": base, "mode": mode,
+                           "n_subjects": len(background), "adapted": False}
+    if mode == "off":
+        return {**out, "reason": "infer.adapt_threshold is off"}
+    if not isinstance(infer["threshold"], str):
+        return {**out, "reason": f"infer.threshold is the number {infer['threshold']}: used as it is"}
+    if len(background) < int(infer.get("adapt_min_subjects", 1)):
+        log.warning("cohort %s: %d subjects, fewer than infer.adapt_min_subjects (%d): validation threshold kept",
+                    cohort, len(background), int(infer["adapt_min_subjects"]))
+        return {**out, "reason": f"{len(background)} subjects < infer.adapt_min_subjects"}
+    path = None
+    if not isinstance(card, Mapping):
+        path = Path(card)
+        card = json.loads(path.read_text())
+    reference = {k: float(v) for k, v in (card.get("validation") or {}).items() if k.startswith("count_threshold_at_")}
+    if not reference:
+        log.warning("cohort %s: the detector card %s has no validation.count_threshold_at_<L> (written by "
+                    "train_detector since 2026-12-05): validation threshold kept; retrain the detector to adapt it",
+                    cohort, path or "(dict)")
+        return {**out, "reason": f"card {path or '(dict)'} has no validation count thresholds (older card)"}
+    counts = count_thresholds(np.concatenate([np.asarray(b, dtype=float) for b in background]), len(background))
+    thr, info = adapted_threshold(base, reference, counts, mode)
+    thr = max(thr, floor)
+    reason = ("mapped" if np.isfinite(info["mapped"]) else
+              "fewer than 3 count levels in both, or a map that does not increase: validation threshold kept")
+    return {**out, "threshold": float(thr), "adapted": bool(thr != base), "reason": reason, **info, **counts}

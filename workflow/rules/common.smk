@@ -120,6 +120,21 @@ def candidates_path(cohort, subject, source):
     return sub_path(cohort, subject, f"model-{source}_candidates.tsv", f"work/sub-{subject}")
 
 
+def background_path(cohort, subject, source):
+    """Background scores of one detector for one subject (candidates down to infer.background_floor)."""
+    return sub_path(cohort, subject, f"model-{source}_background.tsv", f"work/sub-{subject}")
+
+
+def adapts_threshold():
+    """config infer.adapt_threshold is on: finalise and evaluation read the cohort's threshold file."""
+    return config["infer"]["adapt_threshold"] != "off"
+
+
+def cohort_threshold_path(cohort):
+    """The operating threshold of a cohort (rule cohort_threshold)."""
+    return f"{RESULTS}/{cohort}/work/detector_threshold.json"
+
+
 def fills_voids():
     """config infer.fill_voids with an SWI segmenter: the signal voids around a detector's candidates
     are filled before segmentation (microbleed.segment.fill_candidate_voids)."""

@@ -61,6 +61,8 @@ def evaluate_inputs(wildcards):
     if config["evaluate"]["allow_missing"]:
         files = [f for f in files if os.path.exists(f)]
     inputs = {"files": files, "card": detector_card()}
+    if adapts_threshold():
+        inputs["cohort_threshold"] = cohort_threshold_path(wildcards.cohort)
     if uses_frst():
         inputs["frst"] = rules.tune_baseline.output.params
     return inputs

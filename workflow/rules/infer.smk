@@ -60,7 +60,9 @@ rule detect:
         if config["infer"]["skip_outside_mask"] else [],
     output:
         candidates=sub_path("{cohort}", "{subject}", "model-{variant}_candidates.tsv", "work/sub-{subject}"),
+        background=sub_path("{cohort}", "{subject}", "model-{variant}_background.tsv", "work/sub-{subject}"),
     params:
+        background_floor=config["infer"]["background_floor"],
         window=config["infer"]["window"],
         overlap=config["infer"]["overlap"],
         batch=config["infer"]["batch_size"],
@@ -86,6 +88,30 @@ rule detect:
         "../scripts/detect_subject.py"
 
 
+rule cohort_threshold:
+    # The operating threshold of one cohort: the validation threshold of the configured detector,
+    # moved to the cohort's background scores with infer.adapt_threshold (microbleed.train.cohort_threshold).
+    input:
+        background=lambda wc: [background_path(wc.cohort, s, slug(config["detector"]["variant"]))
+                               for s in subjects(wc.cohort)],
+        card=os.path.join(detector_dir(), "card.json"),
+    output:
+        threshold=cohort_threshold_path("{cohort}"),
+    params:
+        infer={k: config["infer"][k] for k in ("threshold", "operating_fp_avg", "operating_rule", "candidate_floor",
+                                               "adapt_threshold", "adapt_min_subjects")},
+    log:
+        log_path("cohort_threshold", "{cohort}"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV_PY
+    script:
+        "../scripts/cohort_threshold.py"
+
+
 rule finalise:
     input:
         candidates=sub_path("{cohort}", "{subject}",
@@ -96,6 +122,7 @@ rule finalise:
         swi=sub_path("{cohort}", "{subject}", "desc-preproc_swi.nii.gz", "preproc/sub-{subject}"),
         phase=sub_path("{cohort}", "{subject}", "desc-preproc_phase.nii.gz", "preproc/sub-{subject}"),
         card=os.path.join(detector_dir(), "card.json"),
+        cohort_threshold=lambda wc: cohort_threshold_path(wc.cohort) if adapts_threshold() else [],
         mars=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.nii.gz", "labels")
                          if has_file(wc.cohort, wc.subject, "aseg") else []),
         mars_tsv=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.tsv", "labels")

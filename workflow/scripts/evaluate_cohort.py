@@ -16,14 +16,18 @@ def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[s
          frst_params: str | None, outputs: Mapping[str, str], region_radius_mm: float = 0.0,
          allow_missing: bool = False, none_fraction: float = 1.0, detector_card: str | None = None,
          operating_fp_avg: float = 0.5, candidate_floor: float = 0.0, dark_fraction: float = 0.0,
-         operating_rule: str = "midpoint") -> None:
+         operating_rule: str = "midpoint", cohort_threshold: str | None = None) -> None:
     """Evaluate one cohort; ``subjects`` are dicts of :class:`SubjectFiles` fields (expected paths).
 
     ``infer_threshold`` ``"validation"``: the operating threshold of the configured
-    detector (its ``detector_card``), used for every variant as in the paper's ablation."""
+    detector (its ``detector_card``), used for every variant as in the paper's ablation;
+    ``cohort_threshold``: the cohort's threshold file (config ``infer.adapt_threshold``) instead."""
     frst_threshold = json.loads(Path(frst_params).read_text())["threshold"] if frst_params else None
-    threshold = operating_threshold(infer_threshold, detector_card or {}, operating_fp_avg, candidate_floor,
-                                    operating_rule)
+    if cohort_threshold:
+        threshold = float(json.loads(Path(cohort_threshold).read_text())["threshold"])
+    else:
+        threshold = operating_threshold(infer_threshold, detector_card or {}, operating_fp_avg, candidate_floor,
+                                        operating_rule)
     logging.info("operating threshold %.4f (config infer.threshold %r)", threshold, infer_threshold)
     parsed = parse_methods(methods, variant, segmenter_input, threshold, frst_threshold)
     files = [SubjectFiles(**s) for s in subjects]
@@ -49,4 +53,4 @@ if "snakemake" in globals():
          frst_params=smk.params.frst_params or None, outputs=dict(smk.output.items()),
          allow_missing=smk.params.allow_missing, detector_card=smk.params.detector_card,
          operating_fp_avg=smk.params.operating_fp_avg, candidate_floor=smk.params.candidate_floor,
-         operating_rule=smk.params.operating_rule)
+         operating_rule=smk.params.operating_rule, cohort_threshold=smk.input.get("cohort_threshold") or None)

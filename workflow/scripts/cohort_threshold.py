@@ -1,0 +1,28 @@
+"""Rule `cohort_threshold`: background scores of a cohort + detector card -> the cohort's operating threshold (JSON)."""
+
+import json
+import logging
+from typing import Any, Mapping, Sequence
+
+from microbleed.io import atomic_path, read_tsv
+from microbleed.train import cohort_threshold
+
+
+def main(background: Sequence[str], card: str, out_json: str, *, infer: Mapping[str, Any],
+         cohort: str | None = None) -> dict[str, Any]:
+    """Read each subject's background scores, run :func:`microbleed.train.cohort_threshold`, write its record."""
+    scores = [read_tsv(path, required=["score"], numeric=["score"])["score"].to_numpy(float) for path in background]
+    record = cohort_threshold(infer, card, scores, cohort)
+    logging.info("cohort %s: operating threshold %.4f (validation %.4f, mode %s: %s)", cohort, record["threshold"],
+                 record["validation_threshold"], record["mode"], record["reason"])
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if "snakemake" in globals():
+    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO,  # noqa: F821
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    smk = snakemake  # noqa: F821
+    main(list(smk.input.background), smk.input.card, smk.output.threshold, infer=dict(smk.params.infer),
+         cohort=smk.wildcards.cohort)
