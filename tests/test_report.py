@@ -136,9 +136,14 @@ def test_report_html_is_self_contained(tree, tmp_path):
                 allow_missing=True)
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"name": "detector", "sha256": "abc123"}))
+    thr = tmp_path / "detector_threshold.json"
+    thr.write_text(json.dumps({"threshold": 0.1442, "validation_threshold": 0.6534, "mode": "lower",
+                               "reason": "mapped", "adapted": True, "slope": 0.539, "intercept": -2.123}))
     out = build_report("c1", outputs, root, ["001", "002", "003"], {"evaluate": {"hit_radius_mm": 3.0}},
-                       {"detector": str(card), "segmenter": str(tmp_path / "nope.json")}, root / "report.html")
+                       {"detector": str(card), "segmenter": str(tmp_path / "nope.json")}, root / "report.html",
+                       threshold=thr)
     text = out.read_text()
+    assert "Operating threshold 0.1442 (validation threshold 0.6534; infer.adapt_threshold lower" in text
     assert text.count("<table") >= 6
     assert len(re.findall(r'src="data:image/png;base64,', text)) == 5          # froc, pr, three montages
     assert not re.search(r'(src|href)="(http|file|/)', text)                    # nothing external

@@ -204,6 +204,7 @@ def test_adaptive_threshold_plans_one_cohort_threshold_that_finalise_waits_for(t
     text = smk("-n", "--forceall", "--configfile", str(path)).stdout
     finalise = re.findall(r"rule finalise:\n\s+input: (.*)", text)
     evaluate = re.findall(r"rule evaluate_cohort:\n\s+input: (.*)", text)
+    evaluate += re.findall(r"rule report:\n\s+input: (.*)", text)           # the report states it
     detect = re.findall(r"rule detect:\n\s+input: .*\n\s+output: (.*)", text)
     assert finalise and evaluate and detect
     assert all("_background.tsv" in line for line in detect)

@@ -456,9 +456,21 @@ def _montages(cohort_dir: Path, subjects: Sequence[str], limit: int) -> str:
     return "".join(parts)
 
 
+def _threshold_note(path: str | Path | None) -> str:
+    """One line on the cohort's operating threshold (its ``detector_threshold.json``), or nothing."""
+    if not path:
+        return ""
+    rec = json.loads(Path(path).read_text())
+    text = (f"Operating threshold {rec['threshold']:.4f} (validation threshold {rec['validation_threshold']:.4f}; "
+            f"infer.adapt_threshold {rec['mode']}: {rec['reason']}")
+    if rec.get("adapted"):
+        text += f"; map logit(cohort) = {rec['slope']:.3f} logit(validation) {rec['intercept']:+.3f}"
+    return f'<p class="note">{html.escape(text + ").")}</p>'
+
+
 def build_report(cohort: str, metrics: Mapping[str, str], cohort_dir: str | Path, subjects: Sequence[str],
                  config: Mapping[str, Any], cards: Mapping[str, str], out_html: str | Path,
-                 max_images: int = 300) -> Path:
+                 max_images: int = 300, threshold: str | Path | None = None) -> Path:
     """Write ``report.html``: one self-contained file (inline CSS, base64 PNGs, no external link).
 
     Args:
@@ -468,6 +480,8 @@ def build_report(cohort: str, metrics: Mapping[str, str], cohort_dir: str | Path
         cohort_dir: ``results/<cohort>``, searched for ``sub-<id>/qc/*.png`` montages.
         config: the run's config (dumped as YAML).
         cards: model name -> path of a ``card.json`` (or ``params.json``); missing files are noted.
+        threshold: the cohort's ``detector_threshold.json`` (rule ``cohort_threshold``): the
+            operating threshold applied, stated under the detection table.
     """
     t = {k: _read(v) for k, v in metrics.items() if str(v).endswith(".tsv")}
     figs = "".join(_img(metrics[k], k) for k in ("froc_png", "pr_png") if k in metrics and Path(metrics[k]).exists())
@@ -479,7 +493,8 @@ def build_report(cohort: str, metrics: Mapping[str, str], cohort_dir: str | Path
     sections = [
         ("Detection (paper Table 1)", _table(t.get("detection"))
          + '<p class="note">Fractions (0-1); FP_avg = false positives per subject; hit = one-to-one match within '
-           f'{html.escape(str(config.get("evaluate", {}).get("hit_radius_mm", "")))} mm.</p>'),
+           f'{html.escape(str(config.get("evaluate", {}).get("hit_radius_mm", "")))} mm.</p>'
+         + _threshold_note(threshold)),
         ("Whole framework (paper Table 3)", _table(t.get("framework"))),
         ("Anatomical localisation (paper Table 2)", _table(t.get("localization"))),
         ("FROC and precision-recall", f'<div class="figs">{figs}</div>' + _table(t.get("froc"))),

@@ -7,9 +7,10 @@ from microbleed.report import build_report
 
 
 def main(cohort: str, metrics: Mapping[str, str], cohort_dir: str, subjects: Sequence[str],
-         config: Mapping[str, Any], cards: Mapping[str, str], out_html: str) -> None:
-    """Write results/<cohort>/report.html from the metric files, montages, config and model cards."""
-    build_report(cohort, metrics, cohort_dir, subjects, config, cards, out_html)
+         config: Mapping[str, Any], cards: Mapping[str, str], out_html: str, threshold: str | None = None) -> None:
+    """Write results/<cohort>/report.html from the metric files, montages, config and model cards
+    (``threshold``: the cohort's detector_threshold.json, config ``infer.adapt_threshold``)."""
+    build_report(cohort, metrics, cohort_dir, subjects, config, cards, out_html, threshold=threshold)
     logging.info("report written: %s", out_html)
 
 
@@ -17,5 +18,6 @@ if "snakemake" in globals():
     logging.basicConfig(filename=snakemake.log[0], level=logging.INFO,  # noqa: F821
                         format="%(asctime)s %(levelname)s %(message)s")
     smk = snakemake  # noqa: F821
-    main(cohort=smk.wildcards.cohort, metrics={k: v for k, v in smk.input.items() if k != "models"}, cohort_dir=smk.params.cohort_dir,
-         subjects=smk.params.subjects, config=smk.config, cards=smk.params.cards, out_html=smk.output.html)
+    main(cohort=smk.wildcards.cohort, metrics={k: v for k, v in smk.input.items() if k not in ("models", "threshold")}, cohort_dir=smk.params.cohort_dir,
+         subjects=smk.params.subjects, config=smk.config, cards=smk.params.cards, out_html=smk.output.html,
+         threshold=smk.input.get("threshold") or None)
