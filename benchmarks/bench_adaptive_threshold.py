@@ -6,9 +6,11 @@ For each detector (``<work>/<arm>``, trained by ``bench_detector_arms.py``) this
 1. detects its validation subjects (the card's split of the training cohort) and
    every subject of the evaluated cohorts with a low candidate floor
    (``--floor``, so that 8-128 candidates per subject exist), the config's
-   post-processing otherwise (candidates cached under ``<arm>/lowfloor``);
+   post-processing otherwise (candidates cached under ``<arm>/lowfloor-<floor>``;
+   delete it after changing the post-processing);
 2. reads :func:`microbleed.metrics.count_thresholds` on the validation subjects
-   (the reference) and on each cohort (its candidates, no labels);
+   (the reference, where the card has none of its own) and on each cohort (its
+   candidates, no labels);
 3. scores each cohort at the arm's validation operating threshold (config
    ``infer.operating_fp_avg`` and ``infer.operating_rule``) and at the adapted one
    (:func:`microbleed.train.cohort_threshold`, modes ``lower`` and ``both``, as the
@@ -53,10 +55,10 @@ MODES = ("fixed", "lower", "both")
 
 def detect_all(arm_dir: Path, files: Sequence[Mapping[str, str]], params: DetectParams,
                tag: str) -> list[SubjectData]:
-    """Candidates (cached under ``<arm>/lowfloor/<tag>``) and labels of each subject of ``files``."""
+    """Candidates (cached under ``<arm>/lowfloor-<floor>/<tag>``) and labels of each subject of ``files``."""
     subjects = []
     for f in files:
-        out = arm_dir / "lowfloor" / tag / f"sub-{f['subject']}_candidates.tsv"
+        out = arm_dir / f"lowfloor-{params.background_floor:g}" / tag / f"sub-{f['subject']}_candidates.tsv"
         if not out.exists():
             detect_subject(f["volume"], f["swi"], arm_dir, out, params, subject=f["subject"], mask_path=f["mask"])
         cands = pd.read_csv(out, sep="\t")
@@ -94,11 +96,12 @@ def evaluate_arm(arm_dir: Path, cfg: Mapping[str, Any], results: Path, cohorts: 
     """One row per cohort and mode (``fixed``, ``lower``, ``both``)."""
     infer, radius = {**cfg["infer"], "threshold": "validation"}, float(cfg["evaluate"]["hit_radius_mm"])
     _, card = load_detector(arm_dir, "cpu")
-    params = dataclasses.replace(DetectParams.from_config(infer, card["training"]["box_voxels"], "cpu"), floor=floor)
+    params = dataclasses.replace(DetectParams.from_config(infer, card["training"]["box_voxels"], "cpu"), floor=floor,
+                                 background_floor=floor)
     val = set(card["data"]["val"])
     train = [f for f in cohort_files(results, card["data"]["cohort"]) if f["subject"] in val]
     reference = pooled_counts(detect_all(arm_dir, train, params, "validation"))
-    card = {**card, "validation": {**card["validation"], **reference}}
+    card = {**card, "validation": {**reference, **card["validation"]}}      # the card's own, when it has them
     rows = []
     for cohort in cohorts:
         subjects = detect_all(arm_dir, cohort_files(results, cohort), params, cohort)

@@ -326,8 +326,9 @@ def bench_resolution(res, det, seg, device, cfg, peak, threshold, window, with_m
 
 
 def _threshold(cfg: dict, card: dict) -> tuple[float, str]:
-    """Operating threshold as the finalise rule reads it (config ``infer.threshold``), 0.5 when the
-    card cannot give it (random networks, or a card without a validation FROC)."""
+    """Operating threshold as the finalise rule reads it for one subject without a cohort threshold
+    (config ``infer.threshold``; a speed benchmark has no cohort to adapt it to), 0.5 when the card
+    cannot give it (random networks, or a card without a validation FROC)."""
     from microbleed.io import InputError
     from microbleed.train import operating_threshold
     setting = cfg["infer"]["threshold"]

@@ -121,12 +121,17 @@ def test_cohort_threshold_is_lowered_for_a_cohort_scored_lower(tmp_path):
     assert rec["slope"] == pytest.approx(1.0) and rec["n_subjects"] == 10
     # never below the candidates file's floor
     far = [_sigmoid(logit[i::10] - 6.0) for i in range(10)]
-    assert cohort_threshold(INFER, card, far)["threshold"] == pytest.approx(0.05)
+    floored = cohort_threshold(INFER, card, far)
+    assert floored["threshold"] == pytest.approx(0.05) and "candidate_floor" in floored["reason"]
     # off, a fixed number, or too few subjects: the validation threshold
     assert cohort_threshold({**INFER, "adapt_threshold": "off"}, card, cohort)["threshold"] == pytest.approx(0.6)
     assert cohort_threshold({**INFER, "threshold": 0.3}, card, cohort)["threshold"] == pytest.approx(0.3)
     few = cohort_threshold(INFER, card, cohort[:5])
     assert few["threshold"] == pytest.approx(0.6) and not few["adapted"] and "adapt_min_subjects" in few["reason"]
+    assert cohort_threshold({**INFER, "adapt_threshold": False}, card, cohort)["mode"] == "off"   # YAML's bare off
+    # a cohort scored higher: `lower` keeps the validation threshold and says so
+    up = cohort_threshold(INFER, card, [_sigmoid(logit[i::10] + 1.0) for i in range(10)])
+    assert up["threshold"] == pytest.approx(0.6) and not up["adapted"] and "kept" in up["reason"]
 
 
 def test_cohort_threshold_keeps_the_validation_threshold_of_an_older_card(tmp_path, caplog):
@@ -162,6 +167,12 @@ def test_cohort_threshold_script_writes_its_record(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["cohort"] == "c" and rec["mode"] == "both" and rec["n_subjects"] == 8
     assert rec["threshold"] == pytest.approx(0.6, abs=0.02)      # the validation background itself: unchanged
+    # 100 candidates a subject: 128 a subject are never reached, a NaN written as null (strict JSON)
+    for i, f in enumerate(files):
+        write_tsv(pd.DataFrame({"score": background[i::10][:100]}), f, float_format="%.6g")
+    mod.main([str(f) for f in files], str(card), str(out), infer={**INFER, "adapt_threshold": "both"})
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["count_threshold_at_128"] is None
 
 
 def test_finalise_script_reads_the_cohort_threshold_file(tmp_path):

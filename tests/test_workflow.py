@@ -123,8 +123,10 @@ def finish_by_touching(args):
     smk(*args, "--touch", "--cores", "1", "--quiet")
 
 
-def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path):
-    """A finished cohort (outputs marked complete with --touch) gains one subject: only its jobs run."""
+@pytest.mark.parametrize("min_subjects", [8, 1])
+def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path, min_subjects):
+    """A finished cohort (outputs marked complete with --touch) gains one subject: only its jobs run;
+    with a cohort threshold (3 subjects >= infer.adapt_min_subjects 1) every subject is finalised again."""
     bids = tmp_path / "bids"
     write_bids(bids, ["A1", "A2"])
     for s in ["A1", "A2", "A3"]:
@@ -137,6 +139,7 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
     cfg_path = models_config(tmp_path, bids)
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["infer_cohorts"], cfg["evaluate_cohorts"] = [], ["new"]
+    cfg.setdefault("infer", {})["adapt_min_subjects"] = min_subjects
     cfg_path.write_text(yaml.safe_dump(cfg))
     work = tmp_path / "work"
     work.mkdir()
@@ -149,7 +152,8 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
     assert {r: plan.get(r) for r in per_subject} == {r: 1 for r in per_subject}
     # infer.adapt_threshold (default lower): the cohort's threshold reads every subject's background
     # scores, so it is recomputed and every subject is finalised again with it (seconds each)
-    assert plan.get("cohort_threshold") == 1 and plan.get("finalise") == 3
+    adapt = min_subjects == 1
+    assert plan.get("cohort_threshold") == (1 if adapt else None) and plan.get("finalise") == (3 if adapt else 1)
     assert plan.get("evaluate_cohort") == 1 and plan.get("report") == 1 and plan.get("summarise_cohort") == 1
     assert set(plan) <= per_subject | {"cohort_threshold", "finalise", "evaluate_cohort", "report",
                                        "summarise_cohort", "all"}
@@ -193,12 +197,14 @@ def test_fill_voids_makes_segment_wait_for_the_candidates_of_its_own_detector(tm
         assert not inputs["segment_for_source"]
 
 
-@pytest.mark.parametrize("mode", ["off", "lower"])
-def test_adaptive_threshold_plans_one_cohort_threshold_that_finalise_waits_for(tmp_path, mode):
+@pytest.mark.parametrize("mode,min_subjects", [("off", 1), ("lower", 1), ("lower", 8), (False, 1)])
+def test_adaptive_threshold_plans_one_cohort_threshold_that_finalise_waits_for(tmp_path, mode, min_subjects):
     """infer.adapt_threshold on: one `cohort_threshold` job per cohort reads every subject's background
-    scores, and each `finalise` and `evaluate_cohort` reads its JSON; off: no such job or input."""
+    scores, and each `finalise` and `evaluate_cohort` reads its JSON; off (or YAML's bare off, False), or
+    cohorts smaller than infer.adapt_min_subjects (the demo's 3-4 subjects against 8): no such job."""
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg["infer"]["adapt_threshold"] = mode
+    cfg["infer"]["adapt_min_subjects"] = min_subjects
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     text = smk("-n", "--forceall", "--configfile", str(path)).stdout
@@ -209,7 +215,7 @@ def test_adaptive_threshold_plans_one_cohort_threshold_that_finalise_waits_for(t
     assert finalise and evaluate and detect
     assert all("_background.tsv" in line for line in detect)
     jobs = re.findall(r"rule cohort_threshold:\n\s+input: (.*)\n\s+output: (.*)", text)
-    if mode == "off":
+    if mode in ("off", False) or min_subjects == 8:
         assert not jobs
         assert not any("detector_threshold.json" in line for line in finalise + evaluate)
     else:

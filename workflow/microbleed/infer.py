@@ -824,7 +824,9 @@ def detect_subject(volume_path: str | Path, swi_path: str | Path, model_dir: str
                              params.merge_dark_mm, dark)
     if background_tsv is not None:
         write_tsv(table[["score"]], background_tsv, float_format="%.6g")
-        table = table[table["score"] >= params.floor].reset_index(drop=True)
+        # the floor as the network's float32 comparison sees it (peak_candidates), so that the table is
+        # exactly the one a run at params.floor writes
+        table = table[table["score"] >= float(np.float32(params.floor))].reset_index(drop=True)
         table["cand_id"] = np.arange(1, len(table) + 1)
     write_tsv(table, out_tsv, float_format="%.6g")
     log.info("subject %s: %d candidates after NMS -> %s", subject, len(table), out_tsv)

@@ -120,7 +120,7 @@ def validation_curve(model: torch.nn.Module, volumes: Sequence[Volume], device: 
         table = candidates_table(cands, vol.affine, vol.affine, radius, box, merge_mm, dark)
         if background is not None:
             background.append(table["score"].to_numpy(float))
-            table = table[table["score"] >= VALIDATION_FLOOR]
+            table = table[table["score"] >= float(np.float32(VALIDATION_FLOOR))]   # as a run at the floor
         labels = voxel_to_ras(vol.centres, vol.affine) if len(vol.centres) else np.zeros((0, 3))
         subjects.append(SubjectData(vol.subject, "cmb" if len(labels) else "normal", labels,
                                     table[["x", "y", "z"]].to_numpy(float).reshape(-1, 3),
@@ -472,16 +472,18 @@ def cohort_threshold(infer: Mapping[str, Any], card: Mapping[str, Any] | str | o
     floor = float(infer["candidate_floor"])
     base = operating_threshold(infer["threshold"], card, float(infer["operating_fp_avg"]), floor,
                                infer["operating_rule"])
-    mode = str(infer.get("adapt_threshold", "off"))
+    mode = infer.get("adapt_threshold", "off")
+    mode = "off" if mode in (False, None) else str(mode)
     out: dict[str, Any] = {"cohort": cohort, "threshold": base, "validation_threshold": base, "mode": mode,
                            "n_subjects": len(background), "adapted": False}
     if mode == "off":
         return {**out, "reason": "infer.adapt_threshold is off"}
     if not isinstance(infer["threshold"], str):
         return {**out, "reason": f"infer.threshold is the number {infer['threshold']}: used as it is"}
-    if len(background) < int(infer.get("adapt_min_subjects", 1)):
+    min_subjects = int(infer.get("adapt_min_subjects", 1))
+    if len(background) < min_subjects:
         log.warning("cohort %s: %d subjects, fewer than infer.adapt_min_subjects (%d): validation threshold kept",
-                    cohort, len(background), int(infer["adapt_min_subjects"]))
+                    cohort, len(background), min_subjects)
         return {**out, "reason": f"{len(background)} subjects < infer.adapt_min_subjects"}
     path = None
     if not isinstance(card, Mapping):
@@ -496,6 +498,13 @@ def cohort_threshold(infer: Mapping[str, Any], card: Mapping[str, Any] | str | o
     counts = count_thresholds(np.concatenate([np.asarray(b, dtype=float) for b in background]), len(background))
     thr, info = adapted_threshold(base, reference, counts, mode)
     thr = max(thr, floor)
-    reason = ("mapped" if np.isfinite(info["mapped"]) else
-              "fewer than 3 count levels in both, or a map that does not increase: validation threshold kept")
+    if not np.isfinite(info["mapped"]):
+        reason = "fewer than 3 count levels finite in both, or a map that does not increase: validation threshold kept"
+        log.warning("cohort %s: %s", cohort, reason)
+    elif thr == base:
+        reason = "mapped above the validation threshold: kept (mode lower)" if mode == "lower" else "mapped"
+    elif thr == floor and info["mapped"] < floor:
+        reason = f"mapped below infer.candidate_floor ({floor:g}): the floor"
+    else:
+        reason = "mapped"
     return {**out, "threshold": float(thr), "adapted": bool(thr != base), "reason": reason, **info, **counts}

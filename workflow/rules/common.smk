@@ -125,9 +125,22 @@ def background_path(cohort, subject, source):
     return sub_path(cohort, subject, f"model-{source}_background.tsv", f"work/sub-{subject}")
 
 
-def adapts_threshold():
-    """config infer.adapt_threshold is on: finalise and evaluation read the cohort's threshold file."""
-    return config["infer"]["adapt_threshold"] != "off"
+def adapts_threshold(cohort):
+    """The cohort's threshold can adapt (config infer.adapt_threshold on, infer.threshold `validation`,
+    at least infer.adapt_min_subjects subjects): finalise, evaluation and report read its threshold file.
+    Otherwise no cohort-wide step: each subject is finalised on its own, with the validation threshold."""
+    infer = config["infer"]
+    return (infer["adapt_threshold"] not in (False, None, "off") and infer["threshold"] == "validation"
+            and len(subjects(cohort)) >= int(infer["adapt_min_subjects"]))
+
+
+def cohort_backgrounds(cohort):
+    """Background score files of a cohort's subjects for rule cohort_threshold; with
+    evaluate.allow_missing only those that exist (a failed subject does not block the others)."""
+    files = [background_path(cohort, s, slug(config["detector"]["variant"])) for s in subjects(cohort)]
+    if config["evaluate"]["allow_missing"]:
+        files = [f for f in files if os.path.exists(f)]
+    return files
 
 
 def cohort_threshold_path(cohort):

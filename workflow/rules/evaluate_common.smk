@@ -61,7 +61,7 @@ def evaluate_inputs(wildcards):
     if config["evaluate"]["allow_missing"]:
         files = [f for f in files if os.path.exists(f)]
     inputs = {"files": files, "card": detector_card()}
-    if adapts_threshold():
+    if adapts_threshold(wildcards.cohort):
         inputs["cohort_threshold"] = cohort_threshold_path(wildcards.cohort)
     if uses_frst():
         inputs["frst"] = rules.tune_baseline.output.params

@@ -92,8 +92,7 @@ rule cohort_threshold:
     # The operating threshold of one cohort: the validation threshold of the configured detector,
     # moved to the cohort's background scores with infer.adapt_threshold (microbleed.train.cohort_threshold).
     input:
-        background=lambda wc: [background_path(wc.cohort, s, slug(config["detector"]["variant"]))
-                               for s in subjects(wc.cohort)],
+        background=lambda wc: cohort_backgrounds(wc.cohort),
         card=os.path.join(detector_dir(), "card.json"),
     output:
         threshold=cohort_threshold_path("{cohort}"),
@@ -122,7 +121,7 @@ rule finalise:
         swi=sub_path("{cohort}", "{subject}", "desc-preproc_swi.nii.gz", "preproc/sub-{subject}"),
         phase=sub_path("{cohort}", "{subject}", "desc-preproc_phase.nii.gz", "preproc/sub-{subject}"),
         card=os.path.join(detector_dir(), "card.json"),
-        cohort_threshold=lambda wc: cohort_threshold_path(wc.cohort) if adapts_threshold() else [],
+        cohort_threshold=lambda wc: cohort_threshold_path(wc.cohort) if adapts_threshold(wc.cohort) else [],
         mars=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.nii.gz", "labels")
                          if has_file(wc.cohort, wc.subject, "aseg") else []),
         mars_tsv=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.tsv", "labels")

@@ -13,7 +13,7 @@ rule report:
         froc_png=rules.evaluate_cohort.output.froc_png,
         pr_png=rules.evaluate_cohort.output.pr_png,
         models=report_models(),
-        threshold=lambda wildcards: cohort_threshold_path(wildcards.cohort) if adapts_threshold() else [],
+        threshold=lambda wildcards: cohort_threshold_path(wildcards.cohort) if adapts_threshold(wildcards.cohort) else [],
     output:
         html=report(f"{RESULTS}/{{cohort}}/report.html", caption="../report/report.rst",
                     category="Report", subcategory="{cohort}"),

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from typing import Any, Mapping, Sequence
 
 from microbleed.io import atomic_path, read_tsv
@@ -15,8 +16,9 @@ def main(background: Sequence[str], card: str, out_json: str, *, infer: Mapping[
     record = cohort_threshold(infer, card, scores, cohort)
     logging.info("cohort %s: operating threshold %.4f (validation %.4f, mode %s: %s)", cohort, record["threshold"],
                  record["validation_threshold"], record["mode"], record["reason"])
-    with atomic_path(out_json) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    plain = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with atomic_path(out_json) as tmp:                      # strict JSON: NaN (an unfitted map, a level
+        tmp.write_text(json.dumps(plain, indent=2, allow_nan=False) + "\n")   # not reached) as null
     return record
 
 
