@@ -399,6 +399,16 @@ def threshold_range(curve: pd.DataFrame, fp: float) -> tuple[float, float]:
 OPERATING_RULES = ("corner", "midpoint", "lowest")
 
 
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    """log(p / (1 - p)), p clipped to [1e-6, 1 - 1e-6]."""
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x: np.ndarray | float) -> float:
+    return float(1 / (1 + np.exp(-x)))
+
+
 def operating_point(high: float, low: float, rule: str = "midpoint") -> float:
     """One threshold of :func:`threshold_range`'s ``[low, high]`` by config ``infer.operating_rule``.
 
@@ -414,14 +424,7 @@ def operating_point(high: float, low: float, rule: str = "midpoint") -> float:
         return float(high)
     if rule == "lowest":
         return float(low)
-    h, lo = (float(np.clip(v, 1e-6, 1 - 1e-6)) for v in (high, low))
-    mid = (np.log(h / (1 - h)) + np.log(lo / (1 - lo))) / 2
-    return float(1 / (1 + np.exp(-mid)))
-
-
-def _logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+    return _sigmoid((_logit(high) + _logit(low)) / 2)
 
 
 def count_thresholds(scores: np.ndarray | Sequence[float], n_subjects: int,
@@ -485,7 +488,7 @@ def adapted_threshold(threshold: float, reference: Mapping[str, float], cohort: 
     a, b = np.polyfit(x, y, 1)
     if not a > 0:
         return float(threshold), info
-    mapped = float(1 / (1 + np.exp(-(a * _logit(threshold) + b))))
+    mapped = _sigmoid(a * _logit(threshold) + b)
     info.update(slope=float(a), intercept=float(b), mapped=mapped)
     return (min(float(threshold), mapped) if mode == "lower" else mapped), info
 

@@ -44,7 +44,7 @@ from .preprocess import check_detector_grid, check_normalisation, grid_spec, nor
 from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
 
 __all__ = ["split_subjects", "validation_curve", "validation_score", "train_detector", "load_detector", "operating_threshold",
-           "cohort_threshold",
+           "cohort_threshold", "read_cohort_threshold",
            "LOG_FIELDS"]
 
 log = logging.getLogger(__name__)
@@ -508,3 +508,8 @@ def cohort_threshold(infer: Mapping[str, Any], card: Mapping[str, Any] | str | o
     else:
         reason = "mapped"
     return {**out, "threshold": float(thr), "adapted": bool(thr != base), "reason": reason, **info, **counts}
+
+
+def read_cohort_threshold(path: str | os.PathLike) -> float:
+    """The threshold of a cohort's ``detector_threshold.json`` (rule ``cohort_threshold``, :func:`cohort_threshold`)."""
+    return float(json.loads(Path(path).read_text())["threshold"])

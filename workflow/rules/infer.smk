@@ -60,7 +60,7 @@ rule detect:
         if config["infer"]["skip_outside_mask"] else [],
     output:
         candidates=sub_path("{cohort}", "{subject}", "model-{variant}_candidates.tsv", "work/sub-{subject}"),
-        background=sub_path("{cohort}", "{subject}", "model-{variant}_background.tsv", "work/sub-{subject}"),
+        background=background_path("{cohort}", "{subject}", "{variant}"),
     params:
         background_floor=config["infer"]["background_floor"],
         window=config["infer"]["window"],
@@ -101,6 +101,8 @@ rule cohort_threshold:
                                                "adapt_threshold", "adapt_min_subjects")},
     log:
         log_path("cohort_threshold", "{cohort}"),
+    benchmark:
+        f"{RESULTS}/benchmarks/cohort_threshold/{{cohort}}.tsv"
     threads: 1
     resources:
         mem_mb=1000,

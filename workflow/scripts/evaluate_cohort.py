@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from microbleed.report import EvalOptions, SubjectFiles, evaluate_cohort, parse_methods, plot_froc, plot_pr, write_metrics
-from microbleed.train import operating_threshold
+from microbleed.train import operating_threshold, read_cohort_threshold
 
 TABLES = ("detection", "localization", "framework", "froc", "froc_curve", "subjects", "agreement")
 
@@ -24,7 +24,7 @@ def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[s
     ``cohort_threshold``: the cohort's threshold file (config ``infer.adapt_threshold``) instead."""
     frst_threshold = json.loads(Path(frst_params).read_text())["threshold"] if frst_params else None
     if cohort_threshold:
-        threshold = float(json.loads(Path(cohort_threshold).read_text())["threshold"])
+        threshold = read_cohort_threshold(cohort_threshold)
     else:
         threshold = operating_threshold(infer_threshold, detector_card or {}, operating_fp_avg, candidate_floor,
                                         operating_rule)

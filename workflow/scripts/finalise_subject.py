@@ -1,11 +1,10 @@
 """Rule `finalise`: candidates + BOMBS map + brain mask -> cmb.tsv, sphere mask, counts, QC montages."""
 
-import json
 import logging
 from pathlib import Path
 
 from microbleed.outputs import FinaliseInputs, FinaliseOutputs, FinaliseParams, finalise_subject
-from microbleed.train import operating_threshold
+from microbleed.train import operating_threshold, read_cohort_threshold
 
 
 def main(candidates: str, bombs: str, mask: str, swi: str, phase: str, cmb_tsv: str, cmb_mask: str,
@@ -21,7 +20,7 @@ def main(candidates: str, bombs: str, mask: str, swi: str, phase: str, cmb_tsv: 
     threshold file (rule ``cohort_threshold``, config ``infer.adapt_threshold``) instead."""
     setting = threshold
     if cohort_threshold:
-        threshold = float(json.loads(Path(cohort_threshold).read_text())["threshold"])
+        threshold = read_cohort_threshold(cohort_threshold)
         setting = f"{setting}, cohort threshold {cohort_threshold}"
     else:
         threshold = operating_threshold(setting, card or {}, operating_fp_avg, floor, operating_rule)
