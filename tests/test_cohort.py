@@ -94,3 +94,36 @@ def test_missing_inputs_are_all_named_at_once_or_skipped(tmp_path, caplog):
     assert list(kept["subject"]) == ["A1"] and "A2" in caplog.text
     with pytest.raises(InputError, match="every subject"):
         drop_missing(df[df["subject"] != "A1"], "t", skip=True)
+
+
+def test_where_keeps_one_site_of_a_bids_folder(tmp_path):
+    """`where` over participants.tsv: one cohort per scanner of a multi-site folder; a list matches
+    any of its values, numbers match their text, an absent column or an empty selection is named."""
+    for s in ("01", "02", "03", "04"):
+        (tmp_path / f"sub-{s}" / "anat").mkdir(parents=True)
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
+                  "site": ["A", "B", " A", "C"], "field": ["3", "1.5", "3.0", "3"]}).to_csv(
+        tmp_path / "participants.tsv", sep="\t", index=False)
+    assert list(cohort_table("a", {"bids": str(tmp_path), "where": {"site": "A"}})["subject"]) == ["01", "03"]
+    assert list(cohort_table("bc", {"bids": str(tmp_path), "where": {"site": ["B", "C"]}})["subject"]) == ["02", "04"]
+    assert list(cohort_table("a3", {"bids": str(tmp_path), "where": {"site": "A", "field": 3}})["subject"]) \
+        == ["01", "03"]
+    assert list(cohort_table("f", {"bids": str(tmp_path), "where": {"field": 1.5}})["subject"]) == ["02"]
+    with pytest.raises(InputError, match=r"participants.tsv.*cohort 'x'.*column 'scanner'"):
+        cohort_table("x", {"bids": str(tmp_path), "where": {"scanner": "A"}})
+    with pytest.raises(InputError, match=r"cohort 'y'.*no subject matches.*'A', 'B', 'C'"):
+        cohort_table("y", {"bids": str(tmp_path), "where": {"site": "D"}})
+    (tmp_path / "participants.tsv").unlink()
+    with pytest.raises(InputError, match="participants.tsv"):
+        cohort_table("z", {"bids": str(tmp_path), "where": {"site": "A"}})
+
+
+def test_where_on_a_subjects_table_and_not_on_a_simulated_cohort(tmp_path):
+    table = tmp_path / "subjects.tsv"
+    table.write_text("subject\tswi\tphase\tscanner\nA1\ta.nii.gz\tp.nii.gz\tprisma\n"
+                     "A2\tb.nii.gz\tq.nii.gz\taera\n")
+    df = cohort_table("t", {"subjects": str(table), "where": {"scanner": "aera"}})
+    assert list(df["subject"]) == ["A2"] and df.loc[0, "swi"] == str(tmp_path / "b.nii.gz")
+    with pytest.raises(InputError, match="simulated"):
+        cohort_table("s", {"simulate": {"seed": 1, "subjects": 2, "normal": 0, "acquisition": "demo"},
+                           "where": {"site": "A"}}, "res")

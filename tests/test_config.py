@@ -47,6 +47,7 @@ def test_defaults_are_filled():
     cfg = {"cohorts": {"a": {"bids": "/x"}}}
     validate(cfg, str(SCHEMA), set_default=True)
     assert cfg["infer"]["threshold"] == 0.5 and cfg["preprocess"]["z_slices"] == 224
+    validate({"cohorts": {"a": {"bids": "/x", "where": {"site": ["A", "B"], "field": 3}}}}, str(SCHEMA))
 
 
 @pytest.mark.parametrize("mutate, needle", [
@@ -56,6 +57,7 @@ def test_defaults_are_filled():
     (lambda c: c["cohorts"].update({"bad name": {"bids": "/x"}}), "bad name"),
     (lambda c: c["cohorts"]["demo-test"].update(bids="/x"), "demo-test"),
     (lambda c: c["preprocess"].update(phase_sign=2), "2"),
+    (lambda c: c["cohorts"]["demo-test"].update(where={"site": {"nested": 1}}), "nested"),
 ])
 def test_bad_config_is_refused_with_the_key(mutate, needle):
     cfg = copy.deepcopy(load())

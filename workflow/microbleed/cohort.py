@@ -8,6 +8,10 @@ A cohort is one of
 - ``subjects``: a TSV with columns ``subject, swi, phase[, t1, aseg, cmb, group]``
   (relative paths are relative to the TSV's folder).
 
+A ``bids`` or ``subjects`` cohort may keep only some of its subjects with ``where``
+(``{column: value or [values]}`` over ``participants.tsv`` or the subjects table's own
+columns): one folder of a multi-site study becomes one cohort per scanner.
+
 The table has one row per subject and the columns of :data:`COLUMNS`; empty
 strings mark absent optional files.
 """
@@ -25,7 +29,7 @@ from .io import InputError, read_tsv
 log = logging.getLogger(__name__)
 
 __all__ = ["COLUMNS", "SUBJECT_RE", "COHORT_RE", "simulated_root", "bids_paths",
-           "simulated_subjects", "cohort_table", "check_subject_id"]
+           "simulated_subjects", "cohort_table", "check_subject_id", "select_where"]
 
 COLUMNS = ["subject", "swi", "phase", "t1", "aseg", "cmb", "group"]
 SUBJECT_RE = re.compile(r"^[A-Za-z0-9]+$")
@@ -156,6 +160,34 @@ def drop_missing(table: pd.DataFrame, name: str, skip: bool) -> pd.DataFrame:
     return kept.reset_index(drop=True)
 
 
+def select_where(attrs: pd.DataFrame, ids: list[str], where: Mapping[str, Any], name: str,
+                 source: str | Path) -> set[str]:
+    """The subject ids among ``ids`` whose row of ``attrs`` (same order, one row per id) matches every
+    ``column: value`` of ``where`` (config ``cohorts.<name>.where``; a list of values matches any of
+    them). Values are compared as stripped text, and as numbers where both parse as one (``3`` matches
+    ``3.0``).
+
+    Raises:
+        InputError: a column ``source`` lacks, or no subject left; the message names the cohort,
+            the file and the values the column holds.
+    """
+    keep = pd.Series(True, index=attrs.index)
+    for column, wanted in where.items():
+        if column not in attrs.columns:
+            raise InputError(f"cohort {name!r}: where selects on column {column!r}, which the table "
+                             f"lacks (columns: {list(attrs.columns)})", path=source)
+        values = wanted if isinstance(wanted, (list, tuple)) else [wanted]
+        text = {str(v).strip() for v in values}
+        cells = attrs[column].astype(str).str.strip()
+        numbers = pd.to_numeric(pd.Series(sorted(text)), errors="coerce").dropna()
+        keep &= cells.isin(text) | pd.to_numeric(cells, errors="coerce").isin(numbers.tolist())
+    if not keep.any():
+        found = {c: sorted(set(attrs[c].astype(str).str.strip()))[:10] for c in where}
+        raise InputError(f"cohort {name!r}: no subject matches where {dict(where)} (values found: {found})",
+                         path=source)
+    return {sid for sid, k in zip(ids, keep) if k}
+
+
 def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "results") -> pd.DataFrame:
     """Subjects of one cohort with their input files.
 
@@ -163,7 +195,8 @@ def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "res
         DataFrame with :data:`COLUMNS`, one row per subject, in a stable order.
     Raises:
         InputError: empty cohort, duplicate subject ids, ids that are not
-            ``[A-Za-z0-9]+``, missing table columns; the message names the cohort.
+            ``[A-Za-z0-9]+``, missing table columns, a ``where`` that selects
+            nothing or names an absent column; the message names the cohort.
     """
     if not COHORT_RE.fullmatch(name):
         raise InputError(f"cohort name {name!r} is not [A-Za-z0-9_-]+")
@@ -186,4 +219,21 @@ def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "res
     dup = df["subject"][df["subject"].duplicated()].tolist()
     if dup:
         raise InputError(f"cohort {name!r} lists subject id(s) more than once: {sorted(set(dup))}")
+    if entry.get("where"):
+        if "simulate" in entry:
+            raise InputError(f"cohort {name!r}: where selects subjects of a bids or subjects cohort, "
+                             f"not of a simulated one")
+        if "bids" in entry:
+            source = Path(entry["bids"]) / "participants.tsv"
+            if not source.exists():
+                raise InputError(f"cohort {name!r}: where needs the BIDS folder's participants.tsv", path=source)
+            attrs = read_tsv(source, required=["participant_id"])
+            ids = [s[4:] if s.startswith("sub-") else s for s in attrs["participant_id"]]
+        else:
+            source = Path(entry["subjects"])
+            attrs = read_tsv(source, required=["subject"])
+            ids = list(attrs["subject"])
+        chosen = select_where(attrs, ids, entry["where"], name, source)
+        df = df[df["subject"].isin(chosen)].reset_index(drop=True)
+        log.info("cohort %r: where %s keeps %d subject(s)", name, dict(entry["where"]), len(df))
     return df
