@@ -29,6 +29,13 @@ def test_shipped_configs_are_valid(name):
     assert cfg["detector"]["loss_weights"] == {"cls": 1.0, "reg": 0.001, "con": 0.01}
 
 
+def test_allow_missing_override_is_valid_over_the_default_config():
+    from benchscripts import load_bench
+    cfg = load_bench("run_all").load_config(ROOT / "config" / "config.yaml", [ROOT / "config" / "allow-missing.yaml"])
+    validate(cfg, str(SCHEMA), set_default=True)
+    assert cfg["evaluate"]["allow_missing"] is True and cfg["evaluate"]["hit_radius_mm"] == load()["evaluate"]["hit_radius_mm"]
+
+
 def test_gpu_benchmark_has_the_papers_sizes():
     """config/benchmark-gpu.yaml (issue: a second benchmark config with the paper's crops and widths)."""
     cfg = load("benchmark-gpu.yaml")
@@ -115,3 +122,18 @@ def test_fresh_cohorts_are_new_and_valid():
         assert cfg["train_cohort"] == load("benchmark.yaml")["train_cohort"], "the fresh cohorts train nothing"
         seeds += [c["simulate"]["seed"] for c in fresh["cohorts"].values()]
     assert len(set(seeds)) == len(seeds) and not set(seeds) & used
+
+
+def test_slurm_profile_lists_every_gpu_rule():
+    """Each rule that declares gpu=1 has its own set-resources entry in the SLURM profile (where the
+    README tells users to put the GPU partition), so none is left on the CPU partition asking --gpus=1."""
+    import re
+    gpu_rules = set()
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"\n(?=rule )", smk.read_text()):
+            name = re.match(r"rule (\w+):", block)
+            if name and re.search(r"^\s+gpu=1,", block, re.M):
+                gpu_rules.add(name.group(1))
+    assert {"train_detector", "train_segmenter", "detect", "segment"} <= gpu_rules
+    profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    assert gpu_rules <= set(profile["set-resources"]), gpu_rules - set(profile["set-resources"])

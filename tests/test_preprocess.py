@@ -420,6 +420,26 @@ def test_mask_backend_and_empty_mask(tmp_path):
         P.resolve_backend("bse")
 
 
+def test_deepbet_failure_names_the_subject_and_file(tmp_path, monkeypatch):
+    """deepbet raises a bare AssertionError when it finds no head: the error names subject and file,
+    and no mask is written."""
+    import deepbet
+
+    class NoHead:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, *args, **kwargs):
+            raise AssertionError("Not enough foreground to calculate bounding box")
+
+    monkeypatch.setattr(deepbet, "BrainExtraction", NoHead)
+    data, aff, _ = head((24, 24, 12), make_affine((0, 0, 0), (2.0, 2.0, 2.0), (0, 0, 0)))
+    save_image(data, aff, tmp_path / "swi.nii.gz")
+    with pytest.raises(InputError, match=r"subject 07.*swi.nii.gz.*deepbet failed \(AssertionError: Not enough") as exc:
+        P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "m.nii.gz", backend="deepbet", subject="07")
+    assert "skull_strip: mask" in str(exc.value) and not (tmp_path / "m.nii.gz").exists()
+
+
 @pytest.mark.slow
 def test_deepbet_backend_runs_offline(tmp_path, monkeypatch):
     """deepbet on a synthetic head: bundled weights, no network (proxy set to nowhere)."""
@@ -478,3 +498,19 @@ def test_phase_sign_evidence_sees_dark_paramagnetic_spots():
     ev = P.phase_sign_evidence(swi, phase, mask, aff, inset_mm=0.0)
     assert ev < -3 and P.phase_sign_evidence(swi, -phase, mask, aff, inset_mm=0.0) == pytest.approx(-ev)
     assert P.phase_sign_evidence(swi, phase, np.zeros(shape, bool), aff) == 0.0
+
+
+def test_non_integer_phase_wider_than_unwrapped_radians_is_read_by_its_range(caplog):
+    """Philips display values (int16 0..4095 through slope 1.5346, intercept -3142: -3142..3141.98,
+    not integers) are milliradians, not radians a thousand times too large; a scaled or resampled
+    scanner range is scanner units (with a warning); other wide non-integer data are refused."""
+    philips = np.arange(4096) * 1.53455 - 3142.0
+    assert P.detect_phase_units(philips) == "milliradians"
+    assert np.abs(P.phase_to_radians(philips, "milliradians")).max() <= math.pi + 1e-3
+    with caplog.at_level("WARNING", logger="microbleed.preprocess"):
+        assert P.detect_phase_units(np.linspace(-4093.5, 4094.25, 500), subject="07", path="p.nii") == "scanner"
+    assert "non-integer" in caplog.text and "p.nii" in caplog.text
+    with pytest.raises(InputError, match=r"non-integer phase range \[-1500.3.*phase_units") as exc:
+        P.detect_phase_units(np.linspace(-1500.3, 1500.7, 500), subject="07", path="p.nii.gz")
+    assert "07" in str(exc.value)
+    assert P.detect_phase_units(np.linspace(-400.3, 450.1, 500)) == "radians"    # unwrapped, under 1000 wide

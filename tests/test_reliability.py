@@ -128,8 +128,14 @@ def _singular_affine(tmp):
     return tmp / "bad.nii.gz", "not invertible"
 
 
+def _no_orientation(tmp):
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), None), tmp / "bad.nii.gz")   # make_nii-style
+    return tmp / "bad.nii.gz", "neither a qform nor an sform"
+
+
 BAD_IMAGES = [_truncated, _gzip_garbage, _not_gzip, _empty_file, _nan, _inf, _zero, _four_d, _missing,
-              _singular_affine]
+              _singular_affine, _no_orientation]
 
 
 @pytest.mark.parametrize("make", BAD_IMAGES, ids=lambda f: f.__name__.strip("_"))
@@ -149,6 +155,22 @@ def test_constant_phase_is_refused_at_normalisation(tmp_path):
     with pytest.raises(InputError, match="constant inside the brain mask") as exc:
         _preprocess(tmp_path, _swi(tmp_path), phase, mode="filtered")
     _expect(exc, phase)
+    # the SWI normalised fine, but it is not written without its phase partner
+    assert not (tmp_path / "o_swi.nii.gz").exists() and not (tmp_path / "o_phase.nii.gz").exists()
+
+
+def test_qform_and_sform_that_disagree_warn_and_the_sform_is_used(tmp_path, caplog):
+    import nibabel as nib
+    from microbleed.io import load_volume
+    img = nib.Nifti1Image(np.ones(SHAPE, np.float32), AFF)
+    shifted = AFF.copy()
+    shifted[0, 3] += 3.0
+    img.set_qform(shifted, code=1)
+    img.set_sform(AFF, code=1)
+    nib.save(img, tmp_path / "qs.nii.gz")
+    with caplog.at_level("WARNING", logger="microbleed.io"):
+        _, aff = load_volume(tmp_path / "qs.nii.gz", SUB)
+    assert np.allclose(aff, AFF) and "disagree by up to 3.00 mm" in caplog.text and "qs.nii.gz" in caplog.text
 
 
 @pytest.mark.parametrize("what", ["shape", "affine"])

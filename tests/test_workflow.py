@@ -123,12 +123,11 @@ def finish_by_touching(args):
     smk(*args, "--touch", "--cores", "1", "--quiet")
 
 
-@pytest.mark.parametrize("min_subjects", [8, 1])
-def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path, min_subjects):
-    """A finished cohort (outputs marked complete with --touch) gains one subject: only its jobs run;
-    with a cohort threshold (3 subjects >= infer.adapt_min_subjects 1) every subject is finalised again."""
+def finished_labelled_cohort(tmp_path, ids, min_subjects=8) -> tuple[Path, list[str]]:
+    """A labelled BIDS cohort `new` of ``ids`` (labels for A1..A3) run by released models, its outputs
+    marked complete with --touch. Returns the BIDS root and the snakemake arguments."""
     bids = tmp_path / "bids"
-    write_bids(bids, ["A1", "A2"])
+    write_bids(bids, ids)
     for s in ["A1", "A2", "A3"]:
         fs = bids / "derivatives" / "freesurfer" / f"sub-{s}" / "mri"
         fs.mkdir(parents=True)
@@ -146,6 +145,14 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
     args = ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(work), "--configfile", str(cfg_path)]
     finish_by_touching(args)
     assert planned(smk(*args, "-n", "--quiet", "rules")) == {}  # finished: nothing to do
+    return bids, args
+
+
+@pytest.mark.parametrize("min_subjects", [8, 1])
+def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path, min_subjects):
+    """A finished cohort (outputs marked complete with --touch) gains one subject: only its jobs run;
+    with a cohort threshold (3 subjects >= infer.adapt_min_subjects 1) every subject is finalised again."""
+    bids, args = finished_labelled_cohort(tmp_path, ["A1", "A2"], min_subjects)
     write_bids(bids, ["A1", "A2", "A3"], regenerate=["A3"])
     plan = planned(smk(*args, "-n", "--quiet", "rules"))
     per_subject = {"skullstrip", "preprocess", "interpolate", "labels", "detect", "segment"}
@@ -157,6 +164,36 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
     assert plan.get("evaluate_cohort") == 1 and plan.get("report") == 1 and plan.get("summarise_cohort") == 1
     assert set(plan) <= per_subject | {"cohort_threshold", "finalise", "evaluate_cohort", "report",
                                        "summarise_cohort", "all"}
+
+
+def test_cohort_tables_leave_out_a_failed_subject_with_allow_missing(tmp_path):
+    """A subject whose outputs are missing (it failed) blocks the cohort tables; with
+    evaluate.allow_missing the tables are made from the others, and the script names the one left out."""
+    _, args = finished_labelled_cohort(tmp_path, ["A1", "A2", "A3"])
+    work = Path(args[args.index("--directory") + 1])
+    for path in ("sub-A2/sub-A2_cmb.tsv", "cohort_cmb.tsv", "cohort_counts.tsv"):   # A2 failed: no tables
+        (work / "results" / "new" / path).unlink()
+    target = ["results/new/cohort_cmb.tsv", "--quiet", "rules"]
+    assert planned(smk(*args, "-n", *target)).get("finalise") == 1     # A2 is made again first
+    cfg = args[args.index("--configfile") + 1]
+    plan = planned(smk(*args[:-1], cfg, str(ROOT / "config" / "allow-missing.yaml"), "-n", *target))
+    assert plan.get("summarise_cohort") == 1 and "finalise" not in plan
+
+
+def test_summarise_script_names_the_subjects_left_out(tmp_path, caplog):
+    from microbleed.io import write_tsv
+    import pandas as pd
+    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+    import summarise_cohort
+    cmb = tmp_path / "cmb.tsv"
+    write_tsv(pd.DataFrame(columns=["cmb_id", "x", "y", "z", "score", "region", "pruned"]), cmb)
+    counts = tmp_path / "counts.tsv"
+    write_tsv(pd.DataFrame({"atlas": ["bombs"], "region": ["total"], "count": [0]}), counts)
+    with caplog.at_level("WARNING"):
+        summarise_cohort.main(["A1"], [str(cmb)], [str(counts)], str(tmp_path / "c.tsv"), str(tmp_path / "n.tsv"),
+                              ["A1", "A2", "A3"])
+    assert "2 subject(s) without outputs" in caplog.text and "A2, A3" in caplog.text
+    assert (tmp_path / "n.tsv").read_text().count("A1") == 1
 
 
 def test_released_models_on_demo_external_plan_no_training(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import os
 import tempfile
 import zlib
@@ -20,6 +21,8 @@ from typing import Iterator, Sequence
 import nibabel as nib
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "InputError",
@@ -159,7 +162,31 @@ def load_image(path: str | os.PathLike, subject: str | None = None) -> nib.spati
     aff = img.affine
     if aff is None or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
         raise InputError(f"affine is not finite or not invertible:\n{aff}", subject=subject, path=p)
+    _check_orientation_header(img, subject, p)
     return img
+
+
+def _check_orientation_header(img, subject: str | None, path: Path) -> None:
+    """A NIfTI with neither a qform nor an sform (both codes 0, as MATLAB's ``make_nii`` writes) has
+    no position in the scanner: nibabel makes one up, so regions and RAS coordinates would be wrong
+    (possibly mirrored) without a word. Refused. A qform and sform that disagree by more than 0.1 mm
+    anywhere in the volume: the sform is used (as nibabel and FreeSurfer do), with a warning."""
+    header = img.header
+    if not isinstance(header, nib.nifti1.Nifti1Header):           # also Nifti2; MGH has one affine
+        return
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode == 0 and scode == 0:
+        raise InputError("NIfTI header has neither a qform nor an sform (qform_code = sform_code = 0): "
+                         "its orientation in the scanner is unknown; rewrite the file with its real "
+                         "affine (e.g. from the DICOMs with dcm2niix)", subject=subject, path=path)
+    if qcode and scode:
+        q, s = header.get_qform(), header.get_sform()
+        corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1)
+                            for k in (0, img.shape[2] - 1)]).T
+        gap = float(np.abs((q - s) @ corners).max())
+        if gap > 0.1:
+            log.warning("subject %s: %s: qform and sform disagree by up to %.2f mm in the volume; the "
+                        "sform is used", subject, path, gap)
 
 
 def load_volume(path: str | os.PathLike, subject: str | None = None, *, dtype=np.float32,

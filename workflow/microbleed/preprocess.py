@@ -190,7 +190,11 @@ def skull_strip(swi_path, out_mask, *, t1_path=None, backend: str = "auto", mask
         if backend == "fsl":
             mask = bet_mask(src_path, frac, subject)
         else:
-            mask = deepbet_mask(nib.Nifti1Image(src, src_aff), threads)
+            try:
+                mask = deepbet_mask(nib.Nifti1Image(src, src_aff), threads)
+            except Exception as exc:   # e.g. deepbet's bare AssertionError when it finds no head
+                raise InputError(f"deepbet failed ({type(exc).__name__}: {exc}); check the image, or give "
+                                 "a mask (preprocess.skull_strip: mask)", subject=subject, path=src_path) from exc
     log.info("subject %s: %s mask from %s (%d voxels)", subject, backend,
              mask_path if backend == "mask" else src_path, int(mask.sum()))
     on_swi = resample_to_grid(mask.astype(np.uint8), src_aff, swi.shape, swi_aff, order=0) > 0
@@ -204,6 +208,7 @@ def skull_strip(swi_path, out_mask, *, t1_path=None, backend: str = "auto", mask
 #: Integer scanner levels must fill at least this share of their power-of-two range (wrapped phase
 #: covers the whole circle); milliradians (-3142..3142) fill ~77 % of -4096..4096 and are told apart.
 SCANNER_MIN_FILL = 0.9
+UNWRAPPED_MAX_EXTENT = 1000.0   # radians: wider non-integer phase is read as scanner units or milliradians
 
 
 def _pow2(x: float) -> int:
@@ -241,7 +246,11 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
     - other integer data: refused, since no scale can be read from them, unless ``filtered``
       (already high-pass filtered phase need not span the circle, and its scale does not matter:
       only its sign is used and it is min-max normalised): then ``scanner``, with a warning;
-    - non-integer data beyond ``2 pi``: unwrapped ``radians`` (with a warning).
+    - non-integer data spanning ``2 pi`` .. ``UNWRAPPED_MAX_EXTENT`` (1000): unwrapped ``radians``
+      (with a warning);
+    - wider non-integer data: the integer rules above (Philips display values through a scale
+      slope, ``-3142..3141.98``, are ``milliradians``; a filled power-of-two range is ``scanner``,
+      with a warning), else refused.
 
     ``radians``/``scanner``/``milliradians`` are returned as given.
 
@@ -263,23 +272,29 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
                          "are not supported: convert to radians, or set preprocess.phase_units "
                          "(radians|scanner|milliradians) if the values are in those units",
                          subject=subject, path=path)
-    if bool(np.all(np.abs(finite - np.round(finite)) < 1e-3)):
-        if _scanner_fill(lo, hi) >= SCANNER_MIN_FILL:
-            return "scanner"
-        if max(-lo, hi) <= 1000 * math.pi + 1 and extent >= SCANNER_MIN_FILL * 2000 * math.pi:
-            return "milliradians"
-        if filtered:
-            log.warning("subject %s: %s: filtered integer phase [%g, %g] of unknown scale taken as scanner "
-                        "units (the scale of filtered phase does not change its normalised image)",
-                        subject, path, lo, hi)
-            return "scanner"
-        raise InputError(f"integer phase range [{lo:g}, {hi:g}] fills {100 * _scanner_fill(lo, hi):.0f} % of "
-                         "its power-of-two range and is not milliradians (-3142..3142): the scale of these "
-                         "values cannot be told; set preprocess.phase_units (scanner|milliradians|radians)",
-                         subject=subject, path=path)
-    log.warning("subject %s: %s: phase range [%g, %g] exceeds 2*pi and is not integer: "
-                "taken as (unwrapped) radians", subject, path, lo, hi)
-    return "radians"
+    integer = bool(np.all(np.abs(finite - np.round(finite)) < 1e-3))
+    if not integer and extent <= UNWRAPPED_MAX_EXTENT:
+        log.warning("subject %s: %s: phase range [%g, %g] exceeds 2*pi and is not integer: "
+                    "taken as (unwrapped) radians", subject, path, lo, hi)
+        return "radians"
+    kind = "integer" if integer else "non-integer"
+    if _scanner_fill(lo, hi) >= SCANNER_MIN_FILL:
+        if not integer:
+            log.warning("subject %s: %s: non-integer phase [%g, %g] fills a power-of-two range: taken as "
+                        "scanner units (scaled or resampled?)", subject, path, lo, hi)
+        return "scanner"
+    if max(-lo, hi) <= 1000 * math.pi + 1 and extent >= SCANNER_MIN_FILL * 2000 * math.pi:
+        return "milliradians"       # integer (GE) or not (Philips display values through a scale slope)
+    if filtered:
+        log.warning("subject %s: %s: filtered %s phase [%g, %g] of unknown scale taken as scanner "
+                    "units (the scale of filtered phase does not change its normalised image)",
+                    subject, path, kind, lo, hi)
+        return "scanner"
+    raise InputError(f"{kind} phase range [{lo:g}, {hi:g}] fills {100 * _scanner_fill(lo, hi):.0f} % of "
+                     "its power-of-two range, is not milliradians (-3142..3142)"
+                     + ("" if integer else f" and spans more than unwrapped radians do ({UNWRAPPED_MAX_EXTENT:g})")
+                     + ": the scale of these values cannot be told; set preprocess.phase_units "
+                     "(scanner|milliradians|radians)", subject=subject, path=path)
 
 
 def phase_to_radians(phase: np.ndarray, units: str, *, subject: str | None = None, path=None) -> np.ndarray:
@@ -584,8 +599,9 @@ def preprocess_swi_phase(swi_path, phase_path, mask_path, out_swi, out_phase, *,
              subject, units, phase_mode, sign, phase_sign, evidence)
     anchor = anchor_mask(mask, voxel_sizes(aff), anchor_erode_mm, subject=subject, path=mask_path)
     tag = normalisation_descrip({"percentiles": percentiles, "anchor_erode_mm": anchor_erode_mm})
-    for data, src, out in ((swi, swi_path, out_swi), (rad, phase_path, out_phase)):
-        norm = robust_minmax(data, mask, percentiles, anchor=anchor, subject=subject, path=src)
+    normed = [(robust_minmax(data, mask, percentiles, anchor=anchor, subject=subject, path=src), out)
+              for data, src, out in ((swi, swi_path, out_swi), (rad, phase_path, out_phase))]
+    for norm, out in normed:        # both computed first: a refused phase leaves no SWI without it
         save_image(norm, aff, out, dtype=np.float32, descrip=tag)
     return Path(out_swi), Path(out_phase)
 

@@ -143,6 +143,18 @@ def cohort_backgrounds(cohort):
     return files
 
 
+def summarised_subjects(cohort):
+    """Subjects of the cohort tables (summarise_cohort): all of the cohort's; with
+    evaluate.allow_missing only those whose cmb.tsv and counts.tsv exist (a failed subject does not
+    block the tables), unless none does yet (then all, so the tables wait for them)."""
+    every = subjects(cohort)
+    if not config["evaluate"]["allow_missing"]:
+        return every
+    done = [s for s in every
+            if all(os.path.exists(sub_path(cohort, s, name)) for name in ("cmb.tsv", "counts.tsv"))]
+    return done or every
+
+
 def cohort_threshold_path(cohort):
     """The operating threshold of a cohort (rule cohort_threshold)."""
     return f"{RESULTS}/{cohort}/work/detector_threshold.json"

@@ -3,7 +3,7 @@
 #
 # Missing subjects: by default every expected per-subject file is an input, so
 # the DAG builds them all. After a `--keep-going` run in which some subjects
-# failed, rerun with `--config evaluate.allow_missing=true`: the inputs are then
+# failed, rerun with `--configfile config/allow-missing.yaml`: the inputs are then
 # only the files that exist, and the script lists every subject with a missing
 # file as excluded (with the file) instead of failing the cohort.
 

@@ -37,13 +37,16 @@ rule report:
 
 rule summarise_cohort:
     input:
-        cmb_tsv=lambda wildcards: [sub_path(wildcards.cohort, s, "cmb.tsv") for s in subjects(wildcards.cohort)],
-        counts=lambda wildcards: [sub_path(wildcards.cohort, s, "counts.tsv") for s in subjects(wildcards.cohort)],
+        cmb_tsv=lambda wildcards: [sub_path(wildcards.cohort, s, "cmb.tsv")
+                                   for s in summarised_subjects(wildcards.cohort)],
+        counts=lambda wildcards: [sub_path(wildcards.cohort, s, "counts.tsv")
+                                  for s in summarised_subjects(wildcards.cohort)],
     output:
         cmb=f"{RESULTS}/{{cohort}}/cohort_cmb.tsv",
         counts=f"{RESULTS}/{{cohort}}/cohort_counts.tsv",
     params:
-        subjects=lambda wildcards: subjects(wildcards.cohort),
+        subjects=lambda wildcards: summarised_subjects(wildcards.cohort),
+        cohort_subjects=lambda wildcards: subjects(wildcards.cohort),
     log:
         log_path("summarise_cohort", "{cohort}"),
     benchmark:
