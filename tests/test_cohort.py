@@ -127,3 +127,37 @@ def test_where_on_a_subjects_table_and_not_on_a_simulated_cohort(tmp_path):
     with pytest.raises(InputError, match="simulated"):
         cohort_table("s", {"simulate": {"seed": 1, "subjects": 2, "normal": 0, "acquisition": "demo"},
                            "where": {"site": "A"}}, "res")
+
+
+def test_bids_uncompressed_nii_and_sessions(tmp_path):
+    """Valid BIDS that is common in practice: `.nii` files, and `ses-*` folders (one cohort per
+    session with `session`; without it a subject with sessions only is refused with the fix named)."""
+    from microbleed.cohort import drop_missing
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    for kind in ("swi", "part-phase_swi"):
+        (anat / f"sub-01_{kind}.nii").write_bytes(b"x")
+    df = drop_missing(cohort_table("n", {"bids": str(tmp_path)}), "n", skip=False)
+    assert df.loc[0, "swi"] == str(anat / "sub-01_swi.nii") and df.loc[0, "phase"].endswith("phase_swi.nii")
+
+    for ses in ("base", "fu"):
+        anat = tmp_path / "sub-02" / f"ses-{ses}" / "anat"
+        anat.mkdir(parents=True)
+        for kind in ("swi", "part-phase_swi"):
+            (anat / f"sub-02_ses-{ses}_{kind}.nii.gz").write_bytes(b"x")
+    cmb = tmp_path / "derivatives" / "cmb" / "sub-02" / "ses-fu" / "sub-02_ses-fu_cmb.tsv"
+    cmb.parent.mkdir(parents=True)
+    cmb.write_text("x\ty\tz\n")
+    aseg = tmp_path / "derivatives" / "freesurfer" / "sub-02_ses-fu" / "mri" / "aseg.mgz"
+    aseg.parent.mkdir(parents=True)
+    aseg.write_bytes(b"x")
+    with pytest.raises(InputError, match=r"sub-02 has sessions \['base', 'fu'\].*cohorts.s.session"):
+        cohort_table("s", {"bids": str(tmp_path)})
+    fu = cohort_table("fu", {"bids": str(tmp_path), "session": "fu"}).set_index("subject")
+    assert fu.loc["02", "swi"] == str(tmp_path / "sub-02" / "ses-fu" / "anat" / "sub-02_ses-fu_swi.nii.gz")
+    assert fu.loc["02", "cmb"] == str(cmb) and fu.loc["02", "aseg"] == str(aseg)
+    assert cohort_table("b", {"bids": str(tmp_path), "session": "base"}).set_index("subject").loc["02", "cmb"] == ""
+    with pytest.raises(InputError, match="1 input file|2 input file"):      # sub-01 has no session fu
+        drop_missing(cohort_table("fu", {"bids": str(tmp_path), "session": "fu"}), "fu", skip=False)
+    with pytest.raises(InputError, match="session '../x'"):
+        cohort_table("x", {"bids": str(tmp_path), "session": "../x"})
