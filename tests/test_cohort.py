@@ -161,3 +161,19 @@ def test_bids_uncompressed_nii_and_sessions(tmp_path):
         drop_missing(cohort_table("fu", {"bids": str(tmp_path), "session": "fu"}), "fu", skip=False)
     with pytest.raises(InputError, match="session '../x'"):
         cohort_table("x", {"bids": str(tmp_path), "session": "../x"})
+
+
+def test_where_is_applied_before_the_left_out_subjects_are_checked(tmp_path):
+    """A subject `where` leaves out is not read: its sessions-only folder or bad id stop nothing."""
+    (tmp_path / "sub-01" / "anat").mkdir(parents=True)
+    (tmp_path / "sub-02" / "ses-a" / "anat").mkdir(parents=True)
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-0_3"], "site": ["A", "B", "B"]}).to_csv(
+        tmp_path / "participants.tsv", sep="\t", index=False)
+    assert list(cohort_table("a", {"bids": str(tmp_path), "where": {"site": "A"}})["subject"]) == ["01"]
+    with pytest.raises(InputError, match="sub-02 has sessions"):            # the ones it keeps are checked
+        cohort_table("b", {"bids": str(tmp_path), "where": {"site": "B"}})
+    table = tmp_path / "subjects.tsv"
+    table.write_text("subject\tswi\tphase\tsite\nA1\ta.nii.gz\tp.nii.gz\tA\nB_1\tb.nii.gz\tq.nii.gz\tB\n")
+    assert list(cohort_table("t", {"subjects": str(table), "where": {"site": "A"}})["subject"]) == ["A1"]
+    with pytest.raises(InputError, match="session selects a session of a bids cohort only"):
+        cohort_table("t", {"subjects": str(table), "session": "fu"})

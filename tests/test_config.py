@@ -132,7 +132,7 @@ def test_slurm_profile_lists_every_gpu_rule():
     for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
         for block in re.split(r"\n(?=rule )", smk.read_text()):
             name = re.match(r"rule (\w+):", block)
-            if name and re.search(r"^\s+gpu=1,", block, re.M):
+            if name and re.search(r"^\s+gpu\s*=\s*1\b", block, re.M):
                 gpu_rules.add(name.group(1))
     assert {"train_detector", "train_segmenter", "detect", "segment"} <= gpu_rules
     profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())

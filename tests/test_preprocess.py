@@ -513,4 +513,8 @@ def test_non_integer_phase_wider_than_unwrapped_radians_is_read_by_its_range(cap
     with pytest.raises(InputError, match=r"non-integer phase range \[-1500.3.*phase_units") as exc:
         P.detect_phase_units(np.linspace(-1500.3, 1500.7, 500), subject="07", path="p.nii.gz")
     assert "07" in str(exc.value)
-    assert P.detect_phase_units(np.linspace(-400.3, 450.1, 500)) == "radians"    # unwrapped, under 1000 wide
+    assert P.detect_phase_units(np.linspace(-400.3, 450.1, 500)) == "radians"    # unwrapped, under 2000 wide
+    # whole-FOV unwrapped radians (7 T, long TE) that happen to fill a small power-of-two range
+    assert P.detect_phase_units(np.linspace(-505.2, 510.7, 500)) == "radians"
+    assert P.detect_phase_units(np.linspace(0.4, 1020.3, 500)) == "radians"
+    assert P.detect_phase_units(np.linspace(0.3, 2046.6, 500)) == "scanner"      # 11-bit unsigned, scaled

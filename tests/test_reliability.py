@@ -159,6 +159,28 @@ def test_constant_phase_is_refused_at_normalisation(tmp_path):
     assert not (tmp_path / "o_swi.nii.gz").exists() and not (tmp_path / "o_phase.nii.gz").exists()
 
 
+def test_invalid_qform_and_sheared_affines_load_quietly_with_the_sform(tmp_path, caplog):
+    """An invalid qform quaternion is warned about, not a crash; an image save_image wrote with a
+    sheared affine (which a qform cannot hold) reads back without a qform/sform warning."""
+    import nibabel as nib
+    from microbleed.io import load_volume, save_image
+    img = nib.Nifti1Image(np.ones(SHAPE, np.float32), AFF)
+    img.set_qform(AFF, code=1)
+    img.set_sform(AFF, code=1)
+    img.header["quatern_b"], img.header["quatern_c"], img.header["quatern_d"] = 0.9, 0.9, 0.9   # |bcd| > 1
+    nib.save(img, tmp_path / "badq.nii.gz")
+    with caplog.at_level("WARNING", logger="microbleed.io"):
+        _, aff = load_volume(tmp_path / "badq.nii.gz", SUB)
+    assert np.allclose(aff, AFF) and "qform is invalid" in caplog.text
+    caplog.clear()
+    sheared = AFF.copy()
+    sheared[0, 1] = 0.3
+    save_image(np.ones(SHAPE, np.float32), sheared, tmp_path / "shear.nii.gz")
+    with caplog.at_level("WARNING", logger="microbleed.io"):
+        _, aff = load_volume(tmp_path / "shear.nii.gz", SUB)
+    assert np.allclose(aff, sheared, atol=1e-5) and "disagree" not in caplog.text
+
+
 def test_qform_and_sform_that_disagree_warn_and_the_sform_is_used(tmp_path, caplog):
     import nibabel as nib
     from microbleed.io import load_volume

@@ -168,15 +168,23 @@ def test_adding_a_subject_plans_only_that_subject_and_the_cohort_tables(tmp_path
 
 def test_cohort_tables_leave_out_a_failed_subject_with_allow_missing(tmp_path):
     """A subject whose outputs are missing (it failed) blocks the cohort tables; with
-    evaluate.allow_missing the tables are made from the others, and the script names the one left out."""
+    evaluate.allow_missing the tables are made from the others, but only for a subject that was
+    attempted (it has a log): one that has not run yet is waited for."""
     _, args = finished_labelled_cohort(tmp_path, ["A1", "A2", "A3"])
     work = Path(args[args.index("--directory") + 1])
     for path in ("sub-A2/sub-A2_cmb.tsv", "cohort_cmb.tsv", "cohort_counts.tsv"):   # A2 failed: no tables
         (work / "results" / "new" / path).unlink()
+    for log in (work / "results" / "logs").glob("*/new_A2*.log"):
+        log.unlink()
     target = ["results/new/cohort_cmb.tsv", "--quiet", "rules"]
     assert planned(smk(*args, "-n", *target)).get("finalise") == 1     # A2 is made again first
     cfg = args[args.index("--configfile") + 1]
-    plan = planned(smk(*args[:-1], cfg, str(ROOT / "config" / "allow-missing.yaml"), "-n", *target))
+    allow = [*args[:-1], cfg, str(ROOT / "config" / "allow-missing.yaml"), "-n", *target]
+    assert planned(smk(*allow)).get("finalise") == 1                   # never attempted: waited for
+    failed_log = work / "results" / "logs" / "finalise" / "new_A2.log"
+    failed_log.parent.mkdir(parents=True, exist_ok=True)
+    failed_log.write_text("InputError: subject A2, file ...\n")
+    plan = planned(smk(*allow))
     assert plan.get("summarise_cohort") == 1 and "finalise" not in plan
 
 

@@ -87,7 +87,8 @@ def simulated_subjects(sim: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(f"{i + 1:03d}", "normal" if i >= n - normal else "cmb") for i in range(n)]
 
 
-def _bids_table(root: Path, name: str, session: str | None = None) -> pd.DataFrame:
+def _bids_table(root: Path, name: str, session: str | None = None, only: set[str] | None = None
+                ) -> pd.DataFrame:
     if not root.is_dir():
         raise InputError(f"cohort {name!r}: BIDS folder does not exist", path=root)
     part = root / "participants.tsv"
@@ -109,6 +110,8 @@ def _bids_table(root: Path, name: str, session: str | None = None) -> pd.DataFra
         groups = [""] * len(ids)
     rows = []
     for sid, group in zip(ids, groups):
+        if only is not None and sid not in only:
+            continue
         check_subject_id(sid, f" in cohort {name!r} ({part})")
         if session is None and not (root / f"sub-{sid}" / "anat").is_dir():
             sessions = sorted(d.name[4:] for d in (root / f"sub-{sid}").glob("ses-*") if d.is_dir())
@@ -126,8 +129,10 @@ def _bids_table(root: Path, name: str, session: str | None = None) -> pd.DataFra
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _subjects_table(path: Path, name: str) -> pd.DataFrame:
+def _subjects_table(path: Path, name: str, only: set[str] | None = None) -> pd.DataFrame:
     df = read_tsv(path, required=["subject", "swi", "phase"])
+    if only is not None:
+        df = df[df["subject"].astype(str).str.strip().isin(only)].reset_index(drop=True)
     for col in COLUMNS:
         if col not in df.columns:
             df[col] = ""
@@ -221,6 +226,9 @@ def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "res
     """
     if not COHORT_RE.fullmatch(name):
         raise InputError(f"cohort name {name!r} is not [A-Za-z0-9_-]+")
+    if entry.get("session") is not None and "bids" not in entry:
+        raise InputError(f"cohort {name!r}: session selects a session of a bids cohort only")
+    chosen = _where_ids(name, entry) if entry.get("where") else None
     if "simulate" in entry:
         root = simulated_root(name, results)
         rows = []
@@ -233,9 +241,9 @@ def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "res
         session = entry.get("session")
         if session is not None and not SUBJECT_RE.fullmatch(str(session)):
             raise InputError(f"cohort {name!r}: session {session!r} is not [A-Za-z0-9]+ (a BIDS label)")
-        df = _bids_table(Path(entry["bids"]), name, None if session is None else str(session))
+        df = _bids_table(Path(entry["bids"]), name, None if session is None else str(session), chosen)
     elif "subjects" in entry:
-        df = _subjects_table(Path(entry["subjects"]), name)
+        df = _subjects_table(Path(entry["subjects"]), name, chosen)
     else:
         raise InputError(f"cohort {name!r} needs one of simulate, bids, subjects")
     if df.empty:
@@ -243,21 +251,25 @@ def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "res
     dup = df["subject"][df["subject"].duplicated()].tolist()
     if dup:
         raise InputError(f"cohort {name!r} lists subject id(s) more than once: {sorted(set(dup))}")
-    if entry.get("where"):
-        if "simulate" in entry:
-            raise InputError(f"cohort {name!r}: where selects subjects of a bids or subjects cohort, "
-                             f"not of a simulated one")
-        if "bids" in entry:
-            source = Path(entry["bids"]) / "participants.tsv"
-            if not source.exists():
-                raise InputError(f"cohort {name!r}: where needs the BIDS folder's participants.tsv", path=source)
-            attrs = read_tsv(source, required=["participant_id"])
-            ids = [s[4:] if s.startswith("sub-") else s for s in attrs["participant_id"]]
-        else:
-            source = Path(entry["subjects"])
-            attrs = read_tsv(source, required=["subject"])
-            ids = list(attrs["subject"])
-        chosen = select_where(attrs, ids, entry["where"], name, source)
-        df = df[df["subject"].isin(chosen)].reset_index(drop=True)
+    if chosen is not None:
         log.info("cohort %r: where %s keeps %d subject(s)", name, dict(entry["where"]), len(df))
     return df
+
+
+def _where_ids(name: str, entry: Mapping[str, Any]) -> set[str]:
+    """The subject ids a cohort's ``where`` keeps (:func:`select_where`), read before the cohort's
+    table is built, so that subjects it leaves out are not checked (ids, sessions)."""
+    if "simulate" in entry:
+        raise InputError(f"cohort {name!r}: where selects subjects of a bids or subjects cohort, "
+                         f"not of a simulated one")
+    if "bids" in entry:
+        source = Path(entry["bids"]) / "participants.tsv"
+        if not source.exists():
+            raise InputError(f"cohort {name!r}: where needs the BIDS folder's participants.tsv", path=source)
+        attrs = read_tsv(source, required=["participant_id"])
+        ids = [s[4:] if s.startswith("sub-") else s for s in attrs["participant_id"]]
+    else:
+        source = Path(entry["subjects"])
+        attrs = read_tsv(source, required=["subject"])
+        ids = [str(s).strip() for s in attrs["subject"]]
+    return select_where(attrs, ids, entry["where"], name, source)

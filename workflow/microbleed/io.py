@@ -118,9 +118,12 @@ def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
 
 
 def _nifti(arr: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
-    """The NIfTI-1 image :func:`save_image` writes: sform = qform = ``affine`` (code 1)."""
+    """The NIfTI-1 image :func:`save_image` writes: sform = qform = ``affine`` (code 1); a sheared
+    ``affine``, which a qform cannot hold, gets the sform only (qform code 0)."""
     img = nib.Nifti1Image(arr, np.asarray(affine, dtype=float), header=header)
     img.set_qform(np.asarray(affine, dtype=float), code=1)
+    if not np.allclose(img.get_qform(), affine, atol=1e-4):
+        img.set_qform(None, code=0)
     img.set_sform(np.asarray(affine, dtype=float), code=1)
     img.header.set_data_dtype(arr.dtype)
     return img
@@ -180,7 +183,12 @@ def _check_orientation_header(img, subject: str | None, path: Path) -> None:
                          "its orientation in the scanner is unknown; rewrite the file with its real "
                          "affine (e.g. from the DICOMs with dcm2niix)", subject=subject, path=path)
     if qcode and scode:
-        q, s = header.get_qform(), header.get_sform()
+        try:
+            q = header.get_qform()
+        except ValueError as exc:             # an invalid quaternion: nibabel refuses the qform
+            log.warning("subject %s: %s: the qform is invalid (%s); the sform is used", subject, path, exc)
+            return
+        s = header.get_sform()
         corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1)
                             for k in (0, img.shape[2] - 1)]).T
         gap = float(np.abs((q - s) @ corners).max())

@@ -192,7 +192,7 @@ def skull_strip(swi_path, out_mask, *, t1_path=None, backend: str = "auto", mask
         else:
             try:
                 mask = deepbet_mask(nib.Nifti1Image(src, src_aff), threads)
-            except Exception as exc:   # e.g. deepbet's bare AssertionError when it finds no head
+            except (AssertionError, ValueError, IndexError) as exc:   # deepbet's bare assert: no head found
                 raise InputError(f"deepbet failed ({type(exc).__name__}: {exc}); check the image, or give "
                                  "a mask (preprocess.skull_strip: mask)", subject=subject, path=src_path) from exc
     log.info("subject %s: %s mask from %s (%d voxels)", subject, backend,
@@ -208,7 +208,7 @@ def skull_strip(swi_path, out_mask, *, t1_path=None, backend: str = "auto", mask
 #: Integer scanner levels must fill at least this share of their power-of-two range (wrapped phase
 #: covers the whole circle); milliradians (-3142..3142) fill ~77 % of -4096..4096 and are told apart.
 SCANNER_MIN_FILL = 0.9
-UNWRAPPED_MAX_EXTENT = 1000.0   # radians: wider non-integer phase is read as scanner units or milliradians
+UNWRAPPED_MAX_EXTENT = 2000.0   # radians: wider non-integer phase is read as scanner units or milliradians
 
 
 def _pow2(x: float) -> int:
@@ -246,11 +246,11 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
     - other integer data: refused, since no scale can be read from them, unless ``filtered``
       (already high-pass filtered phase need not span the circle, and its scale does not matter:
       only its sign is used and it is min-max normalised): then ``scanner``, with a warning;
-    - non-integer data spanning ``2 pi`` .. ``UNWRAPPED_MAX_EXTENT`` (1000): unwrapped ``radians``
+    - non-integer data spanning ``2 pi`` .. ``UNWRAPPED_MAX_EXTENT`` (2000): unwrapped ``radians``
       (with a warning);
     - wider non-integer data: the integer rules above (Philips display values through a scale
-      slope, ``-3142..3141.98``, are ``milliradians``; a filled power-of-two range is ``scanner``,
-      with a warning), else refused.
+      slope, ``-3142..3141.98``, are ``milliradians``; a filled power-of-two range of at least 11
+      bits is ``scanner``, with a warning), else refused.
 
     ``radians``/``scanner``/``milliradians`` are returned as given.
 
@@ -278,7 +278,7 @@ def detect_phase_units(phase: np.ndarray, units: str = "auto", *, subject: str |
                     "taken as (unwrapped) radians", subject, path, lo, hi)
         return "radians"
     kind = "integer" if integer else "non-integer"
-    if _scanner_fill(lo, hi) >= SCANNER_MIN_FILL:
+    if _scanner_fill(lo, hi) >= SCANNER_MIN_FILL and (integer or _scanner_span(lo, hi)[1] >= 2048):
         if not integer:
             log.warning("subject %s: %s: non-integer phase [%g, %g] fills a power-of-two range: taken as "
                         "scanner units (scaled or resampled?)", subject, path, lo, hi)

@@ -1,5 +1,6 @@
 # Config and subject-table validation, cohort tables, path helpers and input
 # functions. Validation runs once, before any job.
+import glob
 import json
 import os
 from pathlib import Path
@@ -134,25 +135,34 @@ def adapts_threshold(cohort):
             and len(subjects(cohort)) >= int(infer["adapt_min_subjects"]))
 
 
+def attempted(cohort, subject):
+    """Some job of an earlier run logged this subject (results/logs/<rule>/<cohort>_<subject>[_*].log):
+    with evaluate.allow_missing, a subject whose outputs are missing is left out only then (it
+    failed), not when it simply has not run yet (a subject just added)."""
+    stem = f"{LOGS}/*/{cohort}_{subject}"
+    return bool(glob.glob(f"{stem}.log") or glob.glob(f"{stem}_*.log"))
+
+
+def failed_or_present(cohort, subject, path):
+    """``path`` is an input of a cohort-level job: it exists, or (without evaluate.allow_missing, or
+    for a subject that has not been attempted yet) the job waits for it."""
+    return (os.path.exists(path) or not config["evaluate"]["allow_missing"]
+            or not attempted(cohort, subject))
+
+
 def cohort_backgrounds(cohort):
     """Background score files of a cohort's subjects for rule cohort_threshold; with
-    evaluate.allow_missing only those that exist (a failed subject does not block the others)."""
-    files = [background_path(cohort, s, slug(config["detector"]["variant"])) for s in subjects(cohort)]
-    if config["evaluate"]["allow_missing"]:
-        files = [f for f in files if os.path.exists(f)]
-    return files
+    evaluate.allow_missing a failed subject's is left out (it does not block the others)."""
+    variant = slug(config["detector"]["variant"])
+    return [f for s in subjects(cohort) for f in [background_path(cohort, s, variant)]
+            if failed_or_present(cohort, s, f)]
 
 
 def summarised_subjects(cohort):
     """Subjects of the cohort tables (summarise_cohort): all of the cohort's; with
-    evaluate.allow_missing only those whose cmb.tsv and counts.tsv exist (a failed subject does not
-    block the tables), unless none does yet (then all, so the tables wait for them)."""
-    every = subjects(cohort)
-    if not config["evaluate"]["allow_missing"]:
-        return every
-    done = [s for s in every
-            if all(os.path.exists(sub_path(cohort, s, name)) for name in ("cmb.tsv", "counts.tsv"))]
-    return done or every
+    evaluate.allow_missing a failed subject (attempted, without cmb.tsv or counts.tsv) is left out."""
+    return [s for s in subjects(cohort)
+            if all(failed_or_present(cohort, s, sub_path(cohort, s, name)) for name in ("cmb.tsv", "counts.tsv"))]
 
 
 def cohort_threshold_path(cohort):

@@ -56,10 +56,9 @@ def eval_subject_files(cohort):
 def evaluate_inputs(wildcards):
     files = []
     for row in eval_subject_files(wildcards.cohort):
-        files += [row[k] for k in ("labels", "cmb", "pred_dseg", "mask", "true_dseg", "swi") if row[k]]
-        files += list(row["candidates"].values()) + list(row["source_dseg"].values())
-    if config["evaluate"]["allow_missing"]:
-        files = [f for f in files if os.path.exists(f)]
+        mine = [row[k] for k in ("labels", "cmb", "pred_dseg", "mask", "true_dseg", "swi") if row[k]]
+        mine += list(row["candidates"].values()) + list(row["source_dseg"].values())
+        files += [f for f in mine if failed_or_present(wildcards.cohort, row["subject"], f)]
     inputs = {"files": files, "card": detector_card()}
     if adapts_threshold(wildcards.cohort):
         inputs["cohort_threshold"] = cohort_threshold_path(wildcards.cohort)
