@@ -238,10 +238,12 @@ def test_sample_region_looks_around_a_none_centre():
     bombs[:10] = 1
     bombs[15:] = 3
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
-    pts = np.array([[11.0, 5.0, 8.0], [12.6, 5.0, 8.0], [3.0, 5.0, 8.0]])  # voxels 11 and 13: 2 mm from tissue
+    pts = np.array([[11.0, 5.0, 8.0], [12.6, 5.0, 8.0], [3.0, 5.0, 8.0]])  # 2.0 and 2.4 mm from tissue
     np.testing.assert_array_equal(sample_region(bombs, aff, pts, 0.0), [0, 0, 1])   # the paper's centre rule
     np.testing.assert_array_equal(sample_region(bombs, aff, pts, 1.5), [0, 0, 1])
-    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 2.0), [1, 3, 1])
+    # the ball is measured from the point, not from its nearest voxel (13, which is 2.0 mm from i = 15)
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 2.0), [1, 0, 1])
+    np.testing.assert_array_equal(sample_region(bombs, aff, pts, 2.5), [1, 3, 1])
 
 
 def test_sample_region_ball_majority_decides_none():
@@ -375,3 +377,33 @@ def test_fill_spots_fills_small_voids_and_keeps_the_venous_tree():
     assert np.array_equal(out != before, lesion | spot)
     assert np.array_equal(out, fill_spots(swi, aff, mask, 0.6))
     assert np.array_equal(fill_spots(swi, aff, mask, 0.6, max_volume_mm3=10.0)[lesion], before[lesion])
+
+
+def test_region_votes_are_counted_around_the_point_itself_not_its_nearest_voxel():
+    """The ball of a region vote is centred on the candidate's RAS position: on 0.5 x 0.5 x 2 mm
+    voxels (LIA-like, rotated) the votes equal a brute-force count over every voxel centre within
+    the radius of the point, and the `none` share grows smoothly as the point moves toward `none`."""
+    from microbleed.infer import region_votes
+    from microbleed.io import voxel_to_ras
+    rng = np.random.default_rng(3)
+    shape = (40, 36, 14)
+    theta = 0.3
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([-0.5, 0.5, 2.0])
+    aff[:3, 3] = [5.0, -8.0, -12.0]
+    bombs = rng.integers(0, 4, shape)
+    centres = voxel_to_ras(np.argwhere(np.ones(shape, bool)).astype(float), aff)
+    flat = bombs.reshape(-1)
+    for _ in range(6):
+        point = voxel_to_ras(rng.uniform([8, 8, 3], [32, 28, 11]).reshape(1, 3), aff)[0]
+        near = np.linalg.norm(centres - point, axis=1) <= 6.0
+        np.testing.assert_array_equal(region_votes(bombs, aff, point, 6.0)[0], np.bincount(flat[near], minlength=4))
+    # none below slice 14.5 (in a 30-slice copy), lobar above: the share of none falls as k rises
+    layered = np.where(np.arange(30)[None, None, :] < 15, 0, 1) * np.ones((20, 20, 30), int)
+    flat_aff = np.diag([0.5, 0.5, 2.0, 1.0])
+    shares = []
+    for k in np.linspace(14.0, 15.0, 11):
+        v = region_votes(layered, flat_aff, voxel_to_ras(np.array([[10.0, 10.0, k]]), flat_aff), 6.0)[0]
+        shares.append(v[0] / v.sum())
+    assert all(a >= b for a, b in zip(shares, shares[1:])) and shares[0] > 0.6 > shares[-1] - 0.2

@@ -124,25 +124,43 @@ def test_qc_panels_are_centred_on_the_detection(ijk):
     phase = rng.uniform(0.0, 1.0, shape).astype(np.float32)
     row = {"i": float(ijk[0]), "j": float(ijk[1]), "k": float(ijk[2])}
     panels = qc_patches(swi, phase, aff, row, half_width_mm=4.0)
-    assert [(n, t) for n, t, _, _ in panels][:3] == [("SWI", "axial (i-j)"), ("SWI", "coronal (i-k)"),
-                                                     ("SWI", "sagittal (j-k)")]
+    assert [(n, t) for n, t, _, _ in panels][:3] == [("SWI", "axial (R right, A up)"), ("SWI", "coronal (R right, S up)"),
+                                                     ("SWI", "sagittal (A right, S up)")]
     for name, title, patch, (u0, u1, v0, v1) in panels[:3]:
         pu = int(np.floor(-u0 / (u1 - u0) * patch.shape[0]))         # pixel under x = 0 mm
         pv = int(np.floor(-v0 / (v1 - v0) * patch.shape[1]))
         assert patch[pu, pv] == 0.0, (title, patch.shape, (pu, pv))
         assert (patch == 0.0).sum() == 1 and u0 < 0 < u1 and v0 < 0 < v1
-        sizes = {"axial (i-j)": (0.5, 0.7), "coronal (i-k)": (0.5, 2.0), "sagittal (j-k)": (0.7, 2.0)}[title]
+        sizes = {"axial (R right, A up)": (0.5, 0.7), "coronal (R right, S up)": (0.5, 2.0),
+                 "sagittal (A right, S up)": (0.7, 2.0)}[title]
         assert (u1 - u0) / patch.shape[0] == pytest.approx(sizes[0])          # mm per pixel, not transposed
         assert (v1 - v0) / patch.shape[1] == pytest.approx(sizes[1])
 
 
-def test_qc_planes_are_named_from_the_orientation():
-    """An LIA image's array axis 1 runs I-S: its normal plane is axial, not coronal."""
-    from microbleed.outputs import QC_PLANES, qc_planes
-    assert qc_planes(np.diag([0.5, 0.7, 2.0, 1.0])) == list(QC_PLANES)
-    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
-    assert qc_planes(lia) == [(1, "axial (i-k)"), (2, "coronal (i-j)"), (0, "sagittal (j-k)")]
-
+@pytest.mark.parametrize("codes", [("L", "I", "A"), ("L", "A", "S"), ("P", "I", "R")], ids=["LIA", "LAS", "PIR"])
+def test_qc_panels_look_the_same_whatever_the_voxel_order(codes):
+    """The same head stored as LIA, LAS or PIR gives the panels of its RAS copy, pixel for pixel
+    (R right and A or S up), not the file's array planes drawn upside down, turned or mirrored."""
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform, apply_orientation
+    shape, aff = (24, 30, 12), np.diag([0.5, 0.7, 2.0, 1.0])
+    aff[:3, 3] = [-6.0, -10.0, -12.0]
+    rng = np.random.default_rng(2)
+    swi = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+    phase = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+    ijk = np.array([9.0, 17.0, 5.0])
+    ras_row = {"i": ijk[0], "j": ijk[1], "k": ijk[2]}
+    want = qc_patches(swi, phase, aff, ras_row, half_width_mm=5.0)
+    t = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(codes))
+    other = apply_orientation(swi, t), apply_orientation(phase, t)
+    other_aff = aff @ inv_ornt_aff(t, shape)
+    assert nib.aff2axcodes(other_aff) == codes
+    other_ijk = np.rint(np.linalg.solve(other_aff, aff @ np.append(ijk, 1.0))[:3])
+    got = qc_patches(*other, other_aff, dict(zip("ijk", other_ijk)), half_width_mm=5.0)
+    for (n1, t1, p1, e1), (n2, t2, p2, e2) in zip(want, got):
+        assert (n1, t1) == (n2, t2)
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_allclose(e1, e2)
 
 
 def test_cohort_summary_gathers_kept_cmbs_and_counts(tmp_path):

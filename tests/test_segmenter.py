@@ -739,3 +739,30 @@ def test_offset_confusions_follow_argmax_on_float32_ties():
                 trial[c] = v
                 np.testing.assert_array_equal(conf, segment._confusion(truth, (logp + trial[:, None]).argmax(0)),
                                               err_msg=f"offsets {trial}, class {c}")
+
+
+class _Everywhere(torch.nn.Module):
+    """A stand-in segmenter that calls every voxel `lobar` (class 1)."""
+
+    coordinates = "volume"
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        logits = torch.zeros((x.shape[0], 4, *x.shape[2:]), dtype=x.dtype)
+        logits[:, 1] = 5.0
+        return logits + 0 * self.dummy
+
+
+def test_segment_image_on_a_coarser_network_grid_keeps_the_edges():
+    """An SWI of finer voxels than the model's grid (0.6x0.6x1.2 mm against 1.5 mm): the map is
+    resampled back over the whole slab, so its first and last slices are not made `none`."""
+    from microbleed.segment import segment_image
+    image = np.random.default_rng(0).random((20, 22, 30)).astype(np.float32)
+    affine = np.diag([-0.6, 0.6, 1.2, 1.0])           # LAS, finer than the network grid
+    labels = segment_image(_Everywhere(), image, affine, spacing_mm=[1.5, 1.5, 1.5], window=(16, 16, 16),
+                           sw_batch_size=1)
+    assert labels.shape == image.shape
+    assert (labels == 1).all(), f"none at {np.argwhere(labels != 1)[:5].tolist()}"

@@ -69,7 +69,7 @@ from .nets.detector import STRIDE
 
 __all__ = [
     "TilePlan", "plan_tiles", "tiles_to_run", "detect_volume", "detect_volume_monai", "fuse_views", "peak_candidates",
-    "default_nms_radius", "nms_ras", "dark_map", "dark_bridged", "candidates_table", "ball_offsets", "dark_voxels", "fill_voids", "fill_spots", "prune",
+    "default_nms_radius", "nms_ras", "dark_map", "dark_bridged", "candidates_table", "ball_offsets", "BallVoxels", "dark_voxels", "fill_voids", "fill_spots", "prune",
     "DetectParams", "detect_subject", "read_candidates", "load_labels",
     "BOMBS_NAMES", "CANDIDATE_COLUMNS", "CMB_COLUMNS",
 ]
@@ -503,6 +503,31 @@ def ball_offsets(affine: np.ndarray, radius_mm: float, inner_radius_mm: float = 
     return offsets[keep], dist[keep]
 
 
+class BallVoxels:
+    """The voxels of a grid whose centres lie in the ball (or shell from ``inner_radius_mm``) of
+    ``radius_mm`` around a RAS mm point, measured in mm through the affine from the point itself
+    (not from its nearest voxel: on 2 mm slices that would move the ball by up to 1 mm, and a vote
+    would depend on where the point falls inside its voxel). Off-grid voxels are left out.
+
+    Example: ``BallVoxels(affine, shape, 6.0)(point)`` -> ``(K, 3)`` int voxel indices.
+    """
+
+    def __init__(self, affine: np.ndarray, shape: Sequence[int], radius_mm: float, inner_radius_mm: float = 0.0):
+        self.affine = np.asarray(affine, dtype=float)
+        self.shape = np.asarray(shape[:3])
+        self.radius, self.inner = float(radius_mm), float(inner_radius_mm)
+        reach = np.ceil(self.radius / voxel_sizes(self.affine)).astype(int) + 1
+        self.grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"),
+                             -1).reshape(-1, 3)
+
+    def __call__(self, point_ras: np.ndarray) -> np.ndarray:
+        v = ras_to_voxel(np.asarray(point_ras, dtype=float).reshape(1, 3), self.affine).reshape(3)
+        ijk = np.floor(v).astype(int) + self.grid
+        dist = np.linalg.norm((ijk - v) @ self.affine[:3, :3].T, axis=1)
+        keep = (dist <= self.radius) & (dist >= self.inner) & np.all((ijk >= 0) & (ijk < self.shape), axis=1)
+        return ijk[keep]
+
+
 def sample_region(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius_mm: float = 0.0,
                   none_fraction: float = 1.0, inner_radius_mm: float = 0.0,
                   exclude: np.ndarray | None = None) -> np.ndarray:
@@ -551,11 +576,10 @@ def region_votes(bombs: np.ndarray, affine: np.ndarray, ras: np.ndarray, radius_
     grid do not vote, nor those of ``exclude`` unless every voxel of the ball is excluded."""
     data = np.asarray(bombs).astype(np.int64)
     ras = np.asarray(ras, dtype=float).reshape(-1, 3)
-    offsets, _ = ball_offsets(affine, radius_mm, inner_radius_mm)
+    ball = BallVoxels(affine, data.shape, radius_mm, inner_radius_mm)
     votes = np.zeros((len(ras), 4), np.int64)
     for n in range(len(ras)):
-        ijk = np.rint(ras_to_voxel(ras[n], affine)).astype(int).reshape(3) + offsets
-        ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(data.shape[:3])), axis=1)]
+        ijk = ball(ras[n])
         if exclude is not None and not exclude[tuple(ijk.T)].all():
             ijk = ijk[~exclude[tuple(ijk.T)]]
         counts = np.bincount(data[tuple(ijk.T)], minlength=4)
@@ -613,11 +637,10 @@ def fill_voids(swi: np.ndarray, affine: np.ndarray, mask: np.ndarray, ras: np.nd
     """
     swi, brain, dark = _voids(swi, mask, fraction)
     out = swi.copy()
-    offsets, _ = ball_offsets(affine, radius_mm)
+    ball = BallVoxels(affine, swi.shape, radius_mm)
     rng = np.random.default_rng(seed)
     for point in np.asarray(ras, dtype=float).reshape(-1, 3):
-        ijk = np.rint(ras_to_voxel(point, affine)).astype(int).reshape(3) + offsets
-        ijk = ijk[np.all((ijk >= 0) & (ijk < np.asarray(swi.shape)), axis=1)]
+        ijk = ball(point)
         idx = tuple(ijk.T)
         void, source = dark[idx], brain[idx] & ~dark[idx]
         if void.any() and source.any():

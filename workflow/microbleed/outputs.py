@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from .infer import BOMBS_NAMES, dark_voxels, load_labels, prune, read_candidates, sample_nearest
-from .io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, voxel_sizes, voxel_to_ras,
-                 write_tsv)
+from .io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, to_canonical,
+                 voxel_sizes, voxel_to_ras, write_tsv)
 
 __all__ = ["sphere_mask", "region_counts", "qc_patches", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
            "FinaliseParams", "finalise_subject", "read_mars_names", "cohort_summary", "distribution_pattern"]
@@ -122,40 +122,34 @@ def _plane(vol: np.ndarray, ijk: np.ndarray, axis: int, half: np.ndarray) -> tup
                             lo[1] - ijk[axes[1]] - 0.5, hi[1] - ijk[axes[1]] - 0.5]
 
 
-QC_PLANES = ((2, "axial (i-j)"), (1, "coronal (i-k)"), (0, "sagittal (j-k)"))  # a RAS-ordered image's
-
-
-def qc_planes(affine: np.ndarray) -> list[tuple[int, str]]:
-    """``[(normal array axis, title)]`` of the axial, coronal and sagittal panels of an image in any
-    voxel order: the plane normal to the axis that runs I-S is axial, A-P coronal, L-R sagittal
-    (from the affine's axis codes, so an LIA or PIR image gets the right titles). The title names
-    the two array axes shown, e.g. ``axial (i-k)`` for LIA. Equals :data:`QC_PLANES` for RAS."""
-    codes = nib.aff2axcodes(affine)
-    kind = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal", "L": "sagittal", "R": "sagittal"}
-    order = {"axial": 0, "coronal": 1, "sagittal": 2}
-    planes = []
-    for axis, code in enumerate(codes):
-        shown = "-".join("ijk"[a] for a in range(3) if a != axis)
-        planes.append((order[kind[code]], axis, f"{kind[code]} ({shown})"))
-    return [(axis, title) for _, axis, title in sorted(planes)]
+#: ``(normal axis of a RAS-ordered image, title)`` of the QC panels; drawn with ``patch.T`` and
+#: ``origin="lower"``, the first named direction points right and the second up (neurological view).
+QC_PLANES = ((2, "axial (R right, A up)"), (1, "coronal (R right, S up)"), (0, "sagittal (A right, S up)"))
 
 
 def qc_patches(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapping,
                half_width_mm: float = 16.0) -> list[tuple[str, str, np.ndarray, list[float]]]:
-    """The six panels of :func:`qc_montage`: SWI then phase, axial, coronal, sagittal (:func:`qc_planes`).
+    """The six panels of :func:`qc_montage`: SWI then phase, axial, coronal, sagittal (:data:`QC_PLANES`).
+
+    The images are first put in RAS voxel order (:func:`microbleed.io.to_canonical`, no
+    interpolation), so every cohort's montages look alike whatever its files' voxel order (an
+    LIA or LAS SWI would otherwise be drawn upside down, turned, or mirrored).
 
     Returns:
         ``[(image, plane, patch, extent)]``: ``patch`` ``(n_u, n_v)`` is the slice through
-        the detection's voxel ``(i, j, k)`` orthogonal to the plane's axis (array axes
-        ``u < v``, clipped to the volume); ``extent`` ``[u0, u1, v0, v1]`` is its edges in
-        mm from the detection, so the detection lies at ``(0, 0)``.
+        the detection's voxel (``row``'s ``i, j, k`` in the file's voxel order) orthogonal to the
+        plane's RAS axis (axes ``u < v``, clipped to the volume); ``extent`` ``[u0, u1, v0, v1]``
+        is its edges in mm from the detection, so the detection lies at ``(0, 0)``.
     """
-    vox = voxel_sizes(affine)
-    ijk = np.array([row["i"], row["j"], row["k"]], dtype=float)
+    ijk_file = np.array([[row["i"], row["j"], row["k"]]], dtype=float)
+    swi_r, aff_r = to_canonical(swi, affine)
+    phase_r, _ = to_canonical(phase, affine)
+    ijk = np.rint(ras_to_voxel(voxel_to_ras(ijk_file, affine), aff_r)).reshape(3)
+    vox = voxel_sizes(aff_r)
     half = np.ceil(half_width_mm / vox)
     out = []
-    for name, vol in (("SWI", swi), ("phase", phase)):
-        for axis, title in qc_planes(affine):
+    for name, vol in (("SWI", swi_r), ("phase", phase_r)):
+        for axis, title in QC_PLANES:
             patch, ext = _plane(vol, ijk, axis, half)
             u, v = [a for a in range(3) if a != axis]
             out.append((name, title, patch, [ext[0] * vox[u], ext[1] * vox[u], ext[2] * vox[v], ext[3] * vox[v]]))

@@ -66,13 +66,16 @@ def _grid_transform(src_affine: np.ndarray, dst_affine: np.ndarray) -> tuple[np.
 
 
 def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, int, int],
-                     dst_affine: np.ndarray, order: int = 0, cval: float = 0.0) -> np.ndarray:
+                     dst_affine: np.ndarray, order: int = 0, cval: float = 0.0,
+                     mode: str = "constant") -> np.ndarray:
     """Resample ``data`` (source grid) onto a destination grid through the affines.
 
     Every destination voxel centre is sent to RAS mm and back into the source
     voxel grid; ``order=0`` is nearest neighbour (labels, masks), ``order=1``
-    trilinear. Points outside the source get ``cval``. Any orientation (LAS,
-    LIA, oblique) and any voxel size on either side.
+    trilinear. Points outside the source get ``cval`` (``mode="constant"``), or
+    the nearest edge value (``mode="nearest"``: for a coarser grid of the same
+    slab, whose last voxel centres lie up to half a voxel inside the finer
+    grid's). Any orientation (LAS, LIA, oblique) and any voxel size on either side.
 
     Args:
         data: ``(X, Y, Z)`` source array.
@@ -87,7 +90,7 @@ def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[
             and tuple(src.shape) == tuple(dst_shape):
         return src.copy()
     return ndimage.affine_transform(src, matrix, offset=offset, output_shape=tuple(dst_shape),
-                                    order=order, mode="constant", cval=cval, prefilter=False)
+                                    order=order, mode=mode, cval=cval, prefilter=False)
 
 
 def check_same_grid(shape_a, affine_a, shape_b, affine_b, *, subject: str | None, path_b,

@@ -877,8 +877,8 @@ def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
 
     The network sees the image reordered to RAS and, with ``spacing_mm`` (the model's
     card ``config.spacing_mm``), resampled to it (:func:`network_grid`); the class
-    probabilities are resampled back (trilinear, ``none`` outside) before the
-    arg-max, and the map is put back in the image's voxel order.
+    probabilities are resampled back (trilinear, edge values for the image's outer half
+    voxel) before the arg-max, and the map is put back in the image's voxel order.
 
     ``flip``: test-time augmentation by the brain's left-right symmetry: the RAS image is also
     segmented mirrored along its first (left-right) axis, with the coordinate channels of the
@@ -897,8 +897,10 @@ def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
                                          sw_batch_size)
         prob = 0.5 * (prob + mirrored[:, ::-1])
     if spacing_mm:
-        prob = np.stack([resample_to_grid(p, net_aff, ras.shape, ras_aff, order=1, cval=float(c == 0))
-                         for c, p in enumerate(prob)])
+        # the same slab on a coarser grid: the image's outer half voxel lies beyond the network
+        # grid's last centres and takes its edge values (constant mode made it `none`)
+        prob = np.stack([resample_to_grid(p, net_aff, ras.shape, ras_aff, order=1, mode="nearest")
+                         for p in prob])
     return reorient_like(offset_argmax(prob, offsets), ras_aff, affine, np.asarray(image).shape)
 
 
