@@ -87,6 +87,9 @@ def test_readme_documents_every_config_key():
     schema = yaml.safe_load(SCHEMA.read_text())
     for key in schema["properties"]:
         assert f"| `{key}` |" in readme
+    # the shipped config's value is shown where it differs from the schema's default
+    assert '| `infer.threshold` | number \\| "validation" | `0.5` | `"validation"` |' in readme
+    assert "| `infer.operating_fp_avg` | 0.125 \\| 0.25 \\| 0.5 \\| 1 \\| 2 \\| 4 \\| 8 | `0.5` |  |" in readme
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks" / "experiments").glob("*.yaml")))

@@ -17,6 +17,7 @@ import yaml
 __all__ = ["render", "update_readme", "SCHEMA_PATH"]
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schemas" / "config.schema.yaml"
+CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
@@ -56,12 +57,29 @@ def _rows(node: dict[str, Any], root: dict[str, Any], prefix: str) -> Iterator[t
         yield from _rows(extra, root, f"{prefix}.<name>")
 
 
-def render(schema_path: Path = SCHEMA_PATH) -> str:
-    """Markdown table of every config key: key, type, default, description."""
+def _config_value(config: dict[str, Any], path: str) -> str:
+    """JSON of ``path`` (dotted) in ``config``, or "" when absent (and for per-name entries)."""
+    node: Any = config
+    for part in path.split("."):
+        if part == "<name>" or not isinstance(node, dict) or part not in node:
+            return ""
+        node = node[part]
+    return "" if isinstance(node, dict) else json.dumps(node)
+
+
+def render(schema_path: Path = SCHEMA_PATH, config_path: Path | None = CONFIG_PATH) -> str:
+    """Markdown table of every config key: key, type, the schema's default (the paper's values,
+    what a key left out of every config file gets), the value in ``config_path`` when it differs
+    (``config/config.yaml`` is always read first, so a run gets that value unless a
+    ``--configfile`` changes it), description."""
     schema = yaml.safe_load(Path(schema_path).read_text())
-    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    config = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+    lines = ["| key | type | schema default | config.yaml | description |", "|---|---|---|---|---|"]
     for path, typ, default, desc in _rows(schema, schema, ""):
-        lines.append(f"| `{path}` | {typ} | {f'`{default}`' if default else ''} | {desc} |")
+        here = _config_value(config, path)
+        here = here if here and (not default or json.loads(here) != json.loads(default)) else ""
+        lines.append(f"| `{path}` | {typ} | {f'`{default}`' if default else ''} | {f'`{here}`' if here else ''} "
+                     f"| {desc} |")
     return "\n".join(lines) + "\n"
 
 
