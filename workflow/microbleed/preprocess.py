@@ -693,6 +693,11 @@ def resample_axes(data: np.ndarray, affine: np.ndarray, shape_out, order: int = 
 def interpolate_z(data: np.ndarray, affine: np.ndarray, n_out: int, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Resample ``(X, Y, Z)`` to ``(X, Y, n_out)`` along the third voxel axis (:func:`resample_axes`).
 
+    The third *array* axis, whatever it runs along in the head (A-P for an LIA file): the
+    pipeline's detector grid (:func:`to_detector_grid`) reorders to RAS first, so its third axis
+    is I-S; call this (and :func:`interpolation_affine`, :func:`interpolated_to_original`) on a
+    RAS-ordered image (:func:`microbleed.io.to_canonical`) to interpolate slices.
+
     Returns:
         ``(data (X, Y, n_out) float32, affine (4, 4))``.
     """
