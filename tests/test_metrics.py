@@ -160,6 +160,31 @@ def test_a_pruned_detection_is_not_correctly_localised_even_with_the_right_regio
     assert la.loc["lobar", ["n_detected", "n_correct"]].tolist() == [1, 0] and la.loc["lobar", "la"] == 0.0
 
 
+def test_la_judges_a_cmb_on_its_kept_detection_not_on_a_closer_pruned_duplicate():
+    """A CMB hit by a kept detection (right region, 1 mm away) and by a pruned duplicate (on the
+    centre): the output holds the kept one, so the CMB is correctly localised."""
+    s = SubjectData("F", "cmb", [[0, 0, 0]], [[0, 0, 0], [1, 0, 0]], [0.9, 0.8], label_regions=["deep"],
+                    det_regions=["none", "deep"], pruned=[True, False])
+    la = localization_accuracy([s], R).set_index("region")
+    assert la.loc["deep", ["n_detected", "n_correct"]].tolist() == [1, 1]
+    # with the kept detection far away, the pruned duplicate is the match: detected, wrong
+    s = SubjectData("G", "cmb", [[0, 0, 0]], [[0, 0, 0], [20, 0, 0]], [0.9, 0.8], label_regions=["deep"],
+                    det_regions=["none", "deep"], pruned=[True, False])
+    la = localization_accuracy([s], R).set_index("region")
+    assert la.loc["deep", ["n_detected", "n_correct"]].tolist() == [1, 0]
+
+
+def test_count_agreement_leaves_unknown_counts_out():
+    pred = pd.DataFrame({"lobar": [1, 2, 3, 9], "deep": [0, 0, 0, 0], "infratentorial": [0, 1, 0, 0],
+                         "total": [1, 3, 3, 9]}, index=["a", "b", "c", "d"])
+    true = pd.DataFrame({"lobar": [2, 4, 6, np.nan], "deep": [1, 0, 0, np.nan],
+                         "infratentorial": [0, 1, 0, np.nan], "total": [3, 5, 6, 2]}, index=["a", "b", "c", "d"])
+    agr = count_agreement(pred, true).set_index("region")
+    assert agr.loc["lobar", "n_subjects"] == 3 and agr.loc["total", "n_subjects"] == 4
+    assert agr.loc["lobar", "pearson_r"] == pytest.approx(1.0)       # d's unknown count is not a zero
+    assert agr.loc["lobar", "mean_abs_error"] == pytest.approx(2.0)
+
+
 def test_count_agreement():
     pred = pd.DataFrame({"lobar": [1, 2, 3], "deep": [0, 0, 0], "infratentorial": [0, 1, 0],
                          "total": [1, 3, 3]}, index=["a", "b", "c"])

@@ -88,6 +88,8 @@ def test_evaluate_cohort_tables(tree):
     assert loc.loc["lobar", "la"] == 1.0 and loc.loc["deep", "la"] == 0.0        # deep CMB called lobar
     assert loc.loc["total", "efp_avg"] == 0.5                                   # 1 FP pruned / 2 subjects
     assert loc.loc["lobar", "dice_mean"] < 1.0 and loc.loc["none", "dice_mean"] == 1.0
+    assert loc.loc["lobar", "n_labels"] == 1 and str(loc["n_labels"].dtype) == "Int64"   # counts, not floats
+    assert str(subj["tp"].dtype) == "Int64" and subj.loc["001", "true_deep"] == 1
     fw = t["framework"].set_index("task")
     assert fw.loc["detection+pruning(swi)", "efp_cmb"] == 1
     froc = t["froc"].set_index("method")
@@ -149,6 +151,20 @@ def test_report_html_is_self_contained(tree, tmp_path):
     assert not re.search(r'(src|href)="(http|file|/)', text)                    # nothing external
     assert "rpn+ffm+hspl+pruning(swi)" in text and "abc123" in text and "hit_radius_mm: 3.0" in text
     assert "excluded" in text and "missing: " in text
+    assert "<td>001</td>" in text and "<td>002</td>" in text                   # ids stay text
+    assert "\t19.0\t" not in Path(outputs["localization"]).read_text()
+
+
+def test_labels_without_regions_give_unknown_not_zero_region_counts(tree):
+    root, files = tree
+    lab = pd.read_csv(files[0].labels, sep="\t")
+    lab["region"] = ""
+    write_tsv(lab, files[0].labels)
+    t = evaluate_cohort(files[:2], parse_methods([], "rpn+ffm+hspl", "swi", 0.5), EvalOptions(hit_radius_mm=3.0))
+    subj = t["subjects"].set_index("subject")
+    assert pd.isna(subj.loc["001", "true_lobar"]) and subj.loc["001", "true_total"] == 2
+    agr = t["agreement"].set_index("region")
+    assert agr.loc["lobar", "n_subjects"] == 1 and agr.loc["total", "n_subjects"] == 2
 
 
 def test_each_source_is_pruned_with_its_own_map(tree):

@@ -542,6 +542,8 @@ def localization_accuracy(subjects: Sequence[SubjectData], hit_radius_mm: float)
     The detections given should be the operating-point detections *before*
     pruning, with their predicted region (``det_regions``) and ``pruned`` flags: a true CMB whose
     detection was pruned (region ``none``, or outside the brain mask) counts as wrongly localised.
+    Kept detections are matched first; a CMB also hit by a pruned duplicate is judged on the
+    kept detection, and a pruned one counts only for a CMB no kept detection reaches.
 
     Returns:
         Rows ``lobar, deep, infratentorial, total`` with ``n_labels`` (labelled
@@ -549,11 +551,21 @@ def localization_accuracy(subjects: Sequence[SubjectData], hit_radius_mm: float)
     """
     counts = {r: [0, 0, 0] for r in REGIONS}
     for s in subjects:
-        m = match_detections(s.detections, s.labels, hit_radius_mm)
         for r in s.label_regions:
             if r in counts:
                 counts[r][0] += 1
-        for d, lab in m.pairs:
+        # the kept detections are matched first, so that a CMB found by a kept detection and by
+        # a pruned duplicate is judged on the kept one (the one in the output); labels left
+        # unmatched are then matched against the pruned detections.
+        kept = np.flatnonzero(~s.pruned)
+        first = match_detections(s.detections[kept], s.labels, hit_radius_mm)
+        pairs = [(int(kept[d]), int(lab)) for d, lab in first.pairs]
+        rest = np.flatnonzero(~first.label_hit)
+        dropped = np.flatnonzero(s.pruned)
+        if len(rest) and len(dropped):
+            second = match_detections(s.detections[dropped], s.labels[rest], hit_radius_mm)
+            pairs += [(int(dropped[d]), int(rest[lab])) for d, lab in second.pairs]
+        for d, lab in pairs:
             true = s.label_regions[lab]
             if true in counts:
                 counts[true][1] += 1
@@ -610,11 +622,15 @@ def count_agreement(predicted: pd.DataFrame, true: pd.DataFrame) -> pd.DataFrame
     Returns:
         Rows per region with ``n_subjects, pearson_r, spearman_rho, mean_abs_error``
         (counts); correlations are NaN when either side is constant or n < 2.
+        A NaN count (unknown, e.g. labels without a region) leaves that subject
+        out of that region's row; ``n_subjects`` counts the subjects used.
     """
     rows = []
     for region in (*REGIONS, "total"):
         p = predicted[region].to_numpy(float)
         t = true.loc[predicted.index, region].to_numpy(float)
+        known = np.isfinite(p) & np.isfinite(t)
+        p, t = p[known], t[known]
         defined = len(p) >= 2 and np.ptp(p) > 0 and np.ptp(t) > 0
         rows.append({"region": region, "n_subjects": len(p),
                      "pearson_r": float(stats.pearsonr(p, t)[0]) if defined else float("nan"),

@@ -256,12 +256,15 @@ def _localization_table(loaded: Sequence[dict], radius: float) -> pd.DataFrame:
     rows = []
     for region in (*REGIONS, "none", "total"):
         col = dice[region] if region in dice.columns else pd.Series(dtype=float)
-        row = {"region": region, "dice_mean": col.mean(), "dice_sd": col.std(ddof=0),
+        row = {"region": region, "dice_mean": col.mean(), "dice_sd": col.std(ddof=1),
                "n_dice_subjects": int(col.notna().sum())}
         if region in la.index:
             row.update(la.loc[region].to_dict())
         rows.append(row)
     table = pd.DataFrame(rows)
+    for col in ("n_labels", "n_detected", "n_correct"):      # counts, not floats ("19", not "19.0")
+        if col in table.columns:
+            table[col] = table[col].astype("Int64")
     table["efp_avg"] = np.nan
     table.loc[table["region"] == "total", "efp_avg"] = eliminated_fp(finals, radius)["efp_avg"]
     return table
@@ -298,10 +301,17 @@ def _subject_rows(files: Sequence[SubjectFiles], loaded: Mapping[str, dict], exc
             t = detection_table([kept], radius).set_index("group").loc["all"]
             row.update(group=s.group, tp=int(t["tp"]), fp=int(t["fp"]), fn=int(t["fn"]))
             row.update({f"pred_{k}": v for k, v in bombs_region_tally(kept.det_regions).items()})
-            row.update({f"true_{k}": v for k, v in bombs_region_tally(s.label_regions).items()})
+            if all(r for r in s.label_regions):
+                row.update({f"true_{k}": v for k, v in bombs_region_tally(s.label_regions).items()})
+            else:                                             # a label without a region: per-region
+                row.update({f"true_{k}": np.nan for k in REGIONS})   # counts unknown, not zero
             row["true_total"] = len(s.labels)                 # also when label regions are unknown
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for col in df.columns:                                    # counts stay integers beside excluded rows
+        if col in ("tp", "fp", "fn") or col.startswith(("pred_", "true_")):
+            df[col] = df[col].astype("Int64")
+    return df
 
 
 def evaluate_cohort(files: Sequence[SubjectFiles], methods: Sequence[Method], opts: EvalOptions
@@ -433,7 +443,8 @@ def _table(df: pd.DataFrame | None) -> str:
 
 def _read(path: str | Path) -> pd.DataFrame | None:
     p = Path(path)
-    return pd.read_csv(p, sep="\t") if p.exists() and p.stat().st_size else None
+    # subject ids are text ("001" stays "001")
+    return pd.read_csv(p, sep="\t", dtype={"subject": str}) if p.exists() and p.stat().st_size else None
 
 
 def _montages(cohort_dir: Path, subjects: Sequence[str], limit: int) -> str:
