@@ -23,7 +23,7 @@ from microbleed.data import load_volumes
 from microbleed.io import InputError, read_tsv, save_image, voxel_to_ras, write_tsv
 from microbleed.preprocess import detect_phase_units, phase_to_radians
 from microbleed.report import EvalOptions, SubjectFiles, evaluate_cohort, parse_methods
-from microbleed.runtime import load_model_state, save_checkpoint, write_card
+from microbleed.runtime import CsvLog, array_digest, load_model_state, save_checkpoint, write_card
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 8)
@@ -367,6 +367,32 @@ def test_model_sha256_mismatch_is_refused(tmp_path):
     (d / "card.json").unlink()
     with pytest.raises(InputError, match="model card is missing"):
         load_model_state(d)
+
+
+def test_training_log_truncation_drops_a_row_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "train_log.csv"
+    log = CsvLog(path, ["epoch", "loss", "seconds"])
+    log.write(epoch=1, loss=0.5, seconds=3.0)
+    log.write(epoch=2, loss=0.4, seconds=3.1)
+    with open(path, "a") as fh:
+        fh.write("3,0.3")                               # killed mid-write: no seconds, no newline
+    log.truncate_after("epoch", 2)
+    assert path.read_text().splitlines() == ["epoch,loss,seconds", "1,0.5,3.0", "2,0.4,3.1"]
+    with open(path, "a") as fh:
+        fh.write("3")                                   # cut inside the first field
+    log.truncate_after("epoch", 2)
+    log.write(epoch=3, loss=0.3, seconds=3.2)
+    assert path.read_text().splitlines()[-1] == "3,0.3,3.2"
+
+
+def test_array_digest_tells_content_dtype_and_shape_apart():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert array_digest(a) == array_digest(a.copy()) == array_digest(np.asfortranarray(a))
+    assert array_digest(a) != array_digest(a.reshape(4, 3))
+    assert array_digest(a) != array_digest(a.astype(np.float64))
+    b = a.copy()
+    b[1, 1] += 1
+    assert array_digest(a) != array_digest(b) and array_digest(a, b) != array_digest(b, a)
 
 
 @pytest.mark.parametrize("mutate,needle", [

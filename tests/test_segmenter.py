@@ -413,6 +413,29 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedu
     assert [r.split(",")[0] for r in log_rows[1:]] == ["1", "2"]
 
 
+def test_checkpoint_is_not_resumed_for_new_labels_or_another_validation_window(tmp_path, caplog):
+    inputs = write_cohort(tmp_path / "data")
+    cfg = dict(TINY, epochs=1, volume_validation_every=1)
+    train_segmenter(inputs, tmp_path / "m", cfg, "cpu")
+    first = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["fingerprint"]
+    caplog.set_level("WARNING")
+    # the same config and paths resume (nothing left to train)
+    train_segmenter(inputs, tmp_path / "m", cfg, "cpu")
+    assert "training starts over" not in caplog.text
+    # whole-volume validation selects the epoch: its window is part of the setup
+    train_segmenter(inputs, tmp_path / "m", dict(cfg, window=[16, 16, 8]), "cpu")
+    assert "another config, subject list or training data" in caplog.text
+    train_segmenter(inputs, tmp_path / "m", cfg, "cpu")           # back to the first setup
+    caplog.clear()
+    # a label map rewritten under the same path: its deep nuclei relabelled lobar
+    _, labels = phantom((32, 36, 16), seed=0)
+    save_image(np.where(labels == 2, 1, labels).astype(labels.dtype), AFFINE, inputs[0][2])
+    train_segmenter(inputs, tmp_path / "m", cfg, "cpu")
+    assert "another config, subject list or training data" in caplog.text
+    last = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["fingerprint"]
+    assert last["content"]["000"] != first["content"]["000"] and last["content"]["001"] == first["content"]["001"]
+
+
 def test_ema_update_is_the_weighted_average_and_copies_counters():
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))
     ema = {k: v.clone() for k, v in net.state_dict().items()}

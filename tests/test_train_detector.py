@@ -158,6 +158,35 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     assert load_checkpoint(tmp_path / "m" / "checkpoint.pt")["fingerprint"]["detector"]["lr"] == 0.005
 
 
+def test_a_finished_checkpoint_is_not_reused_when_the_labels_change(tmp_path, caplog):
+    """Snakemake reruns the rule when a label file changes; the same paths with new contents must
+    train again, not hand back the old finished run."""
+    torch.set_num_threads(1)
+    inputs = _inputs(tmp_path)
+    first = train_detector(inputs, tmp_path / "m", _cfg(epochs=1, variant="rpn"), "cpu")
+    assert first["sha256"] == json.loads((tmp_path / "m" / "card.json").read_text())["sha256"]
+    before = load_checkpoint(tmp_path / "m" / "checkpoint.pt")["fingerprint"]["data"]
+    # subject 01 re-labelled under the same path: one of its two CMBs removed
+    tsv = Path(inputs[0][2])
+    lines = tsv.read_text().splitlines()
+    tsv.write_text("\n".join(lines[:2]) + "\n")
+    caplog.set_level("WARNING")
+    train_detector(inputs, tmp_path / "m", _cfg(epochs=1, variant="rpn"), "cpu")
+    assert "another config, subject list or training data" in caplog.text
+    after = load_checkpoint(tmp_path / "m" / "checkpoint.pt")["fingerprint"]["data"]
+    assert after["01"] != before["01"] and after["02"] == before["02"]
+
+
+def test_an_unreadable_checkpoint_starts_training_over(tmp_path, caplog):
+    torch.set_num_threads(1)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    caplog.set_level("WARNING")
+    card = train_detector(_inputs(tmp_path), tmp_path / "m", _cfg(epochs=1, variant="rpn"), "cpu")
+    assert card["selection"]["epochs"] == 1 and "cannot be read" in caplog.text
+    assert load_checkpoint(tmp_path / "m" / "checkpoint.pt")["epoch"] == 1
+
+
 @pytest.mark.slow
 def test_overfit_finds_the_spheres_and_scores_the_veins_beside_them_lower(tmp_path):
     """Trained briefly on one synthetic subject, the detector finds its CMBs and scores the veins that

@@ -10,6 +10,7 @@ import csv
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import random
@@ -25,10 +26,12 @@ import torch
 from .io import InputError, atomic_path
 
 __all__ = [
-    "select_device", "seed_everything", "provenance", "sha256_file",
-    "save_checkpoint", "load_checkpoint", "write_card", "read_card",
+    "select_device", "seed_everything", "provenance", "sha256_file", "array_digest",
+    "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "write_card", "read_card",
     "load_model_state", "CsvLog", "PeakMemory",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 def select_device(choice: str = "auto") -> torch.device:
@@ -48,11 +51,14 @@ def select_device(choice: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    """Seed Python, NumPy and torch (CPU and CUDA), and ask cuDNN for deterministic convolutions
+    (no autotuned algorithm choice), so that a resumed GPU run repeats an uninterrupted one."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _git_commit() -> str | None:
@@ -91,10 +97,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def array_digest(*arrays: Any) -> str:
+    """Hex sha256 of arrays' dtypes, shapes and values: the content of training data, for
+    resume checks (the same paths with new contents must not resume an old run)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes() if a.size == 0 else memoryview(a.reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """Atomically ``torch.save`` a dict of tensors/numbers/strings (weights_only-loadable)."""
+    """Atomically ``torch.save`` a dict of tensors/numbers/strings (weights_only-loadable),
+    flushed to disk before it replaces the previous file (a crash leaves the old or the new one)."""
     with atomic_path(path) as tmp:
         torch.save(dict(state), tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -102,8 +122,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def write_card(model_dir: str | os.PathLike, card: Mapping[str, Any]) -> Path:
-    """Write ``card.json`` beside ``model.pt``, adding its sha256 and provenance."""
+def load_resume_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any],
+                           map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The per-epoch training checkpoint at ``path`` if it can be resumed, else ``None``.
+
+    ``None`` (training starts over, with a warning naming the file) when the file is absent,
+    unreadable (truncated or corrupt: it must not block every later run) or was written with
+    another ``fingerprint`` (config, subjects or training data).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        ck = load_checkpoint(path, map_location)
+    except Exception as exc:                     # torch raises RuntimeError, EOFError, pickle errors...
+        _log.warning("%s cannot be read (%s: %s): training starts over", path, type(exc).__name__, exc)
+        return None
+    if not isinstance(ck, dict) or ck.get("fingerprint") != dict(fingerprint):
+        _log.warning("%s was written with another config, subject list or training data: training starts over",
+                     path)
+        return None
+    return ck
+
+
+def write_card(model_dir: str | os.PathLike, card: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``card.json`` beside ``model.pt``, adding its sha256 and provenance; returns the card
+    as written."""
     model_dir = Path(model_dir)
     full = dict(card)
     full["sha256"] = sha256_file(model_dir / "model.pt")
@@ -111,7 +155,7 @@ def write_card(model_dir: str | os.PathLike, card: Mapping[str, Any]) -> Path:
     out = model_dir / "card.json"
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(full, indent=2, default=str) + "\n")
-    return out
+    return json.loads(out.read_text())
 
 
 def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -168,7 +212,13 @@ class CsvLog:
         """Drop rows whose ``key`` is greater than ``value`` (rows of an epoch lost to a kill)."""
         with open(self.path, newline="") as fh:
             rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if float(r[key]) <= value]
+
+        def kept(row: Mapping[str, Any]) -> bool:
+            try:
+                return float(row[key]) <= value
+            except (TypeError, ValueError):          # a row cut short by a kill
+                return False
+        keep = [r for r in rows if kept(r) and None not in r.values()]
         with atomic_path(self.path) as tmp:
             with open(tmp, "w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=self.fields)

@@ -57,8 +57,8 @@ from .preprocess import check_normalisation, normalisation_spec, resample_to_gri
 from .metrics import dice_per_class
 from .nets.blocks import fold_batchnorm
 from .nets.segmenter import BOMBS_CLASSES, build_segmenter, coordinate_channels, coordinate_frame, volume_frame
-from .runtime import (CsvLog, load_checkpoint, load_model_state, read_card, save_checkpoint, seed_everything,
-                      select_device, write_card)
+from .runtime import (CsvLog, array_digest, load_model_state, load_resume_checkpoint, read_card, save_checkpoint,
+                      seed_everything, select_device, write_card)
 
 __all__ = ["SegSubject", "load_training_subject", "class_centres", "crop_start", "crop_coordinates",
            "sample_crops", "scaled_crop", "VoidFill", "fill_candidate_voids", "paint_lesions", "make_loss", "split_subjects", "epoch_lr", "ema_update",
@@ -463,12 +463,19 @@ def _crop_dice(model, crops: tuple[torch.Tensor, torch.Tensor], batch: int, devi
     return dice_per_class(torch.cat(preds).numpy(), y_all[:, 0].numpy())
 
 
-def _fingerprint(cfg: Mapping[str, Any], inputs: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the training config and the training data."""
-    skip = NOT_TRAINING_KEYS if cfg.get("lr_schedule", "constant") == "constant" else \
-        tuple(k for k in NOT_TRAINING_KEYS if k != "epochs")     # a cosine schedule depends on the epoch count
+def _fingerprint(cfg: Mapping[str, Any], inputs: Sequence[tuple[str, Any, Any]],
+                 subjects: Sequence[SegSubject] = ()) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the training config, the input paths and the
+    content of the loaded training data (a subject re-labelled under the same path starts over)."""
+    skip = set(NOT_TRAINING_KEYS)
+    if cfg.get("lr_schedule", "constant") != "constant":
+        skip.discard("epochs")                  # a cosine schedule depends on the epoch count
+    if int(cfg.get("volume_validation_every", 0)) > 0:
+        skip -= {"window", "overlap"}           # they shape the whole-volume validation that selects epochs
     return {"config": {k: v for k, v in cfg.items() if k not in skip},
-            "data": [[str(s), str(i), str(b)] for s, i, b in inputs]}
+            "data": [[str(s), str(i), str(b)] for s, i, b in inputs],
+            "content": {s.subject: array_digest(s.image, s.labels, np.asarray(s.voxel_mm or (), float))
+                        for s in subjects}}
 
 
 def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device,
@@ -479,12 +486,8 @@ def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device,
     Returns ``(last finished epoch, best state dict or None, best score, best epoch)``; ``(0, None, -inf, 0)``
     for a fresh start.
     """
-    if not ckpt_path.exists():
-        return 0, None, -np.inf, 0
-    ckpt = load_checkpoint(ckpt_path, device)
-    if ckpt.get("fingerprint") != dict(fingerprint):
-        log.warning("segmenter checkpoint %s was written with another config or data: training starts over",
-                    ckpt_path)
+    ckpt = load_resume_checkpoint(ckpt_path, fingerprint, device)
+    if ckpt is None:
         return 0, None, -np.inf, 0
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -550,7 +553,7 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
     val_crops = sample_crops(val, max(4, int(cfg["crops_per_epoch"]) // 4), crop,
                              np.random.default_rng([int(cfg["seed"]), 2**31 - 1])) if val else None
     ckpt_path = out_dir / "checkpoint.pt"
-    fingerprint = _fingerprint(cfg, inputs)
+    fingerprint = _fingerprint(cfg, inputs, [*train, *val])
     ema = None
     evaluated = model                          # the network validated and saved: the weight average, if any
     if float(cfg.get("ema_decay", 0.0)) > 0:
@@ -661,8 +664,7 @@ def _finish(out_dir: Path, cfg, model, best_state, best_score, split, device, be
             "validation_dice_plain_argmax": plain,
             "voxel_mm_range": voxel_range([s.voxel_mm for s in train]),
             "loss": cfg.get("loss", "dice"), "optimizer": cfg.get("optimizer", "adam")}
-    write_card(out_dir, card)
-    return card
+    return write_card(out_dir, card)
 
 
 def _confusion(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:

@@ -41,7 +41,8 @@ from .io import InputError, voxel_to_ras
 from .losses import ConcentrationLoss, detection_loss
 from .nets.detector import STRIDE, build_detector, preferred_memory_format
 from .preprocess import check_detector_grid, check_normalisation, grid_spec, normalisation_spec
-from .runtime import CsvLog, load_checkpoint, load_model_state, save_checkpoint, seed_everything, write_card
+from .runtime import (CsvLog, array_digest, load_model_state, load_resume_checkpoint, save_checkpoint,
+                      seed_everything, write_card)
 
 __all__ = ["split_subjects", "validation_curve", "validation_score", "train_detector", "load_detector", "operating_threshold",
            "cohort_threshold", "read_cohort_threshold",
@@ -173,10 +174,16 @@ def _postprocess(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: infer[k] for k in POSTPROCESS_KEYS if k in infer}
 
 
-def _fingerprint(cfg: Mapping[str, Any], subjects: Sequence[str]) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed."""
+def _fingerprint(cfg: Mapping[str, Any], volumes: Sequence[Volume], split: Mapping[str, Any]) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: the training config, the validation
+    setup (split, hit radius, post-processing) and the training data's content (a subject
+    re-labelled or re-processed under the same path starts over)."""
     d = {k: v for k, v in cfg["detector"].items() if k not in _RESUMABLE}
-    return {"detector": d, "subjects": list(subjects), "grid": grid_spec(cfg["preprocess"]),
+    return {"detector": d, "subjects": [v.subject for v in volumes],
+            "split": {"train": list(split["train"]), "val": list(split["val"])},
+            "hit_radius_mm": (cfg.get("evaluate") or {}).get("hit_radius_mm"),
+            "data": {v.subject: array_digest(v.image, v.affine, v.centres) for v in volumes},
+            "grid": grid_spec(cfg["preprocess"]),
             "normalisation": normalisation_spec(cfg["preprocess"]), "infer": _postprocess(cfg)}
 
 
@@ -280,11 +287,8 @@ class _Run:
 
 def _resume(run: _Run, path: Path, fingerprint: Mapping[str, Any]) -> None:
     """Load ``checkpoint.pt`` into ``run`` when it was written by the same setup."""
-    if not path.exists():
-        return
-    ck = load_checkpoint(path)
-    if ck.get("fingerprint") != dict(fingerprint):
-        log.warning("%s was written with another config or subject list: training from scratch", path)
+    ck = load_resume_checkpoint(path, fingerprint)
+    if ck is None:
         return
     run.restore(ck)
     log.info("resumed from %s after epoch %d", path, run.epoch)
@@ -303,8 +307,7 @@ def _write_model(run: _Run, out_dir: Path, cfg: Mapping[str, Any], split: Mappin
             "selection": {"rule": "max FROC mean sensitivity (1/8..8 FP/subject) on validation; ties: later epoch",
                           "best_epoch": run.best_epoch, "epochs": run.epoch},
             "validation": run.best_metrics, "validation_postprocess": _postprocess(cfg)}
-    write_card(out_dir, card)
-    return card
+    return write_card(out_dir, card)
 
 
 def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, cfg: Mapping[str, Any],
@@ -324,7 +327,7 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         device: torch device (``microbleed.runtime.select_device``).
         cohort: name of the training cohort, for the card.
     Returns:
-        the model card (dict), as written to ``card.json``.
+        the model card (dict), as written to ``card.json`` (with its ``sha256``).
     Raises:
         InputError naming the subject and file: a detector input not on the configured grid.
     """
@@ -339,7 +342,7 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
         check_detector_grid(vol.image.shape[1:], vol.affine, grid, subject=vol.subject, path=path)
     train_vols, val_vols = split_subjects(volumes, float(d["validation_fraction"]), int(d["seed"]))
     split = {"cohort": cohort, "train": [v.subject for v in train_vols], "val": [v.subject for v in val_vols]}
-    fingerprint = _fingerprint(cfg, [v.subject for v in volumes])
+    fingerprint = _fingerprint(cfg, volumes, split)
     run = _Run(cfg, device)
     _resume(run, out_dir / "checkpoint.pt", fingerprint)
     csv = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
