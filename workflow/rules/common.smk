@@ -1,5 +1,6 @@
 # Config and subject-table validation, cohort tables, path helpers and input
 # functions. Validation runs once, before any job.
+import functools
 import glob
 import json
 import os
@@ -135,10 +136,12 @@ def adapts_threshold(cohort):
             and len(subjects(cohort)) >= int(infer["adapt_min_subjects"]))
 
 
+@functools.lru_cache(maxsize=None)
 def attempted(cohort, subject):
     """Some job of an earlier run logged this subject (results/logs/<rule>/<cohort>_<subject>[_*].log):
     with evaluate.allow_missing, a subject whose outputs are missing is left out only then (it
-    failed), not when it simply has not run yet (a subject just added)."""
+    failed), not when it simply has not run yet (a subject just added). Looked up once per subject
+    and run (the plan is made before any job of this run writes a log)."""
     stem = f"{LOGS}/*/{cohort}_{subject}"
     return bool(glob.glob(f"{stem}.log") or glob.glob(f"{stem}_*.log"))
 
