@@ -174,6 +174,23 @@ def test_la_judges_a_cmb_on_its_kept_detection_not_on_a_closer_pruned_duplicate(
     assert la.loc["deep", ["n_detected", "n_correct"]].tolist() == [1, 0]
 
 
+
+def test_la_never_finds_fewer_cmbs_than_matching_all_detections():
+    """Labels at x = -1 and +2 mm (deep), a kept detection at 0 and a pruned one at -3, r = 3 mm:
+    matching the kept detection first (to the nearer label at -1) would leave the label at +2
+    unreachable by the pruned one. The assignment pairs kept 0 <-> +2 and pruned -3 <-> -1: both
+    CMBs are detected, the kept one correctly localised."""
+    s = SubjectData("H", "cmb", [[-1, 0, 0], [2, 0, 0]], [[0, 0, 0], [-3, 0, 0]], [0.9, 0.8],
+                    label_regions=["deep", "deep"], det_regions=["deep", "deep"], pruned=[False, True])
+    la = localization_accuracy([s], 3.0).set_index("region")
+    assert la.loc["deep", ["n_detected", "n_correct"]].tolist() == [2, 1]
+    assert match_detections(s.detections, s.labels, 3.0).tp == 2
+    m = match_detections(s.detections, s.labels, 3.0, second_choice=[False, True])
+    assert sorted(map(tuple, m.pairs.tolist())) == [(0, 1), (1, 0)]
+    with pytest.raises(ValueError, match="second_choice"):
+        match_detections(s.detections, s.labels, 3.0, second_choice=[True])
+
+
 def test_count_agreement_leaves_unknown_counts_out():
     pred = pd.DataFrame({"lobar": [1, 2, 3, 9], "deep": [0, 0, 0, 0], "infratentorial": [0, 1, 0, 0],
                          "total": [1, 3, 3, 9]}, index=["a", "b", "c", "d"])

@@ -383,6 +383,13 @@ def test_training_log_truncation_drops_a_row_cut_short_by_a_kill(tmp_path):
     log.truncate_after("epoch", 2)
     log.write(epoch=3, loss=0.3, seconds=3.2)
     assert path.read_text().splitlines()[-1] == "3,0.3,3.2"
+    for epoch in range(4, 12):
+        log.write(epoch=epoch, loss=0.1, seconds=3.0)
+    with open(path, "a") as fh:
+        fh.write("1")                                   # epoch 12 cut after its first digit: reads as "1"
+    log.truncate_after("epoch", 11)
+    epochs = [line.split(",")[0] for line in path.read_text().splitlines()[1:]]
+    assert epochs == [str(e) for e in range(1, 12)]     # no second, incomplete epoch-1 row
 
 
 def test_array_digest_tells_content_dtype_and_shape_apart():

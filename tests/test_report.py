@@ -133,7 +133,8 @@ def test_report_html_is_self_contained(tree, tmp_path):
     spec.loader.exec_module(script)
     names = ["detection", "localization", "framework", "froc", "froc_curve", "subjects", "agreement"]
     outputs = {n: str(root / "metrics" / f"{n}.tsv") for n in names}
-    outputs.update(froc_png=str(root / "metrics" / "froc.png"), pr_png=str(root / "metrics" / "pr.png"))
+    outputs.update(froc_png=str(root / "metrics" / "froc.png"), pr_png=str(root / "metrics" / "pr.png"),
+                   counts_png=str(root / "metrics" / "counts.png"))
     script.main("c1", [f.__dict__ for f in files], [], "rpn+ffm+hspl", "swi", 0.5, 3.0, True, None, outputs,
                 allow_missing=True)
     card = tmp_path / "card.json"
@@ -147,12 +148,16 @@ def test_report_html_is_self_contained(tree, tmp_path):
     text = out.read_text()
     assert "Operating threshold 0.1442 (validation threshold 0.6534; infer.adapt_threshold lower" in text
     assert text.count("<table") >= 6
-    assert len(re.findall(r'src="data:image/png;base64,', text)) == 5          # froc, pr, three montages
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 6          # froc, pr, counts, three montages
+    assert Path(outputs["counts_png"]).read_bytes()[:4] == b"\x89PNG"
     assert not re.search(r'(src|href)="(http|file|/)', text)                    # nothing external
     assert "rpn+ffm+hspl+pruning(swi)" in text and "abc123" in text and "hit_radius_mm: 3.0" in text
     assert "excluded" in text and "missing: " in text
     assert "<td>001</td>" in text and "<td>002</td>" in text                   # ids stay text
-    assert "\t19.0\t" not in Path(outputs["localization"]).read_text()
+    loc = pd.read_csv(outputs["localization"], sep="\t", dtype=str).set_index("region")
+    assert loc.loc["total", "n_labels"].isdigit()                             # counts written as integers
+    subj = pd.read_csv(outputs["subjects"], sep="\t", dtype=str)
+    assert subj["true_total"].dropna().str.fullmatch(r"\d+").all()
 
 
 def test_labels_without_regions_give_unknown_not_zero_region_counts(tree):

@@ -380,7 +380,7 @@ class _Killed(Exception):
 @pytest.mark.parametrize("schedule, ema, recal, every", [("constant", 0.0, 0, 0), ("cosine", 0.0, 0, 0),
                                                          ("cosine", 0.5, 0, 0), ("cosine", 0.0, 4, 1),
                                                          ("cosine", 0.5, 4, 1)])
-def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedule, ema, recal, every):
+def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, caplog, schedule, ema, recal, every):
     cfg = {**TINY, "lr_schedule": schedule, "ema_decay": ema, "bn_recalibration_crops": recal,
            "volume_validation_every": every}
     inputs = write_cohort(tmp_path / "data")
@@ -396,7 +396,11 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch, schedu
     with pytest.raises(_Killed):
         train_segmenter(inputs, tmp_path / "killed", cfg, "cpu")
     monkeypatch.setattr(segment, "save_checkpoint", real_save)
+    caplog.clear()
+    caplog.set_level("INFO")
     train_segmenter(inputs, tmp_path / "killed", cfg, "cpu")
+    assert "resuming segmenter training after epoch 1" in caplog.text    # resumed, not retrained
+    assert "training starts over" not in caplog.text
     cards = [json.loads((tmp_path / d / "card.json").read_text()) for d in ("straight", "killed")]
     assert cards[0]["best_epoch"] == cards[1]["best_epoch"] >= 1        # the kept epoch survives the resume
 

@@ -102,17 +102,21 @@ def _points(a: np.ndarray | Sequence) -> np.ndarray:
     return arr.reshape(-1, 3) if arr.size else np.zeros((0, 3))
 
 
-def match_detections(detections: np.ndarray, labels: np.ndarray, hit_radius_mm: float) -> Match:
+def match_detections(detections: np.ndarray, labels: np.ndarray, hit_radius_mm: float,
+                     second_choice: np.ndarray | Sequence[bool] | None = None) -> Match:
     """Globally best one-to-one matching of detections to labels within a radius.
 
     Args:
         detections: ``(N, 3)`` RAS mm.
         labels: ``(M, 3)`` RAS mm.
         hit_radius_mm: largest centre distance (mm, inclusive) of a hit.
+        second_choice: optional ``(N,)`` bool, detections used only where no other
+            assignment reaches as many labels (e.g. pruned ones, for localisation).
 
     Pairs farther than the radius cost a constant larger than any sum of
-    admissible distances, so the assignment maximises the number of hits first
-    and minimises their total distance second; such pairs are then dropped.
+    admissible costs, so the assignment maximises the number of hits first; among
+    those it uses the fewest ``second_choice`` detections (each costs a constant larger
+    than any sum of distances), then minimises the total distance; far pairs are then dropped.
 
     Example:
         >>> m = match_detections([[0, 0, 0], [0, 0, 1]], [[0, 0, 0]], 5.0)
@@ -128,8 +132,15 @@ def match_detections(detections: np.ndarray, labels: np.ndarray, hit_radius_mm: 
         return Match(np.zeros((0, 2), int), np.zeros(0), det_hit, label_hit)
     dist = cdist(det, lab)
     admissible = dist <= hit_radius_mm
-    big = hit_radius_mm * (min(dist.shape) + 1) + 1.0
-    rows, cols = linear_sum_assignment(np.where(admissible, dist, big))
+    k = min(dist.shape)
+    cost = dist.copy()
+    if second_choice is not None:
+        second = np.asarray(second_choice, bool).reshape(-1)
+        if second.shape != (len(det),):
+            raise ValueError(f"second_choice has {second.size} entries for {len(det)} detections")
+        cost[second] += hit_radius_mm * (k + 1) + 1.0
+    big = (k + 1) * (float(cost[admissible].max(initial=0.0)) + 1.0)
+    rows, cols = linear_sum_assignment(np.where(admissible, cost, big))
     keep = admissible[rows, cols]
     rows, cols = rows[keep], cols[keep]
     det_hit[rows] = True
@@ -542,8 +553,8 @@ def localization_accuracy(subjects: Sequence[SubjectData], hit_radius_mm: float)
     The detections given should be the operating-point detections *before*
     pruning, with their predicted region (``det_regions``) and ``pruned`` flags: a true CMB whose
     detection was pruned (region ``none``, or outside the brain mask) counts as wrongly localised.
-    Kept detections are matched first; a CMB also hit by a pruned duplicate is judged on the
-    kept detection, and a pruned one counts only for a CMB no kept detection reaches.
+    The matching finds as many CMBs as one over all detections and, among such matchings, uses
+    the most kept detections: a CMB also hit by a pruned duplicate is judged on the kept one.
 
     Returns:
         Rows ``lobar, deep, infratentorial, total`` with ``n_labels`` (labelled
@@ -554,18 +565,11 @@ def localization_accuracy(subjects: Sequence[SubjectData], hit_radius_mm: float)
         for r in s.label_regions:
             if r in counts:
                 counts[r][0] += 1
-        # the kept detections are matched first, so that a CMB found by a kept detection and by
-        # a pruned duplicate is judged on the kept one (the one in the output); labels left
-        # unmatched are then matched against the pruned detections.
-        kept = np.flatnonzero(~s.pruned)
-        first = match_detections(s.detections[kept], s.labels, hit_radius_mm)
-        pairs = [(int(kept[d]), int(lab)) for d, lab in first.pairs]
-        rest = np.flatnonzero(~first.label_hit)
-        dropped = np.flatnonzero(s.pruned)
-        if len(rest) and len(dropped):
-            second = match_detections(s.detections[dropped], s.labels[rest], hit_radius_mm)
-            pairs += [(int(dropped[d]), int(rest[lab])) for d, lab in second.pairs]
-        for d, lab in pairs:
+        # one assignment: as many CMBs found as with all detections, and among those assignments
+        # the one using the most kept detections, so that a CMB found by a kept detection and by
+        # a pruned duplicate is judged on the kept one (the one in the output).
+        match = match_detections(s.detections, s.labels, hit_radius_mm, second_choice=s.pruned)
+        for d, lab in match.pairs:
             true = s.label_regions[lab]
             if true in counts:
                 counts[true][1] += 1
@@ -612,6 +616,12 @@ def bombs_region_tally(regions: Iterable[str]) -> dict[str, int]:
     return out
 
 
+def float_values(values) -> np.ndarray:
+    """A column or list of counts as float64, missing values (``<NA>``, ``None``, text) as NaN;
+    works for nullable ``Int64`` columns on every supported pandas version."""
+    return pd.to_numeric(pd.Series(values), errors="coerce").astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+
+
 def count_agreement(predicted: pd.DataFrame, true: pd.DataFrame) -> pd.DataFrame:
     """Per-region agreement of per-subject CMB counts (predicted vs labelled).
 
@@ -627,8 +637,8 @@ def count_agreement(predicted: pd.DataFrame, true: pd.DataFrame) -> pd.DataFrame
     """
     rows = []
     for region in (*REGIONS, "total"):
-        p = predicted[region].to_numpy(float)
-        t = true.loc[predicted.index, region].to_numpy(float)
+        p = float_values(predicted[region])
+        t = float_values(true.loc[predicted.index, region])
         known = np.isfinite(p) & np.isfinite(t)
         p, t = p[known], t[known]
         defined = len(p) >= 2 and np.ptp(p) > 0 and np.ptp(t) > 0

@@ -35,7 +35,7 @@ import pandas as pd
 import yaml
 
 from .io import InputError, load_volume, ras_to_voxel, read_tsv, write_tsv
-from .metrics import (FROC_FP_POINTS, REGIONS, SubjectData, bombs_region_tally, count_agreement,
+from .metrics import (FROC_FP_POINTS, REGIONS, SubjectData, bombs_region_tally, count_agreement, float_values,
                       detection_table, dice_per_class, eliminated_fp, froc_curve, froc_summary,
                       localization_accuracy, pr_auc, region_name)
 
@@ -413,6 +413,46 @@ def plot_pr(curves: pd.DataFrame, froc: pd.DataFrame, path: str | Path, title: s
     return _save(fig, path)
 
 
+def plot_counts(subjects: pd.DataFrame, agreement: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Predicted (kept after pruning) against labelled CMB counts per subject, one panel per BOMBS
+    region and the total, with the identity line and Pearson r / mean absolute error of
+    :func:`microbleed.metrics.count_agreement`; PNG. Points are jittered slightly so that subjects
+    with equal counts stay visible; subjects without a known count are left out of that panel."""
+    plt = _figure()
+    regions = (*REGIONS, "total")
+    fig, axes = plt.subplots(1, len(regions), figsize=(3.0 * len(regions), 3.2), dpi=100)
+    inc = subjects[subjects["status"] == "included"] if "status" in subjects else subjects
+    agr = agreement.set_index("region") if not agreement.empty and "region" in agreement else pd.DataFrame()
+    rng = np.random.default_rng(0)
+    for ax, region in zip(axes, regions):
+        t = float_values(inc.get(f"true_{region}", pd.Series(dtype=float)))
+        p = float_values(inc.get(f"pred_{region}", pd.Series(dtype=float)))
+        known = np.isfinite(t) & np.isfinite(p)
+        t, p = t[known], p[known]
+        top = max(1.0, float(np.max(t, initial=0)), float(np.max(p, initial=0))) + 0.5
+        ax.plot([0, top], [0, top], color="0.6", lw=1, ls="--")
+        if len(t):
+            groups = inc["group"].to_numpy()[known] if "group" in inc else np.array(["cmb"] * len(t))
+            jitter = rng.uniform(-0.12, 0.12, size=(2, len(t)))
+            for group, colour in (("cmb", "tab:red"), ("normal", "tab:blue")):
+                sel = groups == group
+                if sel.any():
+                    ax.scatter(t[sel] + jitter[0, sel], p[sel] + jitter[1, sel], s=14, alpha=0.7, color=colour,
+                               label=group)
+        r = agr.loc[region, "pearson_r"] if region in agr.index else np.nan
+        mae = agr.loc[region, "mean_abs_error"] if region in agr.index else np.nan
+        ax.set_title(f"{region}\nr = {r:.2f}, MAE = {mae:.2f} (n = {len(t)})", fontsize=9)
+        ax.set_xlim(-0.5, top)
+        ax.set_ylim(-0.5, top)
+        ax.set_xlabel("labelled CMBs")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("detected CMBs (after pruning)")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or "Per-subject CMB counts", fontsize=10)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     from .io import atomic_path
     with atomic_path(path) as tmp:
@@ -487,7 +527,7 @@ def build_report(cohort: str, metrics: Mapping[str, str], cohort_dir: str | Path
     Args:
         metrics: name -> path of the metric files (``detection``, ``framework``,
             ``localization``, ``froc``, ``agreement``, ``subjects``: TSV;
-            ``froc_png``, ``pr_png``: PNG).
+            ``froc_png``, ``pr_png``, ``counts_png``: PNG; ``counts_png`` optional).
         cohort_dir: ``results/<cohort>``, searched for ``sub-<id>/qc/*.png`` montages.
         config: the run's config (dumped as YAML).
         cards: model name -> path of a ``card.json`` (or ``params.json``); missing files are noted.
@@ -496,6 +536,7 @@ def build_report(cohort: str, metrics: Mapping[str, str], cohort_dir: str | Path
     """
     t = {k: _read(v) for k, v in metrics.items() if str(v).endswith(".tsv")}
     figs = "".join(_img(metrics[k], k) for k in ("froc_png", "pr_png") if k in metrics and Path(metrics[k]).exists())
+    counts_fig = _img(metrics["counts_png"], "counts_png") if Path(metrics.get("counts_png", "")).is_file() else ""
     card_html = []
     for name, path in cards.items():
         body = (json.dumps(json.loads(Path(path).read_text()), indent=2) if Path(path).exists()
@@ -509,7 +550,7 @@ def build_report(cohort: str, metrics: Mapping[str, str], cohort_dir: str | Path
         ("Whole framework (paper Table 3)", _table(t.get("framework"))),
         ("Anatomical localisation (paper Table 2)", _table(t.get("localization"))),
         ("FROC and precision-recall", f'<div class="figs">{figs}</div>' + _table(t.get("froc"))),
-        ("Count agreement per region", _table(t.get("agreement"))),
+        ("Count agreement per region", counts_fig + _table(t.get("agreement"))),
         ("Per-subject counts", _table(t.get("subjects"))),
         ("Detections (montages)", _montages(Path(cohort_dir), subjects, max_images)),
         ("Model cards", "".join(card_html) or '<p class="note">none</p>'),

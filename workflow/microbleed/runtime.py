@@ -50,15 +50,21 @@ def select_device(choice: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA), and ask cuDNN for deterministic convolutions
-    (no autotuned algorithm choice), so that a resumed GPU run repeats an uninterrupted one."""
+def seed_everything(seed: int, deterministic_cudnn: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA).
+
+    With ``deterministic_cudnn`` (training), cuDNN also picks deterministic convolution
+    algorithms without autotuning. That makes GPU runs closer to repeatable, not exactly so: some
+    CUDA backward kernels (3D max-pool, trilinear up-sampling) accumulate in a varying order. On
+    the CPU a seeded run repeats exactly, and so does a resumed one.
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    if deterministic_cudnn:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def _git_commit() -> str | None:
@@ -122,19 +128,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_resume_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any],
-                           map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+def load_resume_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
     """The per-epoch training checkpoint at ``path`` if it can be resumed, else ``None``.
 
     ``None`` (training starts over, with a warning naming the file) when the file is absent,
     unreadable (truncated or corrupt: it must not block every later run) or was written with
-    another ``fingerprint`` (config, subjects or training data).
+    another ``fingerprint`` (config, subjects or training data). Loaded to the CPU, so that a
+    device problem (out of GPU memory) is not mistaken for a corrupt file;
+    ``load_state_dict`` moves the tensors to the model's device.
     """
     path = Path(path)
     if not path.exists():
         return None
     try:
-        ck = load_checkpoint(path, map_location)
+        ck = load_checkpoint(path, "cpu")
     except Exception as exc:                     # torch raises RuntimeError, EOFError, pickle errors...
         _log.warning("%s cannot be read (%s: %s): training starts over", path, type(exc).__name__, exc)
         return None

@@ -486,7 +486,7 @@ def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device,
     Returns ``(last finished epoch, best state dict or None, best score, best epoch)``; ``(0, None, -inf, 0)``
     for a fresh start.
     """
-    ckpt = load_resume_checkpoint(ckpt_path, fingerprint, device)
+    ckpt = load_resume_checkpoint(ckpt_path, fingerprint)      # on the CPU; load_state_dict moves it
     if ckpt is None:
         return 0, None, -np.inf, 0
     model.load_state_dict(ckpt["model"])
@@ -542,7 +542,7 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device if isinstance(device, torch.device) else select_device(device)
-    seed_everything(int(cfg["seed"]))
+    seed_everything(int(cfg["seed"]), deterministic_cudnn=True)
     for subject, image_path, _ in inputs:
         check_normalisation(image_path, {"normalisation": normalisation_spec(cfg.get("normalisation") or {})},
                             out_dir, subject, training=True)

@@ -247,7 +247,7 @@ class _Run:
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device):
         d = cfg["detector"]
-        seed_everything(int(d["seed"]))
+        seed_everything(int(d["seed"]), deterministic_cudnn=True)
         self.net_cfg = _network_config(cfg)
         self.model = build_detector(self.net_cfg).to(device, memory_format=preferred_memory_format(device))
         self.hspl = (ConcentrationLoss(self.model.feature_channels).to(device)

@@ -69,6 +69,7 @@ rule evaluate_cohort:
         agreement=_metric("agreement.tsv", "agreement"),
         froc_png=_metric("froc.png", "froc_png", "Plots"),
         pr_png=_metric("pr.png", "pr_png", "Plots"),
+        counts_png=_metric("counts.png", "counts_png", "Plots"),
     params:
         subjects=lambda wildcards: eval_subject_files(wildcards.cohort),
         methods=eval_methods(),

@@ -12,6 +12,7 @@ rule report:
         agreement=rules.evaluate_cohort.output.agreement,
         froc_png=rules.evaluate_cohort.output.froc_png,
         pr_png=rules.evaluate_cohort.output.pr_png,
+        counts_png=rules.evaluate_cohort.output.counts_png,
         models=report_models(),
         threshold=lambda wildcards: cohort_threshold_path(wildcards.cohort) if adapts_threshold(wildcards.cohort) else [],
     output:

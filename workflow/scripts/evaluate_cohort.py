@@ -5,7 +5,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from microbleed.report import EvalOptions, SubjectFiles, evaluate_cohort, parse_methods, plot_froc, plot_pr, write_metrics
+from microbleed.report import (EvalOptions, SubjectFiles, evaluate_cohort, parse_methods, plot_counts, plot_froc,
+                               plot_pr, write_metrics)
 from microbleed.train import operating_threshold, read_cohort_threshold
 
 TABLES = ("detection", "localization", "framework", "froc", "froc_curve", "subjects", "agreement")
@@ -37,6 +38,8 @@ def main(cohort: str, subjects: Sequence[Mapping[str, Any]], methods: Sequence[s
     write_metrics(tables, {k: outputs[k] for k in TABLES})
     plot_froc(tables["froc_curve"], outputs["froc_png"], f"FROC: {cohort}")
     plot_pr(tables["froc_curve"], tables["froc"], outputs["pr_png"], f"Precision-recall: {cohort}")
+    if "counts_png" in outputs:
+        plot_counts(tables["subjects"], tables["agreement"], outputs["counts_png"], f"Per-subject CMB counts: {cohort}")
     excluded = tables["subjects"].query("status == 'excluded'")
     logging.info("cohort %s: %d subjects, %d excluded", cohort, len(files), len(excluded))
 
