@@ -10,7 +10,7 @@ are matched one-to-one to the labelled CMBs within the hit radius
   ventricle or the choroid plexus, ``vein``; or a labelled CMB already matched = ``duplicate``)
   when it lies within the hit radius, else ``tissue``; kept and pruned ones are counted apart;
 - each labelled CMB is ``found``, ``pruned`` (no kept finding matches it but one that pruning
-  removed does; kept findings are matched first, as the metric tables count; with
+  removed does; kept findings preferred in the matching, as the localisation table counts; with
   its reason and the region read there), ``below_threshold`` (the best raw candidate within the
   hit radius scored under the operating threshold; its score is given) or ``no_candidate``
   (nothing above the candidate floor), with its diameter, true region and how visible it is on
@@ -131,16 +131,11 @@ def explain_subject(results: Path, cohort: str, subject: str, source: str, thres
     det = final[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
     lab = cmb[["x", "y", "z"]].to_numpy(float).reshape(-1, 3)
     pruned = final["pruned"].astype(str).str.lower().eq("true").to_numpy()
-    # as the metric tables: the kept findings are matched first; then the pruned ones to the CMBs left
-    kept_idx, pruned_idx = np.flatnonzero(~pruned), np.flatnonzero(pruned)
-    first = match_detections(det[kept_idx], lab, hit_radius_mm)
-    left = np.flatnonzero(~first.label_hit)
-    second = match_detections(det[pruned_idx], lab[left], hit_radius_mm)
-    det_hit = np.zeros(len(det), bool)
-    det_hit[kept_idx[first.det_hit]] = True
-    det_hit[pruned_idx[second.det_hit]] = True
-    pairs = [(int(kept_idx[d]), int(m)) for d, m in first.pairs] + \
-        [(int(pruned_idx[d]), int(left[m])) for d, m in second.pairs]
+    # as the localisation table: one assignment finding as many CMBs as all findings can, using
+    # the most kept ones (a CMB also hit by a pruned duplicate is judged on the kept finding)
+    match = match_detections(det, lab, hit_radius_mm, second_choice=pruned)
+    det_hit = match.det_hit
+    pairs = [(int(d), int(m)) for d, m in match.pairs]
     rows = []
     objects = pd.concat([mimics[["x", "y", "z", "kind"]], cmb[["x", "y", "z"]].assign(kind="duplicate")])
     kind, dist = _nearest(det, objects)

@@ -253,6 +253,44 @@ def subject_tp_curve(subject: SubjectData, hit_radius_mm: float) -> tuple[np.nda
     return thresholds, np.asarray(tp, int)
 
 
+def subject_counts(subjects: Sequence[SubjectData], hit_radius_mm: float,
+                   thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Detections and true positives of each subject at each score threshold.
+
+    Args:
+        thresholds: ``(T,)`` score thresholds; a detection is kept when ``score >= t``.
+
+    Returns:
+        ``(n_detections, tp)``, both ``(S, T)`` int: the per-subject terms that
+        :func:`froc_curve` sums (and that a bootstrap over subjects re-weights).
+    """
+    thresholds = np.asarray(thresholds, float)
+    n_det = np.zeros((len(subjects), len(thresholds)), int)
+    tp = np.zeros_like(n_det)
+    for i, s in enumerate(subjects):
+        desc = np.sort(s.scores)[::-1]
+        n_det[i] = np.searchsorted(-desc, -thresholds, side="right")
+        t_sub, tp_sub = subject_tp_curve(s, hit_radius_mm)
+        if len(t_sub):
+            idx = np.searchsorted(-t_sub, -thresholds, side="right") - 1
+            tp[i] = np.where(idx >= 0, tp_sub[np.clip(idx, 0, None)], 0)
+    return n_det, tp
+
+
+def curve_from_counts(thresholds: np.ndarray, n_detections: np.ndarray, tp: np.ndarray, n_labels: int | float,
+                      n_subjects: int | float) -> pd.DataFrame:
+    """The :func:`froc_curve` table from cohort totals at each threshold (``n_detections``, ``tp``:
+    ``(T,)``); totals may be weighted (a bootstrap resample), so counts can be non-integer."""
+    n_detections, tp = np.asarray(n_detections), np.asarray(tp)
+    fp, fn = n_detections - tp, n_labels - tp
+    with np.errstate(divide="ignore", invalid="ignore"):          # 0/0 is NaN, as in :func:`rates`
+        sens = tp / n_labels if n_labels > 0 else np.full(len(tp), np.nan)
+        prec = np.where(n_detections > 0, tp / np.maximum(n_detections, 1e-12), np.nan)
+        fp_avg = fp / n_subjects if n_subjects > 0 else np.full(len(tp), np.nan)
+    return pd.DataFrame({"threshold": np.asarray(thresholds, float), "n_detections": n_detections, "tp": tp,
+                         "fp": fp, "fn": fn, "sensitivity": sens, "precision": prec, "fp_avg": fp_avg})
+
+
 def froc_curve(subjects: Sequence[SubjectData], hit_radius_mm: float) -> pd.DataFrame:
     """Operating points of the FROC and PR curves over every score threshold.
 
@@ -264,25 +302,11 @@ def froc_curve(subjects: Sequence[SubjectData], hit_radius_mm: float) -> pd.Data
         fp_avg`` (fractions; FP per subject). Sensitivity and FP_avg never
         decrease down the table.
     """
-    n_subjects = len(subjects)
     n_labels = sum(len(s.labels) for s in subjects)
     all_scores = np.concatenate([s.scores for s in subjects]) if subjects else np.zeros(0)
     thresholds = np.concatenate([[np.inf], np.unique(all_scores)[::-1]])
-    n_det = np.zeros(len(thresholds), int)
-    tp = np.zeros(len(thresholds), int)
-    for s in subjects:
-        desc = np.sort(s.scores)[::-1]
-        n_det += np.searchsorted(-desc, -thresholds, side="right")
-        t_sub, tp_sub = subject_tp_curve(s, hit_radius_mm)
-        if len(t_sub):
-            idx = np.searchsorted(-t_sub, -thresholds, side="right") - 1
-            tp += np.where(idx >= 0, tp_sub[np.clip(idx, 0, None)], 0)
-    fp = n_det - tp
-    rows = [{"threshold": t, "n_detections": int(d), "tp": int(a), "fp": int(b), "fn": int(n_labels - a),
-             **{k: v for k, v in rates(a, b, n_labels - a, n_subjects).items() if k != "f1"}}
-            for t, d, a, b in zip(thresholds, n_det, tp, fp)]
-    return pd.DataFrame(rows, columns=["threshold", "n_detections", "tp", "fp", "fn",
-                                       "sensitivity", "precision", "fp_avg"])
+    n_det, tp = subject_counts(subjects, hit_radius_mm, thresholds)
+    return curve_from_counts(thresholds, n_det.sum(axis=0), tp.sum(axis=0), n_labels, len(subjects))
 
 
 def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINTS) -> dict[str, float]:
