@@ -181,15 +181,15 @@ def render_results(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], int
 
 
 def copy_plots(snapshot_root: str | Path, dest: str | Path) -> list[Path]:
-    """Copy each snapshot's FROC and PR plots (``segin-<input>/<cohort>/{froc,pr}.png``) to
-    ``dest/<cohort>_<input>_{froc,pr}.png`` (results/ is not versioned; benchmarks/ is); older
+    """Copy each snapshot's FROC, PR and count plots (``segin-<input>/<cohort>/{froc,pr,counts}.png``) to
+    ``dest/<cohort>_<input>_{froc,pr,counts}.png`` (results/ is not versioned; benchmarks/ is); older
     plots in ``dest`` are removed first, so the folder holds this run's only. Returns the copies."""
     dest = Path(dest)
     for old in dest.glob("*.png"):
         old.unlink()
     copies = []
     for png in sorted(Path(snapshot_root).glob("segin-*/*/*.png")):
-        if png.stem in ("froc", "pr"):
+        if png.stem in ("froc", "pr", "counts"):
             target = dest / f"{png.parent.name}_{png.parent.parent.name.removeprefix('segin-')}_{png.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, target)
@@ -201,7 +201,7 @@ def plots_section(copies: Sequence[Path], out_dir: Path) -> str:
     """Markdown image links to ``copies``, relative to the folder of RESULTS.md."""
     if not copies:
         return ""
-    lines = ["", "## Plots (FROC and precision-recall per cohort and segmenter input)", ""]
+    lines = ["", "## Plots (FROC, precision-recall and per-subject counts per cohort and segmenter input)", ""]
     lines += [f"![{p.stem}]({os.path.relpath(p, out_dir)})" for p in copies]
     return "\n".join(lines) + "\n"
 

@@ -68,14 +68,14 @@ def test_plots_are_copied_out_of_results_and_linked(run_all, tmp_path):
     for segin in ("swi", "t1"):
         d = snap / f"segin-{segin}" / "bench-test"
         d.mkdir(parents=True)
-        for name in ("froc.png", "pr.png", "other.png"):
+        for name in ("froc.png", "pr.png", "counts.png", "other.png"):
             (d / name).write_bytes(b"\x89PNG" + segin.encode())
     dest = tmp_path / "benchmarks" / "plots" / "RESULTS"
     dest.mkdir(parents=True)
     (dest / "stale_swi_froc.png").write_bytes(b"old")
     copies = run_all.copy_plots(snap, dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["bench-test_swi_froc.png", "bench-test_swi_pr.png",
-                                                      "bench-test_t1_froc.png", "bench-test_t1_pr.png"]
+    assert sorted(p.name for p in dest.iterdir()) == [f"bench-test_{s}_{n}.png" for s in ("swi", "t1")
+                                                      for n in ("counts", "froc", "pr")]
     assert (dest / "bench-test_t1_pr.png").read_bytes() == b"\x89PNGt1"
     text = run_all.plots_section(copies, tmp_path / "benchmarks")
     assert "![bench-test_swi_froc](plots/RESULTS/bench-test_swi_froc.png)" in text
