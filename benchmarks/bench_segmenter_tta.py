@@ -1,4 +1,5 @@
-"""Left-right test-time augmentation of the segmenter (``segmenter.flip_tta``): Dice with and without.
+"""Test-time settings of the segmenter: left-right augmentation (``segmenter.flip_tta``) and the
+sliding-window overlap (``segmenter.overlap``, ``--overlaps``): Dice and time of each.
 
 The decision is taken on the segmenter's held-out validation subjects (``card.json``
 ``validation_subjects`` of the training cohort, never trained on); ``--cohorts`` adds test
@@ -9,7 +10,7 @@ map of the workflow (``results/<cohort>/labels/sub-<id>_desc-bombs_dseg.nii.gz``
 is pooled over the voxels of every subject of a set (as the card's validation Dice).
 
 Run: ``PYTHONPATH=workflow .venv/bin/python benchmarks/bench_segmenter_tta.py --results results
---model results/models/segmenter_swi [--cohorts bench-test bench-external]``
+--model results/models/segmenter_swi [--cohorts bench-test bench-external] [--overlaps 0.25 0.5] [--flip off]``
 Writes ``benchmarks/results/segmenter_tta.md`` (machine, date, command).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,28 +37,33 @@ OUT = ROOT / "benchmarks" / "results"
 
 
 def score_set(model, card: dict, results: Path, cohort: str, subjects: list[str], kind: str,
-              device: str = "cpu") -> list[dict]:
-    """Dice per class (pooled) and mean seconds per subject, flip off and on (each subject read once)."""
+              device: str = "cpu", settings: Sequence[tuple[bool, float]] | None = None) -> list[dict]:
+    """Dice per class (pooled) and mean seconds per subject for each ``(flip, overlap)`` setting
+    (default: flip off and on at the card's overlap); each subject is read once."""
     cfg = card.get("training", {})
-    preds, secs, truths = {False: [], True: []}, {False: [], True: []}, []
+    if settings is None:
+        settings = [(False, float(cfg.get("overlap", 0.25))), (True, float(cfg.get("overlap", 0.25)))]
+    preds = {s: [] for s in settings}
+    secs = {s: [] for s in settings}
+    truths = []
     for sub in subjects:
         img, aff = load_volume(preproc_path(results, cohort, sub, f"preproc_{kind}"), sub)
         truth, _ = load_volume(labels_path(results, cohort, sub), sub,
                                dtype=np.int16, allow_zero=True)
         truths.append(truth.ravel())
-        for flip in (False, True):
+        for flip, overlap in settings:
             t0 = time.time()
-            preds[flip].append(segment_image(model, img, aff, inference_spacing(card, aff), device,
-                                             cfg.get("window", (128, 128, 32)), float(cfg.get("overlap", 0.25)),
-                                             int(cfg.get("sw_batch_size", 2)), flip,
-                                             card.get("class_offsets")).ravel())
-            secs[flip].append(time.time() - t0)
+            preds[flip, overlap].append(segment_image(model, img, aff, inference_spacing(card, aff), device,
+                                                      cfg.get("window", (128, 128, 32)), overlap,
+                                                      int(cfg.get("sw_batch_size", 2)), flip,
+                                                      card.get("class_offsets")).ravel())
+            secs[flip, overlap].append(time.time() - t0)
     rows = []
-    for flip in (False, True):
-        dice = dice_per_class(np.concatenate(preds[flip]), np.concatenate(truths))
-        rows.append({"set": cohort, "subjects": len(subjects), "flip_tta": flip,
+    for flip, overlap in settings:
+        dice = dice_per_class(np.concatenate(preds[flip, overlap]), np.concatenate(truths))
+        rows.append({"set": cohort, "subjects": len(subjects), "flip_tta": flip, "overlap": overlap,
                      **{k: round(v, 4) for k, v in dice.items()},
-                     "seconds_per_subject": round(float(np.mean(secs[flip])), 2)})
+                     "seconds_per_subject": round(float(np.mean(secs[flip, overlap])), 2)})
     return rows
 
 
@@ -69,18 +76,24 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stem", default="segmenter_tta")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--overlaps", nargs="+", type=float, help="sliding-window overlaps (default: the card's)")
+    ap.add_argument("--flip", choices=["both", "off", "on"], default="both")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     card = json.loads((a.model / "card.json").read_text())
     kind = "swi" if card.get("config", {}).get("input", "swi") == "swi" else "T1w"
     model = load_segmenter(a.model, a.device)
-    rows = score_set(model, card, a.results, a.train_cohort, card["validation_subjects"], kind, a.device)
-    rows[0]["set"] = rows[1]["set"] = f"{a.train_cohort} validation"
+    overlaps = a.overlaps or [float(card.get("training", {}).get("overlap", 0.25))]
+    flips = {"both": (False, True), "off": (False,), "on": (True,)}[a.flip]
+    settings = [(f, o) for o in overlaps for f in flips]
+    rows = score_set(model, card, a.results, a.train_cohort, card["validation_subjects"], kind, a.device, settings)
+    for row in rows:
+        row["set"] = f"{a.train_cohort} validation"
     for cohort in a.cohorts:
         subs = preproc_subjects(a.results, cohort)
-        rows += score_set(model, card, a.results, cohort, subs, kind, a.device)
+        rows += score_set(model, card, a.results, cohort, subs, kind, a.device, settings)
     table = pd.DataFrame(rows)
-    text = (f"# Segmenter left-right test-time augmentation ({a.model.name}, input {kind})\n\n"
+    text = (f"# Segmenter test-time settings: left-right flip, window overlap ({a.model.name}, input {kind})\n\n"
             f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}\n"
             f"- machine: {platform.node()} ({platform.machine()}, {a.threads} threads, device {a.device}, {platform.platform()})\n"
             f"- command: `benchmarks/bench_segmenter_tta.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n"

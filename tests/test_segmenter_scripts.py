@@ -301,3 +301,30 @@ def test_segment_script_fills_the_voids_around_candidates_first(tmp_path, monkey
     with pytest.raises(InputError, match="T1w"):
         run(str(tmp_path / "swi.nii.gz"), str(tmp_path), str(tmp_path / "t1.nii.gz"), **dict(opts, expected_input="t1"),
             candidates=str(tmp_path / "cands.tsv"), mask=str(tmp_path / "mask.nii.gz"))
+
+
+def test_segmenter_test_time_bench_scores_each_flip_and_overlap(tmp_path, monkeypatch):
+    """benchmarks/bench_segmenter_tta.py: every (flip, overlap) setting is segmented with those
+    arguments and scored against the label map; a setting that mislabels scores lower."""
+    from benchscripts import load_bench
+    bench = load_bench("bench_segmenter_tta")
+    truth = np.zeros((4, 4, 4), np.int16)
+    truth[:2] = 1
+    truth[2:, :2] = 2
+    seen = []
+
+    def fake_segment(model, img, aff, spacing, device, window, overlap, batch, flip, offsets):
+        seen.append((flip, overlap))
+        out = truth.copy()
+        if overlap == 0.5:
+            out[3, 0, 0] = 1                                   # one deep voxel called lobar
+        return out
+    monkeypatch.setattr(bench, "load_volume", lambda path, sub, **k: (truth.astype(np.float32), np.eye(4)))
+    monkeypatch.setattr(bench, "segment_image", fake_segment)
+    monkeypatch.setattr(bench, "inference_spacing", lambda card, aff: None)
+    rows = bench.score_set(None, {"training": {"overlap": 0.25}}, tmp_path, "c", ["01", "02"], "swi", "cpu",
+                           [(False, 0.25), (False, 0.5)])
+    assert seen == [(False, 0.25), (False, 0.5)] * 2
+    assert [r["overlap"] for r in rows] == [0.25, 0.5] and rows[0]["deep"] == 1.0 > rows[1]["deep"]
+    assert [(r["flip_tta"], r["overlap"]) for r in bench.score_set(
+        None, {"training": {"overlap": 0.25}}, tmp_path, "c", ["01"], "swi")] == [(False, 0.25), (True, 0.25)]
