@@ -288,3 +288,17 @@ def test_bombs_from_simulated_aseg_matches_truth(tmp_path):
     interior = (ref > 0) & (ndimage.grey_erosion(ref, size=3) == ndimage.grey_dilation(ref, size=3))
     assert (ours[interior] == ref[interior]).mean() > 0.999
     assert (ours[ref > 0] == ref[ref > 0]).mean() > 0.95
+
+
+@pytest.mark.parametrize("axcodes", ["LAS", "PSR"])
+def test_labels_do_not_depend_on_the_asegs_voxel_order(dk, dk_maps, axcodes):
+    """The capsule rule and the lobe fill take a nearest voxel; equally near ones must not be
+    chosen by the file's scan order: the DK atlas (LIA) stored LAS or PSR gives the same maps."""
+    from microbleed.io import reorient_like
+    from microbleed.simulate import reorient
+    aseg, aff = dk
+    other, other_aff = reorient(aseg, aff, axcodes)
+    assert not np.array_equal(other.shape, aseg.shape) or not np.allclose(other_aff, aff)
+    bombs, mars = A.bombs_from_aseg(other, other_aff, capsule_rule=True)
+    assert np.array_equal(reorient_like(bombs, other_aff, aff, aseg.shape), dk_maps[0])
+    assert np.array_equal(reorient_like(mars, other_aff, aff, aseg.shape), dk_maps[1])

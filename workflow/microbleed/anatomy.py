@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .io import InputError, load_volume, save_image, voxel_sizes, write_tsv
+from .io import InputError, load_volume, reorient_like, save_image, to_canonical, voxel_sizes, write_tsv
 from .preprocess import resample_to_grid
 
 __all__ = [
@@ -326,9 +326,27 @@ def bombs_from_aseg(aseg: np.ndarray, affine: np.ndarray, capsule_rule: bool = T
                     internal_mm: float = 6.0, external_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     """BOMBS and MARS maps (uint8, the aseg's own grid) of an aseg/aparc+aseg.
 
+    The maps are computed in RAS voxel order (:func:`microbleed.io.to_canonical`) and put back in
+    the aseg's own: the capsule rule and the white-matter lobe fill take the nearest voxel of a
+    structure, and where several are equally near the distance transform picks one by scan
+    order, so the same anatomy stored LIA (FreeSurfer), LAS or PSR gives the same labels only
+    when every input is read in one order.
+
     Returns:
         ``(bombs (X, Y, Z), mars (X, Y, Z))``.
     """
+    aseg = np.asarray(aseg)
+    if aseg.ndim != 3:
+        raise ValueError(f"aseg must be (X, Y, Z), got shape {aseg.shape}")
+    ras, ras_affine = to_canonical(aseg, affine)
+    bombs, mars = _bombs_from_ras_aseg(ras, ras_affine, capsule_rule, internal_mm, external_mm)
+    return (reorient_like(bombs, ras_affine, np.asarray(affine, float), aseg.shape),
+            reorient_like(mars, ras_affine, np.asarray(affine, float), aseg.shape))
+
+
+def _bombs_from_ras_aseg(aseg: np.ndarray, affine: np.ndarray, capsule_rule: bool, internal_mm: float,
+                         external_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bombs_from_aseg` of an aseg already in RAS voxel order."""
     full = np.asarray(aseg).astype(np.int64)
     bombs_full = np.zeros(full.shape, np.uint8)
     mars_full = np.zeros(full.shape, np.uint8)
