@@ -177,3 +177,20 @@ def test_where_is_applied_before_the_left_out_subjects_are_checked(tmp_path):
     assert list(cohort_table("t", {"subjects": str(table), "where": {"site": "A"}})["subject"]) == ["A1"]
     with pytest.raises(InputError, match="session selects a session of a bids cohort only"):
         cohort_table("t", {"subjects": str(table), "session": "fu"})
+
+
+def test_expected_file_names_where_a_missing_file_was_looked_for(tmp_path):
+    from microbleed.cohort import expected_file
+    assert expected_file("b", {"bids": str(tmp_path)}, "01", "cmb") == \
+        str(tmp_path / "derivatives" / "cmb" / "sub-01" / "sub-01_cmb.tsv")
+    ses = expected_file("b", {"bids": str(tmp_path), "session": "fu"}, "01", "t1")
+    assert "ses-fu" in ses and ses.endswith("_T1w.nii.gz")
+    assert expected_file("b", {"bids": str(tmp_path)}, "01", "aseg").count("sub-01") >= 2
+    assert expected_file("t", {"subjects": "s.tsv"}, "01", "cmb") == "column 'cmb' of the subjects table s.tsv"
+
+
+def test_a_bad_folder_id_without_participants_names_the_folder(tmp_path):
+    (tmp_path / "sub-P.01" / "anat").mkdir(parents=True)
+    with pytest.raises(InputError, match="is not") as exc:
+        cohort_table("d", {"bids": str(tmp_path)})
+    assert "sub-P.01" in str(exc.value) and "participants.tsv" not in str(exc.value)

@@ -79,6 +79,25 @@ def _truncated(tmp):
     return tmp / "bad.nii.gz", "truncated or corrupt"
 
 
+def _bad_crc(tmp):
+    """Damage nibabel does not read: the gzip trailer's CRC (voxels intact, stream corrupt)."""
+    good = _swi(tmp, "full.nii.gz")
+    raw = bytearray(good.read_bytes())
+    raw[-8] ^= 0xFF
+    (tmp / "bad.nii.gz").write_bytes(bytes(raw))
+    return tmp / "bad.nii.gz", "truncated or corrupt"
+
+
+def _flipped_bytes(tmp):
+    """Bytes flipped inside the compressed voxels: wrong values or a decode error, never silent."""
+    good = _swi(tmp, "full.nii.gz", np.random.default_rng(0).uniform(0.1, 1, SHAPE).astype(np.float32))
+    raw = bytearray(good.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 50] = bytes(b ^ 0x5A for b in raw[mid:mid + 50])
+    (tmp / "bad.nii.gz").write_bytes(bytes(raw))
+    return tmp / "bad.nii.gz", "truncated or corrupt"
+
+
 def _gzip_garbage(tmp):
     (tmp / "bad.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)
     return tmp / "bad.nii.gz", "cannot be read"
@@ -134,7 +153,7 @@ def _no_orientation(tmp):
     return tmp / "bad.nii.gz", "neither a qform nor an sform"
 
 
-BAD_IMAGES = [_truncated, _gzip_garbage, _not_gzip, _empty_file, _nan, _inf, _zero, _four_d, _missing,
+BAD_IMAGES = [_truncated, _bad_crc, _flipped_bytes, _gzip_garbage, _not_gzip, _empty_file, _nan, _inf, _zero, _four_d, _missing,
               _singular_affine, _no_orientation]
 
 

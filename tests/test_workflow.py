@@ -181,6 +181,10 @@ def test_cohort_tables_leave_out_a_failed_subject_with_allow_missing(tmp_path):
     cfg = args[args.index("--configfile") + 1]
     allow = [*args[:-1], cfg, str(ROOT / "config" / "allow-missing.yaml"), "-n", *target]
     assert planned(smk(*allow)).get("finalise") == 1                   # never attempted: waited for
+    other = work / "results" / "logs" / "skullstrip" / "new_A2_01.log"   # cohort `new_A2`, subject 01
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_text("")
+    assert planned(smk(*allow)).get("finalise") == 1                   # another cohort's log: still waited for
     failed_log = work / "results" / "logs" / "finalise" / "new_A2.log"
     failed_log.parent.mkdir(parents=True, exist_ok=True)
     failed_log.write_text("InputError: subject A2, file ...\n")

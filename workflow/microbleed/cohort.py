@@ -112,7 +112,7 @@ def _bids_table(root: Path, name: str, session: str | None = None, only: set[str
     for sid, group in zip(ids, groups):
         if only is not None and sid not in only:
             continue
-        check_subject_id(sid, f" in cohort {name!r} ({part})")
+        check_subject_id(sid, f" in cohort {name!r} ({part if part.exists() else root / f'sub-{sid}'})")
         if session is None and not (root / f"sub-{sid}" / "anat").is_dir():
             sessions = sorted(d.name[4:] for d in (root / f"sub-{sid}").glob("ses-*") if d.is_dir())
             if sessions:
@@ -212,6 +212,19 @@ def select_where(attrs: pd.DataFrame, ids: list[str], where: Mapping[str, Any], 
         raise InputError(f"cohort {name!r}: no subject matches where {dict(where)} (values found: {found})",
                          path=source)
     return {sid for sid, k in zip(ids, keep) if k}
+
+
+def expected_file(name: str, entry: Mapping[str, Any], subject: str, kind: str,
+                  results: str | Path = "results") -> str:
+    """Where a cohort's ``kind`` file (swi, phase, t1, aseg, cmb) of ``subject`` is looked for, in
+    words, for an error about a missing one: the BIDS-like path, or the subjects table's column."""
+    if "subjects" in entry:
+        return f"column {kind!r} of the subjects table {entry['subjects']}"
+    root = simulated_root(name, results) if "simulate" in entry else Path(entry["bids"])
+    p = bids_paths(root, subject, None if entry.get("session") is None else str(entry["session"]))
+    if kind == "aseg":
+        return f"{p['aparc_aseg']} or {p['aseg']}"
+    return p[kind]
 
 
 def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "results") -> pd.DataFrame:

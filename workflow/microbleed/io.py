@@ -197,6 +197,18 @@ def _check_orientation_header(img, subject: str | None, path: Path) -> None:
                         "sform is used", subject, path, gap)
 
 
+def _verify_gzip(path: str | os.PathLike) -> None:
+    """Read a gzip file (``.nii.gz``, ``.mgz``) to its end, so that its CRC is checked: nibabel
+    stops after the voxels it needs, and a stream damaged inside would give wrong voxel values
+    without an error. Raises ``gzip.BadGzipFile``/``EOFError``/``zlib.error``; other files pass."""
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
+
+
 def load_volume(path: str | os.PathLike, subject: str | None = None, *, dtype=np.float32,
                 allow_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D volume and its affine, validated.
@@ -206,12 +218,14 @@ def load_volume(path: str | os.PathLike, subject: str | None = None, *, dtype=np
         order; affine ``(4, 4)`` voxel ijk -> RAS mm.
 
     Raises:
-        InputError: unreadable/truncated file, bad shape, NaN or infinite voxels,
-            all-zero image (unless ``allow_zero``). The message names subject and file.
+        InputError: unreadable/truncated file, a gzip stream that fails its checksum, bad shape,
+            NaN or infinite voxels, all-zero image (unless ``allow_zero``). The message names
+            subject and file.
     """
     img = load_image(path, subject)
     try:
         data = np.asanyarray(img.dataobj)
+        _verify_gzip(path)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise InputError(f"data cannot be read, the file is truncated or corrupt ({exc})",
                          subject=subject, path=path) from exc

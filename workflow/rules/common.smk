@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from microbleed.cohort import cohort_table, drop_missing, simulated_root, COLUMNS
+from microbleed.cohort import cohort_table, drop_missing, expected_file, simulated_root, COLUMNS
 from microbleed.io import InputError
 from microbleed.preprocess import card_grid, effective_normalisation, grid_spec
 
@@ -90,11 +90,16 @@ def subject_file(kind, required=True):
         value = subject_row(wildcards.cohort, wildcards.subject)[kind]
         if not value:
             if required:
-                raise InputError(f"cohort {wildcards.cohort!r}: subject {wildcards.subject} has no "
-                                 f"{kind} file (subjects table column {kind!r})")
+                raise InputError(f"cohort {wildcards.cohort!r}: subject {wildcards.subject} has no {kind} "
+                                 f"file (looked for: {missing_where(wildcards.cohort, wildcards.subject, kind)})")
             return []
         return value
     return _fn
+
+
+def missing_where(cohort, subject, kind):
+    """Where the cohort's `kind` file of `subject` was looked for (microbleed.cohort.expected_file)."""
+    return expected_file(cohort, config["cohorts"][cohort], subject, kind, RESULTS)
 
 
 def has_file(cohort, subject, kind):
@@ -143,7 +148,14 @@ def attempted(cohort, subject):
     failed), not when it simply has not run yet (a subject just added). Looked up once per subject
     and run (the plan is made before any job of this run writes a log)."""
     stem = f"{LOGS}/*/{cohort}_{subject}"
-    return bool(glob.glob(f"{stem}.log") or glob.glob(f"{stem}_*.log"))
+    # only the suffixes a per-subject log can have (detect: variant, segment_for_source: source):
+    # a cohort name may contain `_`, so `{stem}_*` would also match cohort `<cohort>_<subject>`'s logs
+    return any(glob.glob(f"{stem}{suffix}.log") for suffix in ("", *(f"_{s}" for s in LOG_SUFFIXES)))
+
+
+#: the per-subject log suffixes (detector variants and the FRST baseline, as in the `variant` and
+#: `source` wildcards)
+LOG_SUFFIXES = ("rpn", "rpn-ffm", "rpn-ffm-hspl", "frst")
 
 
 def failed_or_present(cohort, subject, path):

@@ -37,7 +37,7 @@ def eval_subject_files(cohort):
         row = subject_row(cohort, s)
         if not row["cmb"]:
             raise InputError(f"config key evaluate_cohorts: cohort {cohort!r}, subject {s} has no CMB "
-                             f"labels (subjects table column 'cmb'); evaluation needs them")
+                             f"labels (looked for: {missing_where(cohort, s, 'cmb')}); evaluation needs them")
         rows.append({
             "subject": s, "group": row["group"], "labels": row["cmb"],
             "cmb": sub_path(cohort, s, "cmb.tsv"),
