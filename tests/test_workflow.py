@@ -87,6 +87,10 @@ def test_released_models_plan_no_training_and_slurm_resources(tmp_path):
     text = full.stdout + full.stderr
     detect_blocks = [b for b in text.split("\n\n") if re.search(r"^rule detect:", b, re.M)]
     assert detect_blocks and all("gpu=1" in b for b in detect_blocks)
+    # a released segmenter of another input stops the plan before any subject is pre-processed
+    (tmp_path / "models" / "segmenter" / "card.json").write_text('{"config": {"input": "t1"}}')
+    out = smk("-n", "--configfile", str(cfg), "--quiet", "rules", check=False)
+    assert out.returncode != 0 and "trained on 't1' input but config segmenter.input is 'swi'" in out.stdout + out.stderr
 
 
 def test_missing_inputs_stop_the_plan_naming_each_or_are_skipped(tmp_path):

@@ -255,6 +255,22 @@ def _released_cards():
     return cards
 
 
+def _check_released_segmenter_input():
+    """A released segmenter trained on another input than config segmenter.input stops the plan
+    (otherwise every subject would be pre-processed first and fail in `segment`)."""
+    model = config["segmenter"].get("model")
+    if model and Path(model, "card.json").is_file():
+        trained_on = (json.loads(Path(model, "card.json").read_text()).get("config") or {}).get("input")
+        wanted = config["segmenter"]["input"]
+        if trained_on and trained_on != wanted:
+            raise InputError(f"config segmenter.model {model} was trained on {trained_on!r} input but "
+                             f"config segmenter.input is {wanted!r}: set segmenter.input: {trained_on}, "
+                             f"or name a segmenter trained on {wanted!r}")
+
+
+_check_released_segmenter_input()
+
+
 # Intensity normalisation of the preprocess rules: the released models' (their cards), else the
 # config's; models trained here record it in their cards (microbleed.preprocess.effective_normalisation).
 NORMALISATION = effective_normalisation(config["preprocess"], _released_cards())
