@@ -197,16 +197,16 @@ def _check_orientation_header(img, subject: str | None, path: Path) -> None:
                         "sform is used", subject, path, gap)
 
 
-def _verify_gzip(path: str | os.PathLike) -> None:
-    """Read a gzip file (``.nii.gz``, ``.mgz``) to its end, so that its CRC is checked: nibabel
-    stops after the voxels it needs, and a stream damaged inside would give wrong voxel values
-    without an error. Raises ``gzip.BadGzipFile``/``EOFError``/``zlib.error``; other files pass."""
+def _read_whole(img, path: str | os.PathLike):
+    """``img``'s voxels. A gzip file (``.nii.gz``, ``.mgz``) is decompressed once, whole, so that
+    its CRC is checked: nibabel alone stops after the voxels it needs, and a stream damaged inside
+    would give wrong voxel values without an error. Raises ``gzip.BadGzipFile``/``EOFError``/
+    ``zlib.error`` for a damaged stream."""
     with open(path, "rb") as fh:
-        if fh.read(2) != b"\x1f\x8b":
-            return
-    with gzip.open(path, "rb") as fh:
-        while fh.read(1 << 24):
-            pass
+        raw = fh.read()
+    if raw[:2] != b"\x1f\x8b" or not hasattr(type(img), "from_bytes"):
+        return np.asanyarray(img.dataobj)
+    return np.asanyarray(type(img).from_bytes(gzip.decompress(raw)).dataobj)
 
 
 def load_volume(path: str | os.PathLike, subject: str | None = None, *, dtype=np.float32,
@@ -224,8 +224,7 @@ def load_volume(path: str | os.PathLike, subject: str | None = None, *, dtype=np
     """
     img = load_image(path, subject)
     try:
-        data = np.asanyarray(img.dataobj)
-        _verify_gzip(path)
+        data = _read_whole(img, path)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise InputError(f"data cannot be read, the file is truncated or corrupt ({exc})",
                          subject=subject, path=path) from exc
