@@ -222,3 +222,28 @@ def test_label_paths_require_a_label_file_per_training_subject():
     table.loc[1, "cmb"] = ""
     with pytest.raises(InputError, match="cohort 'c'.*'02'"):
         label_paths(table, "c")
+
+
+def test_contrast_augmentation_leaves_the_shifted_background_alone():
+    """The intensity shift of the flip/scale augmentation lifts the background above 0; the
+    contrast augmentation must still change the brain only (its mask is taken before the shift):
+    far from the brain every crop equals the same crop drawn without contrast augmentation."""
+    image = synth_volume((64, 64, 64), [(12, 14, 20)])
+    image[:, 32:] = 0.0                                                  # half the volume is background
+    vol = Volume("01", image, AFFINE, np.array([[12.0, 14.0, 20.0]]))
+    kw = dict(n_crops=24, seed=2, augment=True)
+    plain = DetectionCrops([vol], (32, 32, 32), augment_contrast=False, **kw)
+    varied = DetectionCrops([vol], (32, 32, 32), augment_contrast=True, **kw)
+    checked = lifted = 0
+    for i in range(24):
+        a, b = plain[i]["image"].numpy(), varied[i]["image"].numpy()
+        values, counts = np.unique(a[0], return_counts=True)      # background: one value (the shift)
+        background = a[0] == values[np.argmax(counts)]
+        far = ndimage.binary_erosion(background, iterations=4, border_value=1)   # beyond the blur
+        if far.sum() < 500:
+            continue
+        checked += 1
+        lifted += values[np.argmax(counts)] > 0
+        np.testing.assert_array_equal(b[:, far], a[:, far], err_msg=f"crop {i}: background changed")
+        assert not np.allclose(b[:, ~background], a[:, ~background])       # the brain did change
+    assert checked >= 3 and lifted >= 1

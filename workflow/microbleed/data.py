@@ -461,10 +461,11 @@ class DetectionCrops(Dataset):
         inside = np.all((p >= 0) & (p < size), axis=1)
         if target_k < 0 and inside.any():
             target_k = int(np.flatnonzero(inside)[0])
+        brain = image[0] > 0           # before any intensity change: the background is 0 here only
         if self.augment:
-            image, p = self._augment(rng, image, p)
+            image, p, brain = self._augment(rng, image, p, brain)
         if self.augment_contrast:
-            image = self._augment_contrast(rng, image)
+            image = self._augment_contrast(rng, image, brain)
         cls, offset = encode_targets(p[inside], self.crop, self.stride, self.ignore_neighbours)
         cmb_cell = np.full(3, -1, dtype=np.int64)
         if target_k >= 0:
@@ -473,21 +474,24 @@ class DetectionCrops(Dataset):
                 "offset_target": torch.from_numpy(offset), "cmb_cell": torch.from_numpy(cmb_cell),
                 "has_cmb": torch.tensor(target_k >= 0)}
 
-    def _augment(self, rng: np.random.Generator, image: np.ndarray, p: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Flip each axis with probability 1/2 (crop positions ``p -> size - 1 - p``),
-        then scale/shift every channel."""
+    def _augment(self, rng: np.random.Generator, image: np.ndarray, p: np.ndarray, brain: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flip each axis with probability 1/2 (crop positions ``p -> size - 1 - p``, the
+        ``brain`` mask along), then scale/shift every channel (the background too: the
+        mask, not ``SWI > 0``, says where the brain is afterwards)."""
         p = p.copy()
         flips = rng.random(3) < 0.5
         for axis in np.flatnonzero(flips):
             image = np.flip(image, axis=axis + 1)
+            brain = np.flip(brain, axis=axis)
             p[:, axis] = self.crop[axis] - 1 - p[:, axis]
         scale = rng.uniform(0.9, 1.1, size=(image.shape[0], 1, 1, 1))
         shift = rng.uniform(-0.05, 0.05, size=(image.shape[0], 1, 1, 1))
-        return np.ascontiguousarray(image * scale + shift, dtype=np.float32), p
+        return np.ascontiguousarray(image * scale + shift, dtype=np.float32), p, np.ascontiguousarray(brain)
 
     @staticmethod
-    def _augment_contrast(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    def _augment_contrast(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray | None = None
+                          ) -> np.ndarray:
         """What changes between scanners and protocols, drawn per crop (channels [swi, phase]).
 
         - SWI gamma ``g`` log-uniform in [0.7, 1.4] (contrast of veins and CMBs to tissue);
@@ -497,15 +501,19 @@ class DetectionCrops(Dataset):
         - with probability 1/2 a Gaussian blur with sigma uniform in [0, 0.8]
           voxel per axis (coarser voxels, more partial volume);
         - Gaussian noise with sigma uniform in [0, 0.03] (lower SNR).
-        Gamma, gain and noise change the brain (SWI > 0) only; the blur also smears
-        the brain's edge a few voxels outward.
+        Gamma, gain and noise change the ``brain`` (default ``SWI > 0``, which holds only
+        before an intensity shift) only; the blur also smears the brain's edge a few
+        voxels outward.
         """
         from scipy import ndimage
         image = np.array(image, dtype=np.float32, copy=True)
-        brain = image[0] > 0
+        brain = image[0] > 0 if brain is None else np.asarray(brain, dtype=bool)
+        if brain.shape != image.shape[1:]:
+            raise ValueError(f"brain mask {brain.shape} differs from the crop {image.shape[1:]}")
         if not brain.any():
             return image
-        image[0] = np.clip(image[0], 0.0, 1.0) ** np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
+        gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
+        image[0] = np.where(brain, np.clip(image[0], 0.0, 1.0) ** gamma, image[0])
         m = float(np.median(image[1][brain]))
         gain = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
         image[1] = np.where(brain, m + gain * (image[1] - m), image[1])

@@ -295,7 +295,12 @@ def detect_volume(model: torch.nn.Module, volume: np.ndarray, device: str | torc
     views = [()] + flips
     if flips:
         # 4n + 1 voxels per axis: position p is p' = 4n - p once flipped, so a flipped cell
-        # [4k, 4k + 4) is the volume's cell n - 1 - k (the cell grid maps onto itself)
+        # [4k, 4k + 4) is the volume's cell n - 1 - k (the cell grid maps onto itself). The
+        # cells are those of the training labels (cell = floor(p / 4), p continuous in voxel
+        # units), whose borders run through the voxel centres 4k: only a centre exactly on a
+        # border (a tie) can fall into neighbouring cells in the two views. Padding to 4n
+        # instead would move every border by one voxel (a reviewer's suggestion, checked and
+        # refuted by test_flip_views_map_back_onto_the_same_cells_and_centres).
         size = [_ceil_to(n, STRIDE) + 1 for n in volume.shape[1:]]
         vol = F.pad(vol, (0, size[2] - vol.shape[3], 0, size[1] - vol.shape[2], 0, size[0] - vol.shape[1]))
         if mask is not None:
