@@ -407,3 +407,30 @@ def test_region_votes_are_counted_around_the_point_itself_not_its_nearest_voxel(
         v = region_votes(layered, flat_aff, voxel_to_ras(np.array([[10.0, 10.0, k]]), flat_aff), 6.0)[0]
         shares.append(v[0] / v.sum())
     assert all(a >= b for a, b in zip(shares, shares[1:])) and shares[0] > 0.6 > shares[-1] - 0.2
+
+
+@pytest.mark.parametrize("shear", [0.0, 0.8])
+def test_balls_hold_every_voxel_within_the_radius_also_on_sheared_grids(shear):
+    """Brute force over a wide block: the ball offsets, the ball around a point and the sphere mask
+    hold exactly the voxels whose centres lie within the radius in mm; on a sheared grid the ball
+    reaches further along an axis than radius / voxel size (which missed voxels before)."""
+    from microbleed.infer import BallVoxels, ball_offsets
+    from microbleed.io import ball_reach, voxel_sizes
+    from microbleed.outputs import sphere_mask
+    aff = np.diag([1.0, 1.0, 1.5, 1.0])
+    aff[0, 1] = shear                       # x depends on j: a sheared (non-orthogonal) grid
+    aff[:3, 3] = [-10.0, -12.0, -15.0]
+    radius = 4.0
+    assert np.all(ball_reach(aff, radius) >= radius / voxel_sizes(aff) - 1e-9)
+    block = np.stack(np.meshgrid(*[np.arange(-12, 13)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    dist = np.linalg.norm(block @ aff[:3, :3].T, axis=1)
+    offsets, d = ball_offsets(aff, radius)
+    assert {tuple(o) for o in offsets} == {tuple(o) for o in block[dist <= radius]}
+    assert np.allclose(np.sort(d), np.sort(dist[dist <= radius]))
+    shape = (30, 30, 30)
+    point = voxel_to_ras(np.array([[14.3, 15.6, 14.8]]), aff)[0]
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    near = grid[np.linalg.norm(voxel_to_ras(grid, aff) - point, axis=1) <= radius]
+    assert {tuple(v) for v in BallVoxels(aff, shape, radius)(point)} == {tuple(v) for v in near}
+    mask = sphere_mask(shape, aff, [point], [1], radius_mm=radius)
+    assert {tuple(v) for v in np.argwhere(mask)} == {tuple(v) for v in near}

@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from .anatomy import BOMBS_NAMES as _BOMBS
 from .data import load_detector_input
-from .io import load_image, load_volume, ras_to_voxel, voxel_sizes, voxel_to_ras
+from .io import ball_reach, load_image, load_volume, ras_to_voxel, voxel_sizes, voxel_to_ras
 from .nets.detector import STRIDE
 
 __all__ = [
@@ -501,7 +501,7 @@ def ball_offsets(affine: np.ndarray, radius_mm: float, inner_radius_mm: float = 
     """Voxel offsets ``(K, 3)`` int of the ball (or shell from ``inner_radius_mm``) of ``radius_mm``
     in the grid of ``affine`` (distances through the affine, so anisotropic and oblique voxels are
     measured in mm), and their distances ``(K,)`` in mm."""
-    reach = np.ceil(radius_mm / voxel_sizes(affine)).astype(int)
+    reach = np.ceil(ball_reach(affine, radius_mm)).astype(int)
     offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
     dist = np.linalg.norm(offsets @ np.asarray(affine, float)[:3, :3].T, axis=1)
     keep = (dist <= radius_mm) & (dist >= inner_radius_mm)
@@ -521,7 +521,7 @@ class BallVoxels:
         self.affine = np.asarray(affine, dtype=float)
         self.shape = np.asarray(shape[:3])
         self.radius, self.inner = float(radius_mm), float(inner_radius_mm)
-        reach = np.ceil(self.radius / voxel_sizes(self.affine)).astype(int) + 1
+        reach = np.ceil(ball_reach(self.affine, self.radius)).astype(int) + 1
         self.grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"),
                              -1).reshape(-1, 3)
 

@@ -327,6 +327,15 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
 
 
+def ball_reach(affine: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Voxels ``(3,)`` float a ball of ``radius_mm`` spans from its centre along each voxel axis:
+    ``radius * |row a of inv(A)|`` (``A`` the affine's 3x3). Equal to ``radius / voxel_sizes`` for
+    orthogonal axes (any rotation, any voxel size) and wider for a sheared grid, whose ball
+    reaches further along an axis than the voxel size alone says."""
+    inv = np.linalg.inv(np.asarray(affine, dtype=float)[:3, :3])
+    return float(radius_mm) * np.sqrt((inv ** 2).sum(axis=1))
+
+
 def ras_voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths in mm ``(3,)`` along the R, A, S axes of :func:`to_canonical` (an LIA
     image's second voxel axis runs I-S, so its size is the third value)."""

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .infer import BOMBS_NAMES, dark_voxels, load_labels, prune, read_candidates, sample_nearest
-from .io import (InputError, atomic_path, load_volume, ras_to_voxel, read_tsv, save_image, to_canonical,
+from .io import (InputError, atomic_path, ball_reach, load_volume, ras_to_voxel, read_tsv, save_image, to_canonical,
                  voxel_sizes, voxel_to_ras, write_tsv)
 
 __all__ = ["sphere_mask", "region_counts", "qc_patches", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
@@ -57,7 +57,7 @@ def sphere_mask(shape: tuple[int, int, int], affine: np.ndarray, centres_ras: np
     labels = np.asarray(labels, dtype=np.int64)
     out = np.zeros(shape, dtype=np.uint8 if labels.size == 0 or labels.max() <= 255 else np.uint16)
     centres = np.asarray(centres_ras, dtype=float).reshape(-1, 3)
-    reach = np.ceil(radius_mm / voxel_sizes(affine)).astype(int) + 1
+    reach = np.ceil(ball_reach(affine, radius_mm)).astype(int) + 1
     dims = np.asarray(shape)
     for centre, label in zip(centres[::-1], labels[::-1]):
         c_ijk = ras_to_voxel(centre, affine)[0]
