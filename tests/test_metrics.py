@@ -93,10 +93,11 @@ def test_froc_curve_and_points_by_hand():
     assert curve["fp_avg"].tolist() == [0, 0.5, 0.5, 1.0, 1.0, 1.5]
     assert curve["sensitivity"].tolist() == [0, 0, 0.5, 0.5, 1.0, 1.0]
     s = froc_summary(curve)
-    # interpolation (0,0)-(.5,.5): 1/8 -> .125, 1/4 -> .25; 1/2 -> .5; >=1 -> 1
+    # the step corners count: flat (0,0)-(.5,0), so 1/8 and 1/4 -> 0 (a false positive comes first,
+    # no threshold reaches more); 1/2 -> .5; >= 1 -> 1 (as MONAI / LUNA16 interpolate)
     assert [s[f"sens_at_{p:g}"] for p in (0.125, 0.25, 0.5, 1, 2, 4, 8)] == pytest.approx(
-        [0.125, 0.25, 0.5, 1, 1, 1, 1])
-    assert s["mean_sensitivity"] == pytest.approx(4.875 / 7)
+        [0, 0, 0.5, 1, 1, 1, 1])
+    assert s["mean_sensitivity"] == pytest.approx(4.5 / 7)
     assert s["threshold_at_0.125"] == math.inf and s["threshold_at_0.5"] == 0.9
     # at FP_avg <= 2 every point qualifies; sensitivity 1 is first reached at .6 (.3 only adds a false positive)
     assert s["threshold_at_1"] == 0.6 and s["threshold_at_2"] == 0.6
@@ -238,6 +239,9 @@ def test_operating_threshold_is_the_corner_of_the_froc_step():
     s = froc_summary(curve)
     assert s["threshold_at_0.25"] == 0.5 and s["threshold_at_0.5"] == 0.5 and s["threshold_at_8"] == 0.5
     assert s["threshold_at_0.125"] == 0.9
+    # between the FP at 0.8 (FP_avg 0.25) and the corner before it, the curve is flat: 1/8 -> 0.5,
+    # what threshold 0.9 reaches (not 0.75 of a ramp from (0, 0.5) to (0.25, 1))
+    assert s["sens_at_0.125"] == 0.5 and s["sens_at_0.25"] == 1.0
     fp_only = pd.DataFrame({"threshold": [math.inf, 0.7, 0.4], "fp_avg": [0.0, 0.1, 0.5],
                             "sensitivity": [0.0, 0.0, 0.0]})
     assert froc_summary(fp_only)["threshold_at_0.25"] == 0.7

@@ -99,7 +99,7 @@ def test_validation_candidates_are_post_processed_as_detect_does(monkeypatch):
     run = lambda post: validation_score(None, [vol], torch.device("cpu"), (32, 32, 32), 20, 5.0, post)
     assert run(None)["sens_at_8"] == 0.0                        # the CMB's candidate suppressed
     five = run({"nms_radius_mm": 5.0, "merge_dark_mm": 0.0, "dark_fraction": 0.6})
-    assert five["sens_at_1"] == 1.0 and five["sens_at_0.5"] == 0.5 and five["threshold_at_1"] == 0.8
+    assert five["sens_at_1"] == 1.0 and five["sens_at_0.5"] == 0.0 and five["threshold_at_1"] == 0.8
     assert five["lowest_threshold_at_1"] == 0.8 and five["lowest_threshold_at_0.5"] == float("inf")
     merged = run({"nms_radius_mm": 5.0, "merge_dark_mm": 10.0, "dark_fraction": 0.6})
     assert merged["sens_at_8"] == 0.0                           # one void: one finding, 7 mm off the label

@@ -312,12 +312,15 @@ def froc_curve(subjects: Sequence[SubjectData], hit_radius_mm: float) -> pd.Data
 def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINTS) -> dict[str, float]:
     """Sensitivity at fixed FP_avg values and their mean (the FROC score, "CPM").
 
-    Convention (LUNA16 / CAMELYON16, as in MONAI ``compute_froc_score``): the
-    curve's points ``(fp_avg, sensitivity)`` are linearly interpolated with
-    :func:`numpy.interp`; at an FP_avg reached by several points the highest
-    sensitivity is used; from the origin ``(0, 0)`` when the curve starts above
-    FP_avg 0; beyond the last point the curve is flat (its final sensitivity,
-    all candidates kept). ``threshold_at_<fp>`` is the operating threshold for at
+    Convention (LUNA16 / CAMELYON16, as in MONAI ``compute_froc_score``): all
+    the curve's points ``(fp_avg, sensitivity)``, the corners of its steps
+    included, are linearly interpolated with :func:`numpy.interp`, so where a
+    false positive comes before the next true positive the curve stays flat
+    (no threshold reaches more there); at an FP_avg reached by several points
+    the highest sensitivity is used; from the origin ``(0, 0)`` when the curve
+    starts above FP_avg 0; beyond the last point the curve is flat (its final
+    sensitivity, all candidates kept). Every ``sens_at_<fp>`` on a step is
+    reached by ``threshold_at_<fp>``. ``threshold_at_<fp>`` is the operating threshold for at
     most ``fp`` false positives per subject: the highest score threshold that
     reaches the best sensitivity of the points with ``fp_avg <= fp`` (the corner
     of the FROC step: lower thresholds with ``fp_avg <= fp`` only add false
@@ -330,14 +333,22 @@ def froc_summary(curve: pd.DataFrame, fp_points: Iterable[float] = FROC_FP_POINT
     fps = curve["fp_avg"].to_numpy(float)
     sens = np.nan_to_num(curve["sensitivity"].to_numpy(float))
     thr = curve["threshold"].to_numpy(float)
-    order = pd.DataFrame({"fp": fps, "sens": sens}).groupby("fp")["sens"].max()
-    xs, ys = order.index.to_numpy(float), order.to_numpy(float)
-    if xs.size == 0 or xs[0] > 0:        # no finite FP_avg (no subject): the origin only
-        xs, ys = np.concatenate([[0.0], xs]), np.concatenate([[0.0], ys])
+    finite = np.isfinite(fps)
+    order = np.lexsort((sens[finite], fps[finite]))          # by FP_avg, then sensitivity
+    xs = np.concatenate([[0.0], fps[finite][order]])
+    ys = np.concatenate([[0.0], sens[finite][order]])
     out: dict[str, float] = {}
     values = []
     for p in fp_points:
-        value = float(np.interp(p, xs, ys))
+        # the last point at or below p (the highest sensitivity of a repeated FP_avg), then a
+        # straight line to the next point: flat along a step, a ramp only where one threshold
+        # adds true and false positives together
+        right = int(np.searchsorted(xs, p, side="right")) - 1
+        if right >= xs.size - 1 or xs[right + 1] == xs[right]:
+            value = float(ys[right])
+        else:
+            t = (p - xs[right]) / (xs[right + 1] - xs[right])
+            value = float(ys[right] + t * (ys[right + 1] - ys[right]))
         values.append(value)
         out[f"sens_at_{p:g}"] = value
         out[f"threshold_at_{p:g}"] = threshold_range(curve, p)[0]
