@@ -500,6 +500,24 @@ def test_phase_sign_evidence_sees_dark_paramagnetic_spots():
     assert P.phase_sign_evidence(swi, phase, np.zeros(shape, bool), aff) == 0.0
 
 
+def test_phase_sign_evidence_skips_the_dark_end_slices_of_a_slab():
+    """A slab whose brain mask fills the field of view: its end slices are dark (the slab profile)
+    and carry no paramagnetic phase. They lie at the mask's edge (the image border counts as outside),
+    so the inset leaves them out and the dark spots inside still tell the sign."""
+    rng = np.random.default_rng(1)
+    shape, aff = (48, 48, 30), np.diag([1.0, 1.0, 2.0, 1.0])
+    swi = 0.6 + rng.normal(0, 0.02, shape).astype(np.float32)
+    phase = rng.normal(0, 0.05, shape).astype(np.float32)
+    spots = rng.random(shape) < 0.02
+    swi[spots], phase[spots] = 0.1, 0.4                     # the other handedness: positive evidence
+    swi[:, :, :2] *= 0.1
+    swi[:, :, -2:] *= 0.1                                   # dark slab ends, plain phase
+    mask = np.ones(shape, bool)
+    assert P.mask_depth_mm(mask, (1.0, 1.0, 2.0))[5, 5, 0] == pytest.approx(2.0)   # one slice from the border
+    assert P.phase_sign_evidence(swi, phase, mask, aff) > 3
+    assert P.resolve_phase_sign("auto", P.phase_sign_evidence(swi, phase, mask, aff)) == -1
+
+
 def test_non_integer_phase_wider_than_unwrapped_radians_is_read_by_its_range(caplog):
     """Philips display values (int16 0..4095 through slope 1.5346, intercept -3142: -3142..3141.98,
     not integers) are milliradians, not radians a thousand times too large; a scaled or resampled

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -357,6 +358,15 @@ def homodyne_highpass(phase_rad: np.ndarray, affine: np.ndarray, fwhm_mm: float,
 PHASE_SIGN_MIN_EVIDENCE = 1.0
 
 
+def mask_depth_mm(mask: np.ndarray, zooms: Sequence[float] | None = None) -> np.ndarray:
+    """Distance (mm; voxels when ``zooms`` is None) of each mask voxel to the nearest voxel outside
+    the mask, where voxels beyond the image count as outside: a brain cut by the field of view (a
+    slab) has its edge at the cut, not deep inside."""
+    sampling = None if zooms is None else [float(z) for z in zooms][:3]
+    padded = np.pad(np.asarray(mask, bool), 1)
+    return ndimage.distance_transform_edt(padded, sampling=sampling)[1:-1, 1:-1, 1:-1]
+
+
 def phase_sign_evidence(swi: np.ndarray, phase_rad: np.ndarray, mask: np.ndarray, affine: np.ndarray,
                         dark_percentile: float = 1.0, inset_mm: float = 4.0) -> float:
     """How strongly the darkest SWI voxels have negative phase (robust z units).
@@ -376,8 +386,7 @@ def phase_sign_evidence(swi: np.ndarray, phase_rad: np.ndarray, mask: np.ndarray
     Returns:
         The z value (0.0 when the brain is too small to tell).
     """
-    depth = ndimage.distance_transform_edt(mask, sampling=voxel_sizes(affine))
-    inner = depth > inset_mm
+    inner = mask_depth_mm(mask, voxel_sizes(affine)) > inset_mm
     if inner.sum() < 1000:
         inner = mask
     if inner.sum() < 100:
@@ -529,10 +538,7 @@ def anchor_mask(mask: np.ndarray, zooms=None, erode_mm: float = 0.0, *, subject:
     mask = np.asarray(mask, bool)
     if erode_mm <= 0 or not mask.any():
         return mask
-    sampling = None if zooms is None else [float(z) for z in zooms][:3]
-    padded = np.pad(mask, 1)  # voxels outside the image count as outside the mask
-    depth = ndimage.distance_transform_edt(padded, sampling=sampling)[1:-1, 1:-1, 1:-1]
-    inner = mask & (depth > erode_mm)
+    inner = mask & (mask_depth_mm(mask, zooms) > erode_mm)
     if inner.sum() < ANCHOR_MIN_FRACTION * mask.sum():
         log.warning("subject %s: %s: eroding the brain mask by %g mm leaves %d of %d voxels; normalisation "
                     "anchors taken over the whole mask", subject, path, erode_mm, int(inner.sum()), int(mask.sum()))
