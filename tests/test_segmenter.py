@@ -183,6 +183,35 @@ def test_inference_uses_the_models_frame():
     assert build_segmenter({"widths": [2, 4]}).coordinates == "volume"
 
 
+def test_short_axes_are_padded_with_coordinates_that_run_on():
+    """An axis shorter than the window and not a multiple of the network's ``multiple``: the network
+    gets it padded with image 0 and coordinates continuing past the last voxel (its own zero padding
+    would read as the first voxel), and the map is cut back to the volume."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        multiple = 8
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            assert all(n % self.multiple == 0 for n in x.shape[2:])
+            return torch.zeros(x.shape[0], 4, *x.shape[2:]) + self.w
+
+    shape = (44, 36, 21)                   # x, z shorter than the window and not multiples of 8
+    image = _head(shape, (15, 12, 10))
+    prob = segment.segment_probabilities(Probe(), image, "cpu", window=(64, 32, 32), fold_bn=False)
+    assert prob.shape == (4, *shape) and prob.flags.c_contiguous
+    x = seen[0][0].numpy()
+    assert x.shape[1] == 48 and x.shape[3] == 24 and x.shape[2] == 32       # y: tiles of the window
+    z = x[3, 0, 0]
+    assert np.all(np.diff(z) > 0) and z[20] == pytest.approx(1.0) and z[-1] > 1.0
+    assert not x[0, 44:].any() and not x[0, :, :, 21:].any()
+
+
 def test_scale_augmentation_draws_zooms_within_range():
     shape, crop = (48, 48, 24), (16, 16, 8)
     image, labels = phantom(shape)

@@ -50,7 +50,7 @@ from monai.losses import DiceCELoss, DiceLoss
 from scipy import ndimage
 from tqdm import tqdm
 
-from .infer import fill_voids
+from .infer import _ceil_to, fill_voids
 from .io import (InputError, load_volume, ras_voxel_sizes, read_tsv, reorient_like, save_image, to_canonical,
                  voxel_sizes)
 from .preprocess import check_normalisation, normalisation_spec, resample_to_grid, to_detector_grid
@@ -839,8 +839,9 @@ def segment_probabilities(model: torch.nn.Module, image: np.ndarray, device: str
         image: ``(X, Y, Z)`` float32 pre-processed structural image (SWI grid, voxel ijk order);
             its coordinate channels are in the frame the model was trained with (its
             ``coordinates`` attribute, :func:`coordinate_frame`).
-        window: window size in voxels; cut to the volume size along short axes (so no padding
-            is needed); any size works, the network is fully convolutional.
+        window: window size in voxels; cut to the volume size along short axes (padded to the
+            network's ``multiple`` with image 0 and coordinates continued past the last voxel);
+            any size works, the network is fully convolutional.
         overlap: fraction of a window shared with its neighbour along each axis.
         sw_batch_size: windows per forward pass (2: torch's batched oneDNN conv3d path on the
             CPU, ~1.3x faster per window than 1).
@@ -858,16 +859,24 @@ def segment_probabilities(model: torch.nn.Module, image: np.ndarray, device: str
         raise ValueError(f"image must be (X, Y, Z), got shape {image.shape}")
     device = device if isinstance(device, torch.device) else select_device(device)
     frame = coordinate_frame(image, getattr(model, "coordinates", "volume"))
+    shape = image.shape
+    # an axis shorter than the window is one window long: pad it here to the network's multiple
+    # (image 0 = background, coordinates running on past the last voxel) rather than inside the
+    # network, whose zero padding would read as coordinate 0 (the first voxel) past the last one
+    multiple = int(getattr(model, "multiple", 1))
+    padded = tuple(_ceil_to(n, multiple) if n < w else n for n, w in zip(shape, window))
+    if padded != shape:
+        image = np.pad(image, [(0, p - n) for p, n in zip(padded, shape)])
     model = fold_batchnorm(model.eval()).to(memory_format=CHANNELS_LAST) if fold_bn else model.eval()
-    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(image.shape, frame=frame)]))[None].to(device)
-    roi = tuple(int(min(w, s)) for w, s in zip(window, image.shape))
+    x = torch.from_numpy(np.concatenate([image[None], coordinate_channels(padded, frame=frame)]))[None].to(device)
+    roi = tuple(int(min(w, s)) for w, s in zip(window, padded))
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(batch.contiguous(memory_format=CHANNELS_LAST)), dim=1)
 
     prob = sliding_window_inference(x, roi, int(sw_batch_size), predictor, overlap=float(overlap),
                                     mode="gaussian", progress=progress)
-    return prob[0].float().cpu().numpy()
+    return np.ascontiguousarray(prob[0, :, :shape[0], :shape[1], :shape[2]].float().cpu().numpy())
 
 
 def segment_image(model: torch.nn.Module, image: np.ndarray, affine: np.ndarray,
