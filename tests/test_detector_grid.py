@@ -44,6 +44,30 @@ def test_every_acquisition_reaches_the_grid_spacing_in_ras_order(voxel_mm, orien
     assert np.linalg.norm(voxel_to_ras(darkest[None], out_aff) - centre_ras) <= 1.6, "the blob keeps its RAS place"
 
 
+def test_coarser_grid_averages_the_source_voxels_it_covers():
+    """0.25 mm in-plane (7 T) onto 1 mm: the source voxels are averaged (Gaussian low-pass first),
+    not skipped, so white noise drops about as much as box averaging would (1/4 per in-plane axis,
+    here 1/16 of the variance); a ratio under 2 (1.2 mm -> 1 mm, 1 -> 1.5 mm) is plain linear
+    interpolation, and a smooth image keeps its values."""
+    from scipy import ndimage
+    from microbleed.preprocess import resample_axes
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 1.0, (128, 128, 8)).astype(np.float32)
+    aff = np.diag([0.25, 0.25, 1.0, 1.0])
+    out, out_aff = resample_axes(noise, aff, (32, 32, 8))
+    assert np.allclose(voxel_sizes(out_aff), [1.0, 1.0, 1.0])
+    assert out.std() < 0.25                                     # skipping voxels kept ~0.4
+    near = noise[:60, :60]
+    plain, _ = resample_axes(near, np.diag([1.0, 1.0, 1.0, 1.0]), (50, 40, 8))   # ratios 1.2, 1.5
+    np.testing.assert_array_equal(plain, ndimage.zoom(near, (50 / 60, 40 / 60, 1), order=1, grid_mode=True,
+                                                      mode="nearest"))
+    ramp = np.broadcast_to(np.arange(128, dtype=np.float32)[:, None, None], (128, 128, 8))
+    down, _ = resample_axes(ramp, aff, (32, 32, 8))
+    np.testing.assert_allclose(down[4:-4, 5, 3], 4 * np.arange(4, 28) + 1.5, atol=1e-3)
+    labels, _ = resample_axes((noise > 0).astype(np.float32), aff, (32, 32, 8), order=0)
+    assert set(np.unique(labels)) <= {0.0, 1.0}                 # masks: nearest neighbour, unfiltered
+
+
 def test_resampling_affine_keeps_the_slab_corners():
     aff = _affine((1.2, 0.9, 2.5), "LAS")
     new = resampling_affine(aff, (50, 40, 30), (60, 36, 50))
