@@ -194,3 +194,25 @@ def test_a_bad_folder_id_without_participants_names_the_folder(tmp_path):
     with pytest.raises(InputError, match="is not") as exc:
         cohort_table("d", {"bids": str(tmp_path)})
     assert "sub-P.01" in str(exc.value) and "participants.tsv" not in str(exc.value)
+
+
+def test_training_subjects_are_found_in_an_evaluated_cohort_by_file_or_simulation(tmp_path):
+    """The same SWI file under another cohort name (a `where` overlap, a copy of the config entry)
+    or identical simulate settings are training subjects; another seed or other files are not."""
+    from microbleed.cohort import shared_with_training
+    for s in ("A1", "A2", "B1"):
+        anat = tmp_path / "bids" / f"sub-{s}" / "anat"
+        anat.mkdir(parents=True)
+        (anat / f"sub-{s}_swi.nii.gz").write_bytes(b"x")
+        (anat / f"sub-{s}_part-phase_swi.nii.gz").write_bytes(b"x")
+    (tmp_path / "bids" / "participants.tsv").write_text("participant_id\tsite\nsub-A1\ta\nsub-A2\ta\nsub-B1\tb\n")
+    sim = {"seed": 1, "subjects": 3, "normal": 1, "acquisition": "demo"}
+    entries = {"train": {"bids": str(tmp_path / "bids"), "where": {"site": "a"}},
+               "site-b": {"bids": str(tmp_path / "bids"), "where": {"site": "b"}},
+               "everyone": {"bids": str(tmp_path / "bids") + "/."},
+               "sim-train": {"simulate": sim}, "sim-copy": {"simulate": dict(sim)},
+               "sim-other": {"simulate": {**sim, "seed": 2}}}
+    tables = {n: cohort_table(n, e, tmp_path / "results") for n, e in entries.items()}
+    assert shared_with_training(tables, entries, "train", ["site-b", "everyone"]) == {"everyone": ["A1", "A2"]}
+    assert shared_with_training(tables, entries, "sim-train", ["sim-copy", "sim-other"]) == {
+        "sim-copy": ["001", "002", "003"]}

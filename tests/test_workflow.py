@@ -112,6 +112,22 @@ def test_missing_inputs_stop_the_plan_naming_each_or_are_skipped(tmp_path):
     assert plan.get("detect") == 1 and plan.get("finalise") == 1
 
 
+def test_evaluating_training_subjects_stops_the_plan(tmp_path):
+    """A cohort that holds train_cohort's subjects (here the same simulation under another name) is
+    not evaluated: its metrics would be computed on training data."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["cohorts"]["demo-again"] = dict(cfg["cohorts"][cfg["train_cohort"]])
+    cfg["evaluate_cohorts"] = ["demo-test", "demo-again"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = smk("-n", "--configfile", str(path), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "'demo-again' holds" in text and "training data" in text
+    cfg["evaluate_cohorts"], cfg["infer_cohorts"] = ["demo-test"], ["demo-again"]
+    path.write_text(yaml.safe_dump(cfg))
+    smk("-n", "--configfile", str(path), "--quiet", "rules")
+
+
 def finish_by_touching(args):
     """Create every planned output (empty), then let `snakemake --touch` order their times."""
     summary = smk(*args, "--summary").stdout

@@ -18,10 +18,11 @@ strings mark absent optional files.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -267,6 +268,31 @@ def cohort_table(name: str, entry: Mapping[str, Any], results: str | Path = "res
     if chosen is not None:
         log.info("cohort %r: where %s keeps %d subject(s)", name, dict(entry["where"]), len(df))
     return df
+
+
+def shared_with_training(tables: Mapping[str, pd.DataFrame], entries: Mapping[str, Mapping[str, Any]],
+                         train: str, evaluated: Sequence[str]) -> dict[str, list[str]]:
+    """Subjects of the ``evaluated`` cohorts that are subjects of the ``train`` cohort: the same
+    SWI file (resolved path, for ``bids``/``subjects`` cohorts, whatever the cohort is called) or the
+    same simulated subject (identical ``simulate`` settings).
+
+    Returns:
+        ``{cohort: [subject ids]}`` of the evaluated cohorts that share subjects (empty: none).
+    """
+    def keys(name: str) -> dict[tuple, str]:
+        df, entry = tables[name], entries[name]
+        if "simulate" in entry:
+            settings = json.dumps(entry["simulate"], sort_keys=True, default=str)
+            return {("simulate", settings, s): s for s in df["subject"]}
+        return {("file", str(Path(p).resolve())): s for p, s in zip(df["swi"], df["subject"])}
+
+    trained = set(keys(train))
+    shared = {}
+    for name in evaluated:
+        hits = sorted(s for k, s in keys(name).items() if k in trained)
+        if hits:
+            shared[name] = hits
+    return shared
 
 
 def _where_ids(name: str, entry: Mapping[str, Any]) -> set[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from microbleed.cohort import cohort_table, drop_missing, expected_file, simulated_root, COLUMNS
+from microbleed.cohort import cohort_table, drop_missing, expected_file, shared_with_training, simulated_root, COLUMNS
 from microbleed.io import InputError
 from microbleed.preprocess import card_grid, effective_normalisation, grid_spec
 
@@ -66,6 +66,24 @@ def _load_tables():
 
 
 TABLES = _load_tables()
+
+
+def _check_no_training_subject_evaluated():
+    """Metrics of an evaluated cohort must not include subjects the models learned from (or the FRST
+    baseline was tuned on): stop the plan when train_cohort's subjects are evaluated."""
+    trains = not config["detector"].get("model") or not config["segmenter"].get("model") \
+        or any(str(m).startswith("frst") for m in config["evaluate"].get("methods") or [])
+    if not trains:
+        return
+    shared = shared_with_training(TABLES, config["cohorts"], config["train_cohort"], config["evaluate_cohorts"])
+    for name, ids in shared.items():
+        raise InputError(f"config key evaluate_cohorts: cohort {name!r} holds {len(ids)} subject(s) of the "
+                         f"training cohort {config['train_cohort']!r} ({', '.join(ids[:10])}"
+                         f"{', ...' if len(ids) > 10 else ''}): its metrics would be computed on training data. "
+                         f"Evaluate another cohort, or list it under infer_cohorts to run the models on it")
+
+
+_check_no_training_subject_evaluated()
 
 
 def subjects(cohort):
