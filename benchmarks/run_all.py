@@ -131,12 +131,25 @@ def _localization_rows(found, internal: str, external: Sequence[str]) -> list[li
             continue
         kind = "internal" if cohort == internal else "external" if cohort in external else None
         paper = PAPER_LOCALIZATION.get((kind, segin), {})
+        efp_cmb = _pruned_fp_avg(tables.get("framework"), "cmb")
         for _, r in loc.iterrows():
             p = paper.get(r["region"], (None, None, None))
-            efp = _cell(r.get("efp_avg"), p[2] if len(p) > 2 else None) if r["region"] == "total" else ""
+            total = r["region"] == "total"
+            efp = _cell(efp_cmb, p[2] if len(p) > 2 else None) if total else ""
             rows.append([cohort, segin, r["region"], _cell(r.get("dice_mean"), p[0], digits=3),
-                         _cell(r.get("la"), p[1]), _counts(r), efp])
+                         _cell(r.get("la"), p[1]), _counts(r), efp, _cell(r.get("efp_avg"), None) if total else ""])
     return rows
+
+
+def _pruned_fp_avg(framework: pd.DataFrame | None, group: str) -> float | None:
+    """False positives removed by pruning per subject of ``group`` (framework.tsv's pruning row): the
+    paper's GMC EFP_avg is the drop of FP_avg on its subjects with CMBs (0.86 - 0.56 = 0.30 SWI,
+    0.86 - 0.52 = 0.34 T1, Tables 2-3), so Table 2 compares ``cmb`` with it."""
+    col = f"efp_avg_{group}"
+    if framework is None or col not in framework.columns:
+        return None
+    rows = framework[framework["task"].astype(str).str.contains("pruning")]
+    return None if rows.empty else float(rows[col].iloc[0])
 
 
 def _froc_rows(found) -> list[list[str]]:
@@ -163,7 +176,8 @@ def render_results(found: Mapping[tuple[str, str], dict[str, pd.DataFrame]], int
     facts = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     det_head = ["method", f"{internal} sens %", "prec %", "FP_avg", "FP_avg normal",
                 f"{external[0] if external else 'external'} sens %", "prec %", "FP_avg", "FP_avg normal"]
-    loc_head = ["cohort", "segmenter input", "region", "Dice", "LA", "correct/detected", "EFP_avg"]
+    loc_head = ["cohort", "segmenter input", "region", "Dice", "LA", "correct/detected", "EFP_avg (subjects with CMBs)",
+                "EFP_avg (all subjects)"]
     froc_head = ["cohort", "method", "@1/8", "@1/4", "@1/2", "@1", "@2", "@4", "@8", "mean", "AUC-PR",
                  "FP_avg @90 %", "FP_avg @95 %"]
     return "\n\n".join([

@@ -32,6 +32,9 @@ def test_render_results(run_all, tmp_path):
     _write(tmp_path / "segin-swi" / "ext", [("rpn+ffm+hspl", "cmb", 0.8, 0.4, 2.0),
                                             ("rpn+ffm+hspl", "normal", float("nan"), 0.0, 0.33)], loc, froc)
     _write(tmp_path / "segin-t1" / "int", [("rpn+ffm+hspl+pruning(t1)", "cmb", 0.85, 0.8, 0.4)], loc, froc)
+    pd.DataFrame({"task": ["detection", "detection+pruning(swi)"], "efp_avg_cmb": [0.0, 0.375],
+                  "efp_avg_all": [0.0, 0.25]}).to_csv(tmp_path / "segin-swi" / "int" / "framework.tsv", sep="\t",
+                                                       index=False)
     found = run_all.collect(tmp_path)
     assert set(found) == {("swi", "int"), ("swi", "ext"), ("t1", "int")}
     text = run_all.render_results(found, "int", ["ext"], {"commit": "abc", "wall time": "1 min"})
@@ -45,7 +48,9 @@ def test_render_results(run_all, tmp_path):
     assert "75.00 (84.52)" in rows["rpn+ffm+hspl+pruning(swi)"]
     assert "85.00 (94.66)" in rows["rpn+ffm+hspl+pruning(t1)"] and "n/a" in rows["rpn+ffm+hspl+pruning(t1)"]
     assert "n/a (88.00)" in rows["two-stage YOLOv2 + 3D CNN (paper only)"]
-    assert "0.800 (0.904)" in text and "0.25 (0.30)" in text and "3/4" in text         # Table 2, internal swi
+    # Table 2, internal swi: EFP_avg on subjects with CMBs beside the paper's (its basis), then all subjects
+    assert "0.800 (0.904)" in text and "| 3/4 | 0.38 (0.30) | 0.25 |" in text
+    assert "| ext | swi | total | 0.700 | 0.75 (0.97) | 3/4 | n/a (0.28) | 0.25 |" in text   # no framework.tsv
     assert "0.66 (0.94)" in text                                                          # AUC-PR vs Fig. 9
     froc_int = next(line for line in text.splitlines() if line.startswith("| int | rpn+ffm+hspl |"))
     assert froc_int.endswith("| 0.38 | inf |"), froc_int                                 # FP_avg at 90 % / 95 %
