@@ -103,6 +103,15 @@ def test_region_counts_bombs_and_mars_zeros_included():
     assert got[("bombs", "lobar")] == 2 and got[("bombs", "deep")] == 1 and got[("bombs", "infratentorial")] == 0
     assert got[("mars", "thalamus")] == 2 and got[("mars", "brainstem")] == 0 and got[("mars", "unlabelled")] == 1
     assert set(region_counts(kept)["atlas"]) == {"bombs"}
+    # with the labels rule's own MARS table (index 0 named "none"), a CMB on index 0 is unlabelled
+    from microbleed.anatomy import mars_table
+    table = mars_table()
+    names = dict(zip(table["index"], table["name"]))
+    assert names[0] == "none"
+    full = region_counts(kept, (mars, np.eye(4)), names)
+    mars_rows = full[full["atlas"] == "mars"]
+    assert mars_rows["count"].sum() == 3 and int(mars_rows.set_index("region").loc["unlabelled", "count"]) == 1
+    assert "none" not in set(mars_rows["region"])
 
 
 def test_qc_montage_writes_a_png(tmp_path):

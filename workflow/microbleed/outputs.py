@@ -101,7 +101,7 @@ def region_counts(kept: pd.DataFrame, mars: tuple[np.ndarray, np.ndarray] | None
         data, affine = mars
         idx = sample_nearest(np.asarray(data).astype(np.int64), affine,
                              kept[["x", "y", "z"]].to_numpy(dtype=float).reshape(-1, 3))
-        hits = [names.get(int(i), "unlabelled") for i in idx]
+        hits = ["unlabelled" if int(i) == 0 else names.get(int(i), "unlabelled") for i in idx]
         for index in sorted(k for k in names if k != 0):
             rows.append(("mars", names[index], hits.count(names[index])))
         rows.append(("mars", "unlabelled", hits.count("unlabelled")))
