@@ -134,6 +134,30 @@ def test_cohort_threshold_is_lowered_for_a_cohort_scored_lower(tmp_path):
     assert up["threshold"] == pytest.approx(0.6) and not up["adapted"] and "kept" in up["reason"]
 
 
+def test_cohort_threshold_script_records_and_warns_about_subjects_left_out(tmp_path, caplog):
+    """Rule cohort_threshold's script: the subjects whose detection failed are named in the log and
+    in the JSON record; the threshold is computed from the others' background scores."""
+    import importlib.util
+    import pandas as pd
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "cohort_threshold_script", Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "cohort_threshold.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    card, background = _adapt_card(tmp_path, rng)
+    files = []
+    for i in range(9):
+        files.append(tmp_path / f"bg{i}.tsv")
+        pd.DataFrame({"score": background[i::10]}).to_csv(files[-1], sep="\t", index=False)
+    out = tmp_path / "threshold.json"
+    with caplog.at_level("WARNING"):
+        rec = script.main([str(f) for f in files], str(card), str(out), infer=INFER, cohort="c", left_out=["A2"])
+    saved = json.loads(out.read_text())
+    assert saved["left_out"] == ["A2"] and saved["n_subjects"] == 9 and rec["left_out"] == ["A2"]
+    assert "A2" in caplog.text and "left out" in caplog.text
+
+
 def test_cohort_threshold_keeps_the_validation_threshold_of_an_older_card(tmp_path, caplog):
     """A card written before the count thresholds existed (the released models): validation threshold,
     a warning naming the card, and the reason in the record."""

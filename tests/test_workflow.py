@@ -212,6 +212,27 @@ def test_cohort_tables_leave_out_a_failed_subject_with_allow_missing(tmp_path):
     assert plan.get("summarise_cohort") == 1 and "finalise" not in plan
 
 
+def test_a_failed_detection_does_not_hold_back_the_cohort_threshold(tmp_path):
+    """With the adaptive cohort threshold, a subject whose detection failed in an earlier run (its log
+    is there, its background scores are not) is left out of the threshold, without allow_missing: the
+    other subjects are finalised; one not attempted yet is waited for."""
+    _, args = finished_labelled_cohort(tmp_path, ["A1", "A2", "A3"], min_subjects=1)
+    work = Path(args[args.index("--directory") + 1])
+    for path in (work / "results" / "new").rglob("sub-A2*"):
+        if path.is_file() and ("_background.tsv" in path.name or "_candidates.tsv" in path.name
+                               or path.name.endswith("_cmb.tsv")):
+            path.unlink()
+    (work / "results" / "new" / "sub-A1" / "sub-A1_cmb.tsv").unlink()
+    (work / "results" / "new" / "work" / "detector_threshold.json").unlink()   # never made: A2 failed first
+    target = ["results/new/sub-A1/sub-A1_cmb.tsv", "--quiet", "rules"]
+    plan = planned(smk(*args, "-n", *target))
+    assert plan == {"cohort_threshold": 1, "finalise": 1}, plan          # A2 failed: not waited for
+    for log in (work / "results" / "logs").glob("*/new_A2*.log"):
+        log.unlink()
+    plan = planned(smk(*args, "-n", *target))
+    assert plan.get("detect") == 1 and plan.get("cohort_threshold") == 1    # never attempted: waited for
+
+
 def test_summarise_script_names_the_subjects_left_out(tmp_path, caplog):
     from microbleed.io import write_tsv
     import pandas as pd

@@ -184,11 +184,21 @@ def failed_or_present(cohort, subject, path):
 
 
 def cohort_backgrounds(cohort):
-    """Background score files of a cohort's subjects for rule cohort_threshold; with
-    evaluate.allow_missing a failed subject's is left out (it does not block the others)."""
+    """Background score files of a cohort's subjects for rule cohort_threshold. A subject whose
+    detection failed in an earlier run (attempted, no file) is left out whatever
+    evaluate.allow_missing says: the threshold of the others is what each of them is finalised
+    with, and one failed subject must not stop every subject's findings (the run after the
+    failure plans the threshold without it; the record names it)."""
     variant = slug(config["detector"]["variant"])
     return [f for s in subjects(cohort) for f in [background_path(cohort, s, variant)]
-            if failed_or_present(cohort, s, f)]
+            if os.path.exists(f) or not attempted(cohort, s)]
+
+
+def backgrounds_left_out(cohort):
+    """Subjects of the cohort whose background file :func:`cohort_backgrounds` leaves out."""
+    kept = set(cohort_backgrounds(cohort))
+    variant = slug(config["detector"]["variant"])
+    return [s for s in subjects(cohort) if background_path(cohort, s, variant) not in kept]
 
 
 def summarised_subjects(cohort):

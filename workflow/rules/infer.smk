@@ -99,6 +99,7 @@ rule cohort_threshold:
     params:
         infer={k: config["infer"][k] for k in ("threshold", "operating_fp_avg", "operating_rule", "candidate_floor",
                                                "adapt_threshold", "adapt_min_subjects")},
+        left_out=lambda wc: backgrounds_left_out(wc.cohort),
     log:
         log_path("cohort_threshold", "{cohort}"),
     benchmark:
