@@ -440,6 +440,30 @@ def test_deepbet_failure_names_the_subject_and_file(tmp_path, monkeypatch):
     assert "skull_strip: mask" in str(exc.value) and not (tmp_path / "m.nii.gz").exists()
 
 
+def test_deepbet_stays_on_the_cpu_even_with_cuda(tmp_path, monkeypatch):
+    """Rule skullstrip holds no gpu resource (several run beside the GPU jobs): deepbet is built with
+    no_gpu=True even where CUDA is present."""
+    import deepbet
+    import torch
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+        def run(self, img, threshold=0.5):
+            mask = np.zeros(img.shape, np.uint8)
+            mask[4:-4, 4:-4, 3:-3] = 1
+            return None, nib.Nifti1Image(mask, img.affine), None
+
+    monkeypatch.setattr(deepbet, "BrainExtraction", Recorder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    data, aff, _ = head((24, 24, 12), make_affine((0, 0, 0), (2.0, 2.0, 2.0), (0, 0, 0)))
+    save_image(data, aff, tmp_path / "swi.nii.gz")
+    P.skull_strip(tmp_path / "swi.nii.gz", tmp_path / "m.nii.gz", backend="deepbet", subject="07")
+    assert seen.get("no_gpu") is True and (tmp_path / "m.nii.gz").exists()
+
+
 @pytest.mark.slow
 def test_deepbet_backend_runs_offline(tmp_path, monkeypatch):
     """deepbet on a synthetic head: bundled weights, no network (proxy set to nowhere)."""
