@@ -441,3 +441,16 @@ def test_read_tsv_of_a_directory_or_binary_file(tmp_path):
     with pytest.raises(InputError) as exc:
         read_tsv(tmp_path / "bin.tsv", required=["x"], subject=SUB)
     _expect(exc, tmp_path / "bin.tsv")
+
+
+def test_a_checkpoint_past_the_configured_epochs_is_not_resumed(tmp_path, caplog):
+    """A run shortened after a longer one (epochs 5 -> 3) starts over instead of handing back the
+    5-epoch model under a 3-epoch card; extending (3 -> 5) or finishing (5 -> 5) resumes."""
+    from microbleed.runtime import load_resume_checkpoint
+    fp = {"config": {"lr": 0.01}}
+    save_checkpoint(tmp_path / "checkpoint.pt", {"fingerprint": fp, "epoch": 5, "w": torch.ones(2)})
+    assert load_resume_checkpoint(tmp_path / "checkpoint.pt", fp, epochs=7)["epoch"] == 5
+    assert load_resume_checkpoint(tmp_path / "checkpoint.pt", fp, epochs=5)["epoch"] == 5
+    with caplog.at_level("WARNING"):
+        assert load_resume_checkpoint(tmp_path / "checkpoint.pt", fp, epochs=3) is None
+    assert "past the configured 3 epochs" in caplog.text

@@ -128,12 +128,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_resume_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
+def load_resume_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, Any],
+                           epochs: int | None = None) -> dict[str, Any] | None:
     """The per-epoch training checkpoint at ``path`` if it can be resumed, else ``None``.
 
     ``None`` (training starts over, with a warning naming the file) when the file is absent,
-    unreadable (truncated or corrupt: it must not block every later run) or was written with
-    another ``fingerprint`` (config, subjects or training data). Loaded to the CPU, so that a
+    unreadable (truncated or corrupt: it must not block every later run), was written with
+    another ``fingerprint`` (config, subjects or training data) or is past the configured
+    ``epochs`` (a run shortened after a longer one: resuming would hand back the longer run's
+    model under the shorter run's card; extending a run resumes). Loaded to the CPU, so that a
     device problem (out of GPU memory) is not mistaken for a corrupt file;
     ``load_state_dict`` moves the tensors to the model's device.
     """
@@ -148,6 +151,10 @@ def load_resume_checkpoint(path: str | os.PathLike, fingerprint: Mapping[str, An
     if not isinstance(ck, dict) or ck.get("fingerprint") != dict(fingerprint):
         _log.warning("%s was written with another config, subject list or training data: training starts over",
                      path)
+        return None
+    if epochs is not None and int(ck.get("epoch", 0)) > int(epochs):
+        _log.warning("%s holds epoch %d, past the configured %d epochs: training starts over",
+                     path, int(ck.get("epoch", 0)), int(epochs))
         return None
     return ck
 

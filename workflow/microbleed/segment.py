@@ -479,14 +479,15 @@ def _fingerprint(cfg: Mapping[str, Any], inputs: Sequence[tuple[str, Any, Any]],
 
 
 def _resume(ckpt_path: Path, fingerprint: Mapping[str, Any], model, opt, device,
-            ema: dict[str, torch.Tensor] | None = None) -> tuple[int, dict | None, float, int]:
+            ema: dict[str, torch.Tensor] | None = None, epochs: int | None = None
+            ) -> tuple[int, dict | None, float, int]:
     """Load the per-epoch checkpoint if it was written with the same config and data (and the
     weight average into ``ema``, when given).
 
     Returns ``(last finished epoch, best state dict or None, best score, best epoch)``; ``(0, None, -inf, 0)``
     for a fresh start.
     """
-    ckpt = load_resume_checkpoint(ckpt_path, fingerprint)      # on the CPU; load_state_dict moves it
+    ckpt = load_resume_checkpoint(ckpt_path, fingerprint, epochs)   # on the CPU; load_state_dict moves it
     if ckpt is None:
         return 0, None, -np.inf, 0
     model.load_state_dict(ckpt["model"])
@@ -559,7 +560,8 @@ def train_segmenter(inputs: Sequence[tuple[str, str | Path, str | Path]], out_di
     if float(cfg.get("ema_decay", 0.0)) > 0:
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
         evaluated = build_segmenter(_net_config(cfg)).to(device)
-    start, best_state, best_score, best_epoch = _resume(ckpt_path, fingerprint, model, opt, device, ema)
+    start, best_state, best_score, best_epoch = _resume(ckpt_path, fingerprint, model, opt, device, ema,
+                                                        int(cfg["epochs"]))
     csv_log = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv_log.truncate_after("epoch", start)
     n_epochs, every = int(cfg["epochs"]), int(cfg.get("volume_validation_every", 0))

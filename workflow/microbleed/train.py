@@ -285,9 +285,9 @@ class _Run:
             self.best_model, self.best_hspl = _state_copy(self.model), _state_copy(self.hspl)
 
 
-def _resume(run: _Run, path: Path, fingerprint: Mapping[str, Any]) -> None:
-    """Load ``checkpoint.pt`` into ``run`` when it was written by the same setup."""
-    ck = load_resume_checkpoint(path, fingerprint)
+def _resume(run: _Run, path: Path, fingerprint: Mapping[str, Any], epochs: int) -> None:
+    """Load ``checkpoint.pt`` into ``run`` when it was written by the same setup, at most ``epochs`` in."""
+    ck = load_resume_checkpoint(path, fingerprint, epochs)
     if ck is None:
         return
     run.restore(ck)
@@ -344,7 +344,7 @@ def train_detector(inputs: Sequence[tuple[str, str, str]], out_dir: str | Path, 
     split = {"cohort": cohort, "train": [v.subject for v in train_vols], "val": [v.subject for v in val_vols]}
     fingerprint = _fingerprint(cfg, volumes, split)
     run = _Run(cfg, device)
-    _resume(run, out_dir / "checkpoint.pt", fingerprint)
+    _resume(run, out_dir / "checkpoint.pt", fingerprint, int(d["epochs"]))
     csv = CsvLog(out_dir / "train_log.csv", LOG_FIELDS)
     csv.truncate_after("epoch", run.epoch)
     hard_fraction = float(d.get("hard_negative_fraction", 0.0))
