@@ -52,6 +52,14 @@ def test_encode_targets_positive_cell_offset_and_ignored_neighbours():
     assert (cls == -1).sum() == 3 * 3 * 2 - 1
     plain, _ = encode_targets(np.array([[5.0, 9.0, 14.5]]), (16, 16, 16), ignore_neighbours=False)
     assert (plain == -1).sum() == 0 and plain.sum() == 1
+    # a CMB centred 1.5 voxels beyond the crop's low x face: its border cell is ignored, not negative
+    near, _ = encode_targets(np.array([[5.0, 9.0, 14.5]]), (16, 16, 16), outside=np.array([[-1.5, 13.0, 1.0]]))
+    assert near[0, 3, 0] == -1 and (near[0:2, 2:4, 0:2] == -1).all() and near[1, 2, 3] == 1
+    alone, _ = encode_targets(np.zeros((0, 3)), (16, 16, 16), ignore_neighbours=False,
+                              outside=np.array([[17.0, 9.0, 14.5]]))
+    assert alone[3, 2, 3] == -1 and (alone == -1).sum() == 1 and (alone == 1).sum() == 0
+    kept, _ = encode_targets(np.array([[1.0, 1.0, 1.0]]), (16, 16, 16), outside=np.array([[-1.0, 1.0, 1.0]]))
+    assert kept[0, 0, 0] == 1                                   # a positive cell stays positive
 
 
 def _volumes():
@@ -247,3 +255,26 @@ def test_contrast_augmentation_leaves_the_shifted_background_alone():
         np.testing.assert_array_equal(b[:, far], a[:, far], err_msg=f"crop {i}: background changed")
         assert not np.allclose(b[:, ~background], a[:, ~background])       # the brain did change
     assert checked >= 3 and lifted >= 1
+
+
+def test_a_cmb_just_outside_a_crop_is_never_a_negative_of_it():
+    """Clustered CMBs: a crop around one often cuts its neighbour's blob at the border; the border
+    cell nearest that neighbour is ignored (-1), never labelled background."""
+    spheres = [(24, 30, 30), (36, 30, 30)]                       # 12 voxels apart
+    vol = Volume("01", synth_volume((64, 64, 64), spheres), AFFINE, np.array(spheres, float))
+    ds = DetectionCrops([vol], (32, 32, 32), n_crops=200, seed=4, augment=False)    # padding stays 0
+    cut = 0
+    for i in range(0, 200, 2):                                  # the CMB crops
+        item = ds[i]
+        cls = item["cls_target"].numpy()
+        # the crop's CMB positions are not returned: find the neighbour through the image instead,
+        # a dark voxel (SWI 0.1; 0 is padding) on the crop's face whose cell is not positive
+        swi = item["image"][0].numpy()
+        dark = np.argwhere((swi > 0.05) & (swi < 0.3))
+        face = dark[np.any((dark == 0) | (dark == 31), axis=1)]
+        for v in face:
+            c = tuple(np.minimum(v // 4, 7))
+            if cls[c] != 1:
+                cut += 1
+                assert cls[c] == -1, f"crop {i}: cell {c} of a cut CMB labelled {cls[c]}"
+    assert cut > 0                                              # the case occurs

@@ -302,7 +302,8 @@ def scaled_positions(points: np.ndarray, start: Sequence[int], source: Sequence[
 
 
 def encode_targets(centres: np.ndarray, crop: Sequence[int], stride: int = STRIDE,
-                   ignore_neighbours: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   ignore_neighbours: bool = True, outside: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Cell targets of a crop.
 
     Args:
@@ -310,6 +311,9 @@ def encode_targets(centres: np.ndarray, crop: Sequence[int], stride: int = STRID
         crop: crop size (multiples of ``stride``).
         ignore_neighbours: mark the 26 neighbours of a positive cell ``-1``
             (ignored by the focal loss) instead of negative.
+        outside: ``(M, 3)`` centres of CMBs just outside the crop (part of their blob
+            inside): the border cell nearest each (and its neighbours, with
+            ``ignore_neighbours``) is ``-1``, never a negative, unless it is positive.
     Returns:
         ``cls (d, h, w)`` int64 (1 positive, 0 negative, -1 ignored) and
         ``offset (3, d, h, w)`` float32, the fractional position ``p/stride - cell``
@@ -320,10 +324,12 @@ def encode_targets(centres: np.ndarray, crop: Sequence[int], stride: int = STRID
     offset = np.zeros((3, *grid), dtype=np.float32)
     scaled = np.asarray(centres, dtype=float).reshape(-1, 3) / stride
     cells = np.clip(np.floor(scaled).astype(int), 0, np.array(grid) - 1)
-    if ignore_neighbours:
-        for c in cells:
-            lo, hi = np.maximum(c - 1, 0), c + 2
-            cls[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = -1
+    near = np.zeros((0, 3), dtype=int) if outside is None else \
+        np.clip(np.floor(np.asarray(outside, dtype=float).reshape(-1, 3) / stride).astype(int), 0, np.array(grid) - 1)
+    reach = 1 if ignore_neighbours else 0
+    for c in np.concatenate([near, cells if ignore_neighbours else np.zeros((0, 3), dtype=int)]):
+        lo, hi = np.maximum(c - reach, 0), c + reach + 1
+        cls[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = -1
     for c, s in zip(cells, scaled):
         cls[tuple(c)] = 1
         offset[(slice(None), *c)] = np.clip(s - c, 0.0, 1.0 - 1e-6)
@@ -466,7 +472,8 @@ class DetectionCrops(Dataset):
             image, p, brain = self._augment(rng, image, p, brain)
         if self.augment_contrast:
             image = self._augment_contrast(rng, image, brain)
-        cls, offset = encode_targets(p[inside], self.crop, self.stride, self.ignore_neighbours)
+        near = ~inside & np.all((p >= -CLEAR_VOXELS) & (p < size + CLEAR_VOXELS), axis=1)
+        cls, offset = encode_targets(p[inside], self.crop, self.stride, self.ignore_neighbours, outside=p[near])
         cmb_cell = np.full(3, -1, dtype=np.int64)
         if target_k >= 0:
             cmb_cell = np.clip(np.floor(p[target_k] / self.stride), 0, size // self.stride - 1).astype(np.int64)
