@@ -73,7 +73,8 @@ def test_outputs_card_and_load(tmp_path):
     assert card["config"]["normalisation"] == {"percentiles": [0.5, 99.5], "anchor_erode_mm": 4.0}
     assert "mean_sensitivity" in card["validation"] and card["seed"] == 3
     assert card["validation_postprocess"] == {k: _cfg()["infer"][k]
-                                              for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction", "flip_tta")}
+                                              for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction", "flip_tta",
+                                                        "overlap")}
     model, card2 = load_detector(tmp_path / "m", "cpu")
     assert len(card2["prototypes"]) == 2 and not model.training
     with torch.no_grad():

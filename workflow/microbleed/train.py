@@ -96,8 +96,9 @@ def validation_curve(model: torch.nn.Module, volumes: Sequence[Volume], device: 
         postprocess: the inference's candidate post-processing (config ``infer``
             keys ``nms_radius_mm``, ``merge_dark_mm``, ``dark_fraction``), applied
             with :func:`microbleed.infer.candidates_table` exactly as the
-            ``detect`` rule does, and its test-time flips (``flip_tta``,
-            :func:`microbleed.infer.detect_volume`), so that the operating threshold
+            ``detect`` rule does, its test-time flips (``flip_tta``,
+            :func:`microbleed.infer.detect_volume`) and window ``overlap`` (0.25 when
+            missing), so that the operating threshold
             read from the card is set on the candidates it will be applied to;
             ``None`` or a missing key: NMS at :func:`microbleed.infer.default_nms_radius`,
             no dark-bridge merging, one pass. The brain is the filled ``SWI > 0`` region
@@ -113,9 +114,10 @@ def validation_curve(model: torch.nn.Module, volumes: Sequence[Volume], device: 
     radius = post.get("nms_radius_mm")
     merge_mm, fraction = float(post.get("merge_dark_mm") or 0.0), float(post.get("dark_fraction") or 0.0)
     flips = [list(f) for f in post.get("flip_tta") or ()]
+    overlap = float(post.get("overlap", 0.25))
     subjects = []
     for vol in volumes:
-        cands = detect_volume(model, vol.image, device, window=window, overlap=0.25, box=box, flips=flips,
+        cands = detect_volume(model, vol.image, device, window=window, overlap=overlap, box=box, flips=flips,
                               threshold_floor=BACKGROUND_FLOOR if background is not None else VALIDATION_FLOOR)
         dark = dark_map(vol.image[0], None, fraction) if merge_mm > 0 and fraction > 0 else None
         table = candidates_table(cands, vol.affine, vol.affine, radius, box, merge_mm, dark)
@@ -165,7 +167,7 @@ def _grid_entries(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"grid": grid, **({"z_slices": grid["z_slices"]} if "z_slices" in grid else {})}
 
 
-POSTPROCESS_KEYS = ("nms_radius_mm", "merge_dark_mm", "dark_fraction", "flip_tta")
+POSTPROCESS_KEYS = ("nms_radius_mm", "merge_dark_mm", "dark_fraction", "flip_tta", "overlap")
 
 
 def _postprocess(cfg: Mapping[str, Any]) -> dict[str, Any]:

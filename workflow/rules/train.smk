@@ -64,7 +64,8 @@ rule train_detector:
             "evaluate": {"hit_radius_mm": config["evaluate"]["hit_radius_mm"]},
             # validation candidates are post-processed as the detect rule does (operating threshold);
             # the keys of microbleed.train.POSTPROCESS_KEYS (not imported here: torch at parse time)
-            "infer": {k: config["infer"][k] for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction", "flip_tta")},
+            "infer": {k: config["infer"][k] for k in ("nms_radius_mm", "merge_dark_mm", "dark_fraction",
+                                                      "flip_tta", "overlap")},
         },
         device=config["device"],
     log:
