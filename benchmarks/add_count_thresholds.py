@@ -6,8 +6,10 @@ post-processing on the card's validation subjects (its ``data.val`` of
 ``data.cohort``, pre-processed under ``--results``) and copies the model folder
 to ``--out`` with ``validation.count_threshold_at_<L>`` added to its card
 (``model.pt`` unchanged, so the card's sha256 still holds). The recomputed
-validation FROC mean must equal the card's: otherwise the inputs are not what
-the model was validated on (pre-processing changed since) and nothing is written.
+validation operating thresholds (``threshold_at_<fp>``) must equal the card's:
+otherwise the inputs are not what the model was validated on (pre-processing
+changed since) and nothing is written. (Not the FROC mean: its interpolation
+between steps changed in 5a2ddec.)
 
     python benchmarks/add_count_thresholds.py --model /work/arms/base --out /tmp/e2e/detector
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -42,10 +45,14 @@ def add_counts(model_dir: Path, out_dir: Path, results: Path, hit_radius_mm: flo
     vols = load_volumes([(f["subject"], f["volume"], f["labels"]) for f in files])
     metrics = validation_score(model, vols, torch.device("cpu"), card["config"]["crop"], card["config"]["box_voxels"],
                                hit_radius_mm, card.get("validation_postprocess"))
-    old, new = card["validation"]["mean_sensitivity"], metrics["mean_sensitivity"]
-    if abs(old - new) > 1e-9:
-        raise SystemExit(f"validation FROC mean {new:.4f} recomputed, {old:.4f} in the card: the validation inputs "
-                         "are not what the model was validated on; card left as it is")
+    # the operating thresholds of the FROC steps (not its mean sensitivity, whose interpolation
+    # between steps changed in 5a2ddec) tell whether the validation candidates are reproduced
+    keys = sorted(k for k in card["validation"] if k.startswith("threshold_at_") and k in metrics)
+    differ = [k for k in keys if not math.isclose(float(card["validation"][k]), float(metrics[k]), abs_tol=1e-9)]
+    if not keys or differ:
+        raise SystemExit(f"validation thresholds {differ or 'none'} recomputed differently from the card's: the "
+                         "validation inputs are not what the model was validated on; card left as it is")
+    new = metrics["mean_sensitivity"]
     counts = {k: v for k, v in metrics.items() if k.startswith("count_threshold_at_")}
     if out_dir.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)

@@ -198,7 +198,8 @@ def test_a_bad_folder_id_without_participants_names_the_folder(tmp_path):
 
 def test_training_subjects_are_found_in_an_evaluated_cohort_by_file_or_simulation(tmp_path):
     """The same SWI file under another cohort name (a `where` overlap, a copy of the config entry)
-    or identical simulate settings are training subjects; another seed or other files are not."""
+    or the same simulation seed (whatever the cohort's size or acquisition) are training subjects;
+    another seed or other files are not."""
     from microbleed.cohort import shared_with_training
     for s in ("A1", "A2", "B1"):
         anat = tmp_path / "bids" / f"sub-{s}" / "anat"
@@ -211,8 +212,9 @@ def test_training_subjects_are_found_in_an_evaluated_cohort_by_file_or_simulatio
                "site-b": {"bids": str(tmp_path / "bids"), "where": {"site": "b"}},
                "everyone": {"bids": str(tmp_path / "bids") + "/."},
                "sim-train": {"simulate": sim}, "sim-copy": {"simulate": dict(sim)},
-               "sim-other": {"simulate": {**sim, "seed": 2}}}
+               "sim-other": {"simulate": {**sim, "seed": 2}},
+               "sim-fewer": {"simulate": {**sim, "subjects": 2, "normal": 0, "acquisition": "other"}}}
     tables = {n: cohort_table(n, e, tmp_path / "results") for n, e in entries.items()}
     assert shared_with_training(tables, entries, "train", ["site-b", "everyone"]) == {"everyone": ["A1", "A2"]}
-    assert shared_with_training(tables, entries, "sim-train", ["sim-copy", "sim-other"]) == {
-        "sim-copy": ["001", "002", "003"]}
+    assert shared_with_training(tables, entries, "sim-train", ["sim-copy", "sim-other", "sim-fewer"]) == {
+        "sim-copy": ["001", "002", "003"], "sim-fewer": ["001", "002"]}     # same seeds: the same heads

@@ -213,18 +213,22 @@ def test_cohort_tables_leave_out_a_failed_subject_with_allow_missing(tmp_path):
 
 
 def test_a_failed_detection_does_not_hold_back_the_cohort_threshold(tmp_path):
-    """With the adaptive cohort threshold, a subject whose detection failed in an earlier run (its log
-    is there, its background scores are not) is left out of the threshold, without allow_missing: the
-    other subjects are finalised; one not attempted yet is waited for."""
+    """With the adaptive cohort threshold, a subject whose detection failed in an earlier run (its detect
+    log is there, its candidates are not) is left out of the threshold, without allow_missing: the
+    other subjects are finalised; one not attempted yet, or only missing its background scores, is
+    waited for."""
     _, args = finished_labelled_cohort(tmp_path, ["A1", "A2", "A3"], min_subjects=1)
     work = Path(args[args.index("--directory") + 1])
+    (work / "results" / "new" / "work" / "detector_threshold.json").unlink()
+    (work / "results" / "new" / "sub-A1" / "sub-A1_cmb.tsv").unlink()
+    target = ["results/new/sub-A1/sub-A1_cmb.tsv", "--quiet", "rules"]
+    # a folder from before the background files (candidates there, scores not): detect runs again
+    (work / "results" / "new" / "work" / "sub-A2" / "sub-A2_model-rpn-ffm-hspl_background.tsv").unlink()
+    assert planned(smk(*args, "-n", *target)) == {"detect": 1, "cohort_threshold": 1, "finalise": 1}
     for path in (work / "results" / "new").rglob("sub-A2*"):
         if path.is_file() and ("_background.tsv" in path.name or "_candidates.tsv" in path.name
                                or path.name.endswith("_cmb.tsv")):
             path.unlink()
-    (work / "results" / "new" / "sub-A1" / "sub-A1_cmb.tsv").unlink()
-    (work / "results" / "new" / "work" / "detector_threshold.json").unlink()   # never made: A2 failed first
-    target = ["results/new/sub-A1/sub-A1_cmb.tsv", "--quiet", "rules"]
     plan = planned(smk(*args, "-n", *target))
     assert plan == {"cohort_threshold": 1, "finalise": 1}, plan          # A2 failed: not waited for
     for log in (work / "results" / "logs").glob("*/new_A2*.log"):

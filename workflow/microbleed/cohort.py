@@ -18,7 +18,6 @@ strings mark absent optional files.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -274,7 +273,8 @@ def shared_with_training(tables: Mapping[str, pd.DataFrame], entries: Mapping[st
                          train: str, evaluated: Sequence[str]) -> dict[str, list[str]]:
     """Subjects of the ``evaluated`` cohorts that are subjects of the ``train`` cohort: the same
     SWI file (resolved path, for ``bids``/``subjects`` cohorts, whatever the cohort is called) or the
-    same simulated subject (identical ``simulate`` settings).
+    same simulated person (the subject's seed, ``simulate.seed * 1000 + index``, draws its head,
+    whatever the cohort's size, groups or acquisition).
 
     Returns:
         ``{cohort: [subject ids]}`` of the evaluated cohorts that share subjects (empty: none).
@@ -282,8 +282,8 @@ def shared_with_training(tables: Mapping[str, pd.DataFrame], entries: Mapping[st
     def keys(name: str) -> dict[tuple, str]:
         df, entry = tables[name], entries[name]
         if "simulate" in entry:
-            settings = json.dumps(entry["simulate"], sort_keys=True, default=str)
-            return {("simulate", settings, s): s for s in df["subject"]}
+            seed = int(entry["simulate"]["seed"])
+            return {("simulate", seed * 1000 + int(s)): s for s in df["subject"]}
         return {("file", str(Path(p).resolve())): s for p, s in zip(df["swi"], df["subject"])}
 
     trained = set(keys(train))

@@ -183,15 +183,30 @@ def failed_or_present(cohort, subject, path):
             or not attempted(cohort, subject))
 
 
+def detection_failed(cohort, subject):
+    """A job on the subject's way to detection (skullstrip, preprocess, interpolate, detect) left
+    its log in an earlier run but not its output: it failed. A subject not run that far yet, or
+    whose candidates exist (a results folder from before the background files: detect is run
+    again for them), has not failed."""
+    variant = slug(config["detector"]["variant"])
+    preproc = f"preproc/sub-{subject}"
+    chain = [(log_path("skullstrip", cohort, subject), sub_path(cohort, subject, "desc-brain_mask.nii.gz")),
+             (log_path("preprocess", cohort, subject), sub_path(cohort, subject, "desc-preproc_swi.nii.gz", preproc)),
+             (log_path("interpolate", cohort, subject),
+              sub_path(cohort, subject, "desc-detector_input.nii.gz", preproc)),
+             (log_path("detect", cohort, subject, variant), candidates_path(cohort, subject, variant))]
+    return any(os.path.exists(log) and not os.path.exists(out) for log, out in chain)
+
+
 def cohort_backgrounds(cohort):
     """Background score files of a cohort's subjects for rule cohort_threshold. A subject whose
-    detection failed in an earlier run (attempted, no file) is left out whatever
+    detection failed in an earlier run (:func:`detection_failed`) is left out whatever
     evaluate.allow_missing says: the threshold of the others is what each of them is finalised
     with, and one failed subject must not stop every subject's findings (the run after the
     failure plans the threshold without it; the record names it)."""
     variant = slug(config["detector"]["variant"])
     return [f for s in subjects(cohort) for f in [background_path(cohort, s, variant)]
-            if os.path.exists(f) or not attempted(cohort, s)]
+            if os.path.exists(f) or not detection_failed(cohort, s)]
 
 
 def backgrounds_left_out(cohort):
