@@ -149,6 +149,10 @@ def test_acquisition_validation_and_units():
         Acquisition.from_config({**COARSE, "phase_units": "degrees"})
     with pytest.raises(ValueError, match="voxel_mm"):
         Acquisition.from_config({**COARSE, "voxel_mm": [1, 0, 2]})
+    for bad in ("RLS", "RAA", "RA", "RAX"):                  # two letters of one axis, too few, unknown
+        with pytest.raises(ValueError, match="axcode triple"):
+            Acquisition.from_config({**COARSE, "orientation": bad})
+    assert Acquisition.from_config({**COARSE, "orientation": "pir"}).orientation == "PIR"
     assert fine_factors(Acquisition.from_config({**COARSE, "voxel_mm": [0.5, 0.5, 2.0]})) == (1, 1, 2)
     ints, dtype = _phase_on_disk(np.array([-np.pi, 0.0, np.pi], np.float32), "scanner")
     assert dtype is np.int16 and ints.tolist() == [-4096, 0, 4095]

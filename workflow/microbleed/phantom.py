@@ -366,9 +366,10 @@ def _walk(rng: np.random.Generator, anat: Anatomy, seeds: np.ndarray, n_steps: i
           allowed: np.ndarray, step_mm: float = 0.5) -> list[np.ndarray]:
     """Random walks (RAS mm) from ``seeds`` ``(V, 3)``, directions biased along B0 (z).
 
-    Each walk keeps ``|cos(angle to B0)| >= 0.6`` (within 53 deg of B0, so the
-    vein's own field is positive, as for most cortical and medullary veins
-    that run up-down through the axial slices) and stops when it leaves the
+    Each step's direction has its B0 component clamped to ``|dz| >= 0.6`` before it is
+    normalised, so most steps run within 53 deg of B0 (the vein's own field positive, as
+    for most cortical and medullary veins that run up-down through the axial slices);
+    after normalising, some are flatter. The walk stops when it leaves the
     extended labels flagged in ``allowed`` (``(10000,)`` bool).
     """
     v = seeds.shape[0]

@@ -34,7 +34,9 @@ and the ``region`` of ``cmb.tsv`` is the map's value there.
 
 Sign convention (see :mod:`microbleed.physics`): ``phase = -gamma B0 TE dB``;
 a CMB (paramagnetic) has NEGATIVE phase at its centre, a calcification
-POSITIVE; veins (mostly within 53 deg of B0) are negative like CMBs.
+POSITIVE, as long as the phase around it does not wrap (``gamma B0 TE |dchi| / 3 < pi``):
+most of the simulator's draws keep that sign, some large or strong ones wrap; veins, mostly
+within 53 deg of B0, are negative like CMBs, their segments flatter than that positive.
 Images are written in the acquisition's ``orientation`` (axcodes), with the
 affine to match; the slice direction is world z (B0) whatever the axcodes.
 """
@@ -100,8 +102,10 @@ class Acquisition:
         if units not in ("radians", "scanner"):
             raise ValueError(f"acquisition phase_units must be radians|scanner, got {units!r}")
         codes = str(cfg.get("orientation", "RAS")).upper()
-        nib.orientations.axcodes2ornt(tuple(codes))
-        if sorted(set(c for c in codes)) != sorted(codes) or len(codes) != 3:
+        if len(codes) != 3 or not set(codes) <= set("RLAPSI"):
+            raise ValueError(f"acquisition orientation {codes!r} is not a valid axcode triple")
+        ornt = nib.orientations.axcodes2ornt(tuple(codes))
+        if sorted(ornt[:, 0].tolist()) != [0, 1, 2]:       # one letter per world axis (not R and L)
             raise ValueError(f"acquisition orientation {codes!r} is not a valid axcode triple")
         sign = int(cfg.get("phase_sign", 1))
         if sign not in (1, -1):
