@@ -76,10 +76,11 @@ def _check_no_training_subject_evaluated():
     if not trains:
         return
     shared = shared_with_training(TABLES, config["cohorts"], config["train_cohort"], config["evaluate_cohorts"])
-    for name, ids in shared.items():
-        raise InputError(f"config key evaluate_cohorts: cohort {name!r} holds {len(ids)} subject(s) of the "
-                         f"training cohort {config['train_cohort']!r} ({', '.join(ids[:10])}"
-                         f"{', ...' if len(ids) > 10 else ''}): its metrics would be computed on training data. "
+    if shared:
+        held = "; ".join(f"cohort {name!r} holds {len(ids)} ({', '.join(ids[:10])}{', ...' if len(ids) > 10 else ''})"
+                         for name, ids in shared.items())
+        raise InputError(f"config key evaluate_cohorts: {held} subject(s) of the training cohort "
+                         f"{config['train_cohort']!r}: their metrics would be computed on training data. "
                          f"Evaluate another cohort, or list it under infer_cohorts to run the models on it")
 
 
@@ -211,9 +212,9 @@ def cohort_backgrounds(cohort):
 
 def backgrounds_left_out(cohort):
     """Subjects of the cohort whose background file :func:`cohort_backgrounds` leaves out."""
-    kept = set(cohort_backgrounds(cohort))
     variant = slug(config["detector"]["variant"])
-    return [s for s in subjects(cohort) if background_path(cohort, s, variant) not in kept]
+    return [s for s in subjects(cohort)
+            if not os.path.exists(background_path(cohort, s, variant)) and detection_failed(cohort, s)]
 
 
 def summarised_subjects(cohort):
