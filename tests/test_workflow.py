@@ -93,6 +93,24 @@ def test_released_models_plan_no_training_and_slurm_resources(tmp_path):
     assert out.returncode != 0 and "trained on 't1' input but config segmenter.input is 'swi'" in out.stdout + out.stderr
 
 
+def test_finalise_counts_mars_regions_when_freesurfer_gives_the_labels(tmp_path):
+    """Without an aseg, labels.source auto runs no FreeSurfer; synthseg labels every subject and
+    finalise reads its MARS map (counts per lobe, basal ganglia, ...)."""
+    bids = tmp_path / "bids"
+    write_bids(bids, ["A1", "A2"])
+    cfg = models_config(tmp_path, bids)
+    plan = planned(smk("-n", "--configfile", str(cfg), "--quiet", "rules"))
+    assert plan.get("finalise") == 2 and "labels" not in plan
+    data = yaml.safe_load(cfg.read_text())
+    data["labels"]["source"] = "synthseg"
+    cfg.write_text(yaml.safe_dump(data))
+    plan = planned(smk("-n", "--configfile", str(cfg), "--quiet", "rules"))
+    assert plan.get("labels") == 2 and plan.get("finalise") == 2, plan
+    out = smk("-n", "--configfile", str(cfg))
+    finalise = re.findall(r"^rule finalise:\n((?:    .*\n)+)", out.stdout + out.stderr, re.M)
+    assert len(finalise) == 2 and all("desc-mars_dseg.tsv" in b for b in finalise)
+
+
 def test_missing_inputs_stop_the_plan_naming_each_or_are_skipped(tmp_path):
     """Snakemake alone stops at the first missing input, naming one; the workflow names all of them,
     and with `skip_missing` plans the other subjects."""

@@ -114,6 +114,13 @@ rule cohort_threshold:
         "../scripts/cohort_threshold.py"
 
 
+def gives_mars(cohort, subject):
+    """MARS counts come from the labels rule: with the subject's aseg, or with FreeSurfer when
+    labels.source names it (synthseg / recon-all run for every subject then). auto never starts
+    FreeSurfer for a subject without an aseg only to count MARS regions."""
+    return LABELS_FS or has_file(cohort, subject, "aseg")
+
+
 rule finalise:
     input:
         candidates=sub_path("{cohort}", "{subject}",
@@ -126,9 +133,9 @@ rule finalise:
         card=os.path.join(detector_dir(), "card.json"),
         cohort_threshold=lambda wc: cohort_threshold_path(wc.cohort) if adapts_threshold(wc.cohort) else [],
         mars=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.nii.gz", "labels")
-                         if has_file(wc.cohort, wc.subject, "aseg") else []),
+                         if gives_mars(wc.cohort, wc.subject) else []),
         mars_tsv=lambda wc: (sub_path(wc.cohort, wc.subject, "desc-mars_dseg.tsv", "labels")
-                             if has_file(wc.cohort, wc.subject, "aseg") else []),
+                             if gives_mars(wc.cohort, wc.subject) else []),
     output:
         cmb_tsv=sub_path("{cohort}", "{subject}", "cmb.tsv"),
         cmb_mask=sub_path("{cohort}", "{subject}", "desc-cmb_mask.nii.gz"),
