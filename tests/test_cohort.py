@@ -218,3 +218,38 @@ def test_training_subjects_are_found_in_an_evaluated_cohort_by_file_or_simulatio
     assert shared_with_training(tables, entries, "train", ["site-b", "everyone"]) == {"everyone": ["A1", "A2"]}
     assert shared_with_training(tables, entries, "sim-train", ["sim-copy", "sim-other", "sim-fewer"]) == {
         "sim-copy": ["001", "002", "003"], "sim-fewer": ["001", "002"]}     # same seeds: the same heads
+
+
+def test_bids_file_names_with_more_entities(tmp_path, caplog):
+    """Real BIDS names carry acq/rec/run/echo entities, or a `part-mag` SWI: used where the plain names
+    are absent, the phase of the same entities as the SWI; two SWI images of one subject are refused
+    naming both (the user chooses); two T1w leave the subject without T1, with a warning."""
+    import logging
+    from microbleed.cohort import drop_missing
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    for name in ("sub-01_acq-3d_run-1_swi.nii.gz", "sub-01_acq-3d_run-1_part-phase_swi.nii.gz",
+                 "sub-01_acq-3d_run-1_part-phase_swi.json", "sub-01_acq-other_part-phase_swi.nii.gz",
+                 "sub-01_acq-mprage_T1w.nii"):
+        (anat / name).write_bytes(b"x")
+    df = drop_missing(cohort_table("e", {"bids": str(tmp_path)}), "e", skip=False)
+    assert df.loc[0, "swi"] == str(anat / "sub-01_acq-3d_run-1_swi.nii.gz")
+    assert df.loc[0, "phase"] == str(anat / "sub-01_acq-3d_run-1_part-phase_swi.nii.gz")
+    assert df.loc[0, "t1"] == str(anat / "sub-01_acq-mprage_T1w.nii")
+
+    mag = tmp_path / "sub-02" / "anat"
+    mag.mkdir(parents=True)
+    for name in ("sub-02_part-mag_swi.nii.gz", "sub-02_part-phase_swi.nii.gz", "sub-02_run-1_T1w.nii.gz",
+                 "sub-02_run-2_T1w.nii.gz"):
+        (mag / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="microbleed.cohort"):
+        row = cohort_table("e", {"bids": str(tmp_path)}).set_index("subject").loc["02"]
+    assert row["swi"].endswith("sub-02_part-mag_swi.nii.gz") and row["phase"].endswith("sub-02_part-phase_swi.nii.gz")
+    assert row["t1"] == "" and "2 T1w images" in caplog.text
+
+    (anat / "sub-01_acq-3d_run-2_swi.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"sub-01 has 2 SWI images \(sub-01_acq-3d_run-1_swi.nii.gz, "
+                                         r"sub-01_acq-3d_run-2_swi.nii.gz\).*subjects table"):
+        cohort_table("e", {"bids": str(tmp_path)})
+    (anat / "sub-01_swi.nii.gz").write_bytes(b"x")      # the plain name wins, as before
+    assert cohort_table("e", {"bids": str(tmp_path)}).loc[0, "swi"] == str(anat / "sub-01_swi.nii.gz")
