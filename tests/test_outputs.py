@@ -12,7 +12,7 @@ import torch
 
 from microbleed.infer import CMB_COLUMNS, DetectParams, detect_subject, plan_tiles
 from microbleed.io import InputError, load_volume, read_tsv, ras_to_voxel, save_image, voxel_sizes, voxel_to_ras, write_tsv
-from microbleed.outputs import qc_montage, qc_patches, region_counts, sphere_mask
+from microbleed.outputs import qc_montage, qc_patches, mars_regions, region_counts, sphere_mask
 from microbleed.preprocess import interpolation_affine
 from test_infer_fakes import fake_loader, oblique_affine, write_subject
 
@@ -61,6 +61,7 @@ def test_cmb_at_known_ras_comes_out_within_1mm_oblique_anisotropic_tile_border(t
     assert np.allclose(kept[["i", "j", "k"]].to_numpy(dtype=float), ras_to_voxel(xyz(kept), swi_aff)[0])
     assert (kept["region"], kept["pruned"]) == ("lobar", "false")
     assert (pruned["region"], pruned["pruned"], pruned["prune_reason"]) == ("none", "true", "none_region")
+    assert list(table["mars_region"]) == ["parietal", "parietal"]      # each CMB's MARS region, pruned ones too
     mask, mask_aff = load_volume(out["desc-cmb_mask.nii.gz"])
     assert np.allclose(mask_aff, swi_aff, atol=1e-5) and set(np.unique(mask)) == {0, 1}
     counts = read_tsv(out["counts.tsv"], numeric=["count"]).set_index(["atlas", "region"])["count"]
@@ -112,6 +113,8 @@ def test_region_counts_bombs_and_mars_zeros_included():
     mars_rows = full[full["atlas"] == "mars"]
     assert mars_rows["count"].sum() == 3 and int(mars_rows.set_index("region").loc["unlabelled", "count"]) == 1
     assert "none" not in set(mars_rows["region"])
+    assert mars_regions(kept, (mars, np.eye(4)), names)[0] == names[4]
+    assert mars_regions(kept, None, names) == ["n/a"] * len(kept)
 
 
 def test_qc_montage_writes_a_png(tmp_path):

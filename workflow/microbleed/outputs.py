@@ -7,7 +7,8 @@ phase (SWI grid) for the montages. Every file is written atomically.
 Files of subject ``<id>`` (``results/<cohort>/sub-<id>/``):
 
 - ``sub-<id>_cmb.tsv``: :data:`microbleed.infer.CMB_COLUMNS`, every candidate
-  with ``score >= infer.threshold``; pruned ones stay, with ``pruned=true``.
+  with ``score >= infer.threshold``; pruned ones stay, with ``pruned=true``; plus ``mars_region``
+  (the MARS sub-region at the candidate, ``n/a`` without MARS labels).
 - ``sub-<id>_desc-cmb_mask.nii.gz``: spheres (``infer.sphere_radius_mm``) at
   kept detections on the SWI grid, valued ``cmb_id`` (uint8; uint16 past 255).
 - ``sub-<id>_counts.tsv``: ``atlas, region, count`` of kept detections per
@@ -35,7 +36,7 @@ from .io import (InputError, atomic_path, ball_reach, load_volume, ras_to_voxel,
                  voxel_sizes, voxel_to_ras, write_tsv)
 
 __all__ = ["sphere_mask", "region_counts", "qc_patches", "qc_montage", "FinaliseInputs", "FinaliseOutputs",
-           "FinaliseParams", "finalise_subject", "read_mars_names", "cohort_summary", "distribution_pattern"]
+           "FinaliseParams", "finalise_subject", "read_mars_names", "mars_regions", "cohort_summary", "distribution_pattern"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,19 @@ def read_mars_names(path: str | Path, subject: str | None = None) -> dict[int, s
     return {int(i): str(n) for i, n in zip(df["index"], df["name"])}
 
 
+def mars_regions(table: pd.DataFrame, mars: tuple[np.ndarray, np.ndarray] | None,
+                 mars_names: Mapping[int, str] | None) -> list[str]:
+    """The MARS region name at each row's ``x, y, z`` (RAS mm; nearest voxel of the map, any grid):
+    ``unlabelled`` for index 0 or an index the names lack; ``n/a`` for every row without a map."""
+    if mars is None:
+        return ["n/a"] * len(table)
+    names = dict(mars_names or {})
+    data, affine = mars
+    idx = sample_nearest(np.asarray(data).astype(np.int64), affine,
+                         table[["x", "y", "z"]].to_numpy(dtype=float).reshape(-1, 3))
+    return ["unlabelled" if int(i) == 0 else names.get(int(i), "unlabelled") for i in idx]
+
+
 def region_counts(kept: pd.DataFrame, mars: tuple[np.ndarray, np.ndarray] | None = None,
                   mars_names: Mapping[int, str] | None = None) -> pd.DataFrame:
     """Counts of kept detections per BOMBS region (and per MARS region).
@@ -98,10 +112,7 @@ def region_counts(kept: pd.DataFrame, mars: tuple[np.ndarray, np.ndarray] | None
     rows.append(("bombs", "total", len(kept)))
     if mars is not None:
         names = dict(mars_names or {})
-        data, affine = mars
-        idx = sample_nearest(np.asarray(data).astype(np.int64), affine,
-                             kept[["x", "y", "z"]].to_numpy(dtype=float).reshape(-1, 3))
-        hits = ["unlabelled" if int(i) == 0 else names.get(int(i), "unlabelled") for i in idx]
+        hits = mars_regions(kept, mars, names)
         for index in sorted(k for k in names if k != 0):
             rows.append(("mars", names[index], hits.count(names[index])))
         rows.append(("mars", "unlabelled", hits.count("unlabelled")))
@@ -244,15 +255,16 @@ def finalise_subject(inp: FinaliseInputs, out: FinaliseOutputs, params: Finalise
                       params.none_fraction, exclude)
     except ValueError as err:                 # e.g. SWI, mask and BOMBS map on different grids
         raise InputError(str(err), subject=subject, path=inp.bombs) from err
+    mars = names = None
+    if inp.mars is not None:
+        mars = load_labels(inp.mars, subject)
+        names = read_mars_names(inp.mars_tsv, subject) if inp.mars_tsv else {}
+    table["mars_region"] = mars_regions(table, mars, names)
     write_tsv(table, out.cmb_tsv, float_format="%.6g")
     kept = table[table["pruned"] == "false"]
     spheres = sphere_mask(swi.shape, swi_aff, kept[["x", "y", "z"]].to_numpy(dtype=float),
                           kept["cmb_id"].to_numpy(), params.sphere_radius_mm)
     save_image(spheres, swi_aff, out.cmb_mask)
-    mars = names = None
-    if inp.mars is not None:
-        mars = load_labels(inp.mars, subject)
-        names = read_mars_names(inp.mars_tsv, subject) if inp.mars_tsv else {}
     write_tsv(region_counts(kept, mars, names), out.counts)
     phase, _ = load_volume(inp.phase, subject, allow_zero=True)
     Path(out.qc_dir).mkdir(parents=True, exist_ok=True)
