@@ -449,7 +449,7 @@ def plot_counts(subjects: pd.DataFrame, agreement: pd.DataFrame, path: str | Pat
     axes[0].set_ylabel("detected CMBs (after pruning)")
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(title or "Per-subject CMB counts", fontsize=10)
+    fig.suptitle(title or "Per-subject CMB counts", fontsize=10, y=1.06)   # above the two-line panel titles
     return _save(fig, path)
 
 
