@@ -372,15 +372,26 @@ def _figure():
     return plt
 
 
+def _method_style(names) -> dict[str, dict]:
+    """Line style per method: one colour per detector, dashed for its ``+pruning(...)`` rows, so
+    that a pruned curve lying on the unpruned one stays visible."""
+    bases = list(dict.fromkeys(str(n).split("+pruning")[0] for n in names))
+    colours = {b: f"C{i % 10}" for i, b in enumerate(bases)}
+    return {n: {"color": colours[str(n).split("+pruning")[0]],
+                "ls": "--" if "+pruning" in str(n) else "-", "lw": 1.3 if "+pruning" in str(n) else 1.8}
+            for n in names}
+
+
 def plot_froc(curves: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """FROC plot: sensitivity vs FP_avg (log x, 1/8..8 marked) per method, PNG."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
     lo, hi = FROC_FP_POINTS[0] / 2, FROC_FP_POINTS[-1] * 2
+    style = _method_style(curves["method"].unique() if not curves.empty else [])
     for name, c in (curves.groupby("method", sort=False) if not curves.empty else []):
-        x = np.clip(c["fp_avg"].to_numpy(float), lo, None)      # FP_avg 0 drawn at the left edge
+        x = np.clip(c["fp_avg"].to_numpy(float), lo, hi)        # FP_avg 0 drawn at the left edge
         y = np.nan_to_num(c["sensitivity"].to_numpy(float))
-        ax.plot(np.append(x, hi), np.append(y, y[-1]), drawstyle="steps-post", label=name)
+        ax.plot(np.append(x, hi), np.append(y, y[-1]), drawstyle="steps-post", label=name, **style[name])
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
     ax.set_xticks(FROC_FP_POINTS, [f"{p:g}" for p in FROC_FP_POINTS])
@@ -390,7 +401,7 @@ def plot_froc(curves: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     ax.set_title(title or "FROC")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside: curves stay visible
     return _save(fig, path)
 
 
@@ -399,9 +410,11 @@ def plot_pr(curves: pd.DataFrame, froc: pd.DataFrame, path: str | Path, title: s
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
     auc = dict(zip(froc.get("method", []), froc.get("auc_pr", [])))
+    style = _method_style(curves["method"].unique() if not curves.empty else [])
     for name, c in (curves.groupby("method", sort=False) if not curves.empty else []):
         c = c[c["n_detections"] > 0]
-        ax.step(c["sensitivity"], c["precision"], where="post", label=f"{name} (AUC {auc.get(name, np.nan):.2f})")
+        ax.step(c["sensitivity"], c["precision"], where="post", label=f"{name} (AUC {auc.get(name, np.nan):.2f})",
+                **style[name])
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall (sensitivity)")
@@ -409,7 +422,7 @@ def plot_pr(curves: pd.DataFrame, froc: pd.DataFrame, path: str | Path, title: s
     ax.set_title(title or "Precision-recall")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
