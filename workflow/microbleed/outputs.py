@@ -174,7 +174,7 @@ def qc_montage(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapp
     Args:
         swi, phase: ``(X, Y, Z)`` pre-processed images on the SWI grid.
         affine: their affine (for voxel sizes: panels are drawn in mm).
-        row: one CMB table row (``cmb_id, i, j, k, x, y, z, score, region``).
+        row: one CMB table row (``cmb_id, i, j, k, x, y, z, score, region``, optional ``mars_region``).
         half_width_mm: half the field of view of each panel.
 
     The panels are :func:`qc_patches`, drawn with the detection at ``(0, 0)`` (red circle).
@@ -191,8 +191,10 @@ def qc_montage(swi: np.ndarray, phase: np.ndarray, affine: np.ndarray, row: Mapp
         ax.add_patch(Circle((0.0, 0.0), 4.0, fill=False, color="red", lw=1.0))
         ax.set_title(f"{name} {title}", fontsize=8)
         ax.tick_params(labelsize=6)
+    mars = str(row.get("mars_region", "n/a"))
+    region = row["region"] if mars in ("n/a", "unlabelled", "nan") else f"{row['region']} ({mars})"
     fig.suptitle(f"sub-{subject} cmb {int(row['cmb_id'])}: score {float(row['score']):.3f}, "
-                 f"{row['region']}, RAS ({float(row['x']):.1f}, {float(row['y']):.1f}, "
+                 f"{region}, RAS ({float(row['x']):.1f}, {float(row['y']):.1f}, "
                  f"{float(row['z']):.1f}) mm", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
