@@ -247,6 +247,14 @@ def test_bids_file_names_with_more_entities(tmp_path, caplog):
     assert row["swi"].endswith("sub-02_part-mag_swi.nii.gz") and row["phase"].endswith("sub-02_part-phase_swi.nii.gz")
     assert row["t1"] == "" and "2 T1w images" in caplog.text
 
+    lo = tmp_path / "sub-03" / "anat"          # an SWI of other entities never takes the plain phase
+    lo.mkdir(parents=True)
+    for name in ("sub-03_acq-lo_swi.nii.gz", "sub-03_part-phase_swi.nii.gz"):
+        (lo / name).write_bytes(b"x")
+    with pytest.raises(InputError, match=r"sub-03 phase: .*sub-03_acq-lo_part-phase_swi.nii.gz"):
+        drop_missing(cohort_table("e", {"bids": str(tmp_path)}), "e", skip=False)
+    (lo / "sub-03_acq-lo_swi.nii.gz").unlink()
+
     (anat / "sub-01_acq-3d_run-2_swi.nii.gz").write_bytes(b"x")
     with pytest.raises(InputError, match=r"sub-01 has 2 SWI images \(sub-01_acq-3d_run-1_swi.nii.gz, "
                                          r"sub-01_acq-3d_run-2_swi.nii.gz\).*subjects table"):

@@ -109,6 +109,11 @@ def test_finalise_counts_mars_regions_when_freesurfer_gives_the_labels(tmp_path)
     out = smk("-n", "--configfile", str(cfg))
     finalise = re.findall(r"^rule finalise:\n((?:    .*\n)+)", out.stdout + out.stderr, re.M)
     assert len(finalise) == 2 and all("desc-mars_dseg.tsv" in b for b in finalise)
+    # recon-all needs a T1: a subject without one is finalised without MARS rather than not at all
+    data["labels"]["source"] = "recon-all"
+    cfg.write_text(yaml.safe_dump(data))
+    plan = planned(smk("-n", "--configfile", str(cfg), "--quiet", "rules"))
+    assert "labels" not in plan and plan.get("finalise") == 2, plan
 
 
 def test_missing_inputs_stop_the_plan_naming_each_or_are_skipped(tmp_path):

@@ -118,11 +118,11 @@ def _bids_entity_swi(anat: Path, stem: str, name: str, subject: str) -> dict[str
     if not images:
         return {}
     (key, path), = images.items()
-    found = {"swi": str(path)}
-    if "phase" in swi[key]:
-        found["phase"] = str(swi[key]["phase"])
-    log.info("cohort %r, sub-%s: SWI %s, phase %s", name, subject, path.name,
-             Path(found.get("phase", "(none)")).name)
+    # the phase of these entities, or its expected name (then reported missing): never the phase of
+    # another acquisition (a plain _part-phase_swi beside an _acq-lo_swi)
+    phase = swi[key].get("phase") or anat / f"{stem}{''.join(f'_{k}-{v}' for k, v in key)}_part-phase_swi.nii.gz"
+    found = {"swi": str(path), "phase": str(phase)}
+    log.info("cohort %r, sub-%s: SWI %s, phase %s", name, subject, path.name, Path(phase).name)
     return found
 
 

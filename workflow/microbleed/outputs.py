@@ -317,6 +317,6 @@ def cohort_summary(cmb_tables: Mapping[str, str | Path], count_tables: Mapping[s
         n = {r: int(bombs.get(r, 0)) for r in ("lobar", "deep", "infratentorial")}
         rows.append({"subject": subject, **n, "total": int(bombs.get("total", sum(n.values()))),
                      "pattern": distribution_pattern(n["lobar"], n["deep"], n["infratentorial"])})
-    columns = ["subject", "cmb_id", "x", "y", "z", "i", "j", "k", "score", "region"]
+    columns = ["subject", "cmb_id", "x", "y", "z", "i", "j", "k", "score", "region", "mars_region"]
     table = pd.concat(cmbs, ignore_index=True) if cmbs else pd.DataFrame(columns=columns)
     return table, pd.DataFrame(rows, columns=["subject", "lobar", "deep", "infratentorial", "total", "pattern"])
