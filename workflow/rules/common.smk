@@ -125,6 +125,15 @@ def has_file(cohort, subject, kind):
     return bool(subject_row(cohort, subject)[kind])
 
 
+def gives_mars(cohort, subject):
+    """MARS counts come from the labels rule: with the subject's aseg, or with FreeSurfer when
+    labels.source names it (synthseg on the T1 or the SWI; recon-all only where there is a T1, so
+    that a subject without one is still finalised). auto never starts FreeSurfer for a subject
+    without an aseg only to count MARS regions."""
+    return (has_file(cohort, subject, "aseg") or config["labels"]["source"] == "synthseg"
+            or (config["labels"]["source"] == "recon-all" and has_file(cohort, subject, "t1")))
+
+
 def cohort_option(cohort, key):
     """Per-cohort override of a preprocess option (phase, phase_units, phase_sign)."""
     return config["cohorts"][cohort].get(key, config["preprocess"][key])

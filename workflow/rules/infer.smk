@@ -114,15 +114,6 @@ rule cohort_threshold:
         "../scripts/cohort_threshold.py"
 
 
-def gives_mars(cohort, subject):
-    """MARS counts come from the labels rule: with the subject's aseg, or with FreeSurfer when
-    labels.source names it (synthseg on the T1 or the SWI; recon-all only where there is a T1, so
-    that a subject without one is still finalised). auto never starts FreeSurfer for a subject
-    without an aseg only to count MARS regions."""
-    return (has_file(cohort, subject, "aseg") or LABEL_SOURCE == "synthseg"
-            or (LABEL_SOURCE == "recon-all" and has_file(cohort, subject, "t1")))
-
-
 rule finalise:
     input:
         candidates=sub_path("{cohort}", "{subject}",
